@@ -1,0 +1,158 @@
+"""Gauge action on a model: a state dict, a ``torch.nn.Module`` or a checkpoint directory.
+
+The result computes the same function in chart B (``x_B = Q x_A``); its weights
+are a gather and a sign flip of the input's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .arch import Family, Op, detect_family, get_family, hidden_size_of
+from .checkpoint import Checkpoint, load_shard
+from .errors import GaugefixError
+from .group import SignedPerm
+from .io import atomic_dir, sha256_files
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+def _check_widths(plan: Mapping[str, Op], shapes: Mapping[str, tuple[int, ...]], d: int) -> None:
+    for key, op in plan.items():
+        axis = op.residual_axis
+        if axis is None:
+            continue
+        shape = shapes[key]
+        if axis >= len(shape) or shape[axis] != d:
+            raise GaugefixError(
+                f"width mismatch: {key} has shape {list(shape)}, expected {d} on axis {axis} "
+                f"for op {op}"
+            )
+
+
+def gauge_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    gauge: SignedPerm,
+    family: Family | str,
+) -> dict[str, torch.Tensor]:
+    """A new state dict in chart B. Tensors sharing storage (tied embeddings) stay shared."""
+    fam = get_family(family) if isinstance(family, str) else family
+    fam.check_gauge(gauge)
+    plan = fam.plan(state_dict)
+    _check_widths(plan, {k: tuple(v.shape) for k, v in state_dict.items()}, gauge.d)
+    done: dict[Any, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        sk = (_storage_key(tensor), plan[key])
+        if sk not in done:
+            done[sk] = plan[key](gauge, tensor)
+        out[key] = done[sk]
+    return out
+
+
+def gauge_model(model: torch.nn.Module, gauge: SignedPerm, *, inplace: bool = False,
+                family: Family | str | None = None) -> torch.nn.Module:
+    """Put a transformers model into chart B; returns it (a deep copy unless ``inplace``)."""
+    if family is None:
+        config = getattr(model, "config", None)
+        if config is None:
+            raise GaugefixError("model has no .config; pass family= explicitly")
+        fam = detect_family(config)
+        fam.check_gauge(gauge, hidden_size_of(config))
+    else:
+        fam = get_family(family) if isinstance(family, str) else family
+    target = model if inplace else copy.deepcopy(model)
+    sd = target.state_dict(keep_vars=True)
+    new = gauge_state_dict({k: v.detach() for k, v in sd.items()}, gauge, fam)
+    seen: set[Any] = set()
+    with torch.no_grad():
+        for key, tensor in sd.items():
+            sk = _storage_key(tensor)
+            if sk in seen:
+                continue
+            seen.add(sk)
+            tensor.copy_(new[key])
+    return target
+
+
+@dataclass
+class ApplyReport:
+    source: Path
+    output: Path
+    family: str
+    d: int
+    n_tensors: int = 0
+    n_transformed: int = 0
+    ops: dict[str, int] = field(default_factory=dict)
+    shards: int = 0
+    bytes_written: int = 0
+
+
+def gauge_checkpoint(
+    model: str | Path,
+    out: str | Path,
+    gauge: SignedPerm,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ApplyReport:
+    """Write checkpoint ``model`` in chart B to ``out``, shard by shard, atomically.
+
+    Every key is planned and every residual width checked before anything is
+    written; non-weight files (config, tokenizer, generation config, ...) are copied.
+    """
+    ckpt = Checkpoint.open(model)
+    fam = ckpt.family
+    fam.check_gauge(gauge, ckpt.hidden_size)
+    entries = list(ckpt.entries())
+    plan = fam.plan(k for _, k, _ in entries)
+    _check_widths(plan, {k: s for _, k, s in entries}, gauge.d)
+
+    out = Path(out)
+    report = ApplyReport(ckpt.path, out, fam.name, gauge.d, shards=len(ckpt.shards))
+    for op in plan.values():
+        report.ops[str(op)] = report.ops.get(str(op), 0) + 1
+    report.n_tensors = len(plan)
+    report.n_transformed = sum(1 for op in plan.values() if op.residual_axis is not None)
+
+    with atomic_dir(out, overwrite=overwrite, inputs=(ckpt.path,)) as tmp:
+        for item in ckpt.path.iterdir():
+            if item.is_file() and item.name not in ckpt.weight_files:
+                shutil.copy2(item, tmp / item.name)
+        if ckpt.index_file is not None:
+            shutil.copy2(ckpt.index_file, tmp / ckpt.index_file.name)
+        bar = tqdm(ckpt.shards, desc="applying gauge", unit="shard", disable=not progress)
+        for shard in bar:
+            _gauge_shard(shard, tmp / shard.name, gauge, plan)
+            report.bytes_written += (tmp / shard.name).stat().st_size
+    return report
+
+
+def _gauge_shard(src: Path, dst: Path, gauge: SignedPerm, plan: Mapping[str, Op]) -> None:
+    """One shard; peak memory is the output shard plus one input tensor."""
+    if src.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        with safe_open(src, "pt") as f:
+            metadata = f.metadata()
+            new = {k: plan[k](gauge, f.get_tensor(k)).contiguous() for k in f.keys()}  # noqa: SIM118
+        save_file(new, dst, metadata=metadata or {"format": "pt"})
+    else:
+        torch.save({k: plan[k](gauge, t).contiguous() for k, t in load_shard(src).items()}, dst)
+
+
+def checkpoint_identity(model: str | Path) -> dict[str, str]:
+    """Name and content hash of a checkpoint's weights, for gauge-file metadata."""
+    ckpt = Checkpoint.open(model)
+    return {"name": str(model), "sha256": sha256_files(ckpt.shards)}

@@ -1,0 +1,179 @@
+"""Group laws of SignedPerm, the primitive, the index map, and input validation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gaugefix.errors import GaugefixError
+from gaugefix.group import SignedPerm
+
+
+@st.composite
+def gauges(draw, d: int | None = None):
+    n = d if d is not None else draw(st.integers(1, 24))
+    perm = draw(st.permutations(list(range(n))))
+    sign = draw(st.lists(st.sampled_from([-1, 1]), min_size=n, max_size=n))
+    return SignedPerm(np.array(perm), np.array(sign))
+
+
+@st.composite
+def gauge_triples(draw):
+    n = draw(st.integers(1, 16))
+    return draw(gauges(n)), draw(gauges(n)), draw(gauges(n))
+
+
+@given(gauge_triples())
+def test_associativity(t):
+    a, b, c = t
+    assert a.then(b).then(c) == a.then(b.then(c))
+
+
+@given(gauges())
+def test_inverse_and_identity(g):
+    e = SignedPerm.identity(g.d)
+    assert g.then(g.inverse()) == e
+    assert g.inverse().then(g) == e
+    assert g.then(e) == g and e.then(g) == g
+    assert g.inverse().inverse() == g
+
+
+@given(gauges(), st.integers(0, 2), st.sampled_from([torch.float32, torch.float64,
+                                                      torch.bfloat16, torch.float16]))
+@settings(max_examples=60)
+def test_apply_matches_dense_matrix(g, axis, dtype):
+    shape = [3, 4, 5]
+    shape[axis] = g.d
+    x = torch.randn(shape, dtype=torch.float64)
+    q = g.to_matrix()
+    expected = torch.movedim(torch.tensordot(q, x, dims=([1], [axis])), 0, axis)
+    assert torch.equal(g.apply(x, axis), expected)
+    # bit-exact in low precision too: a gather and a sign flip, no arithmetic
+    xl = x.to(dtype)
+    assert torch.equal(g.apply(xl, axis), expected.to(dtype))
+    assert torch.equal(g.inverse().apply(g.apply(xl, axis), axis), xl)
+    # the raw-bits CPU backend and the index_select backend (used for autograd and
+    # accelerators) agree
+    assert torch.equal(g.apply(xl.clone().requires_grad_(True), axis).detach(),
+                       g.apply(xl, axis))
+    # unsigned: the gather only
+    assert torch.equal(g.apply(x, axis, signed=False), g.unsigned().apply(x, axis))
+
+
+@given(gauge_triples())
+def test_composition_matches_sequential_application(t):
+    a, b, _ = t
+    x = torch.randn(a.d, 3, dtype=torch.float64)
+    assert torch.equal(a.then(b).apply(x), b.apply(a.apply(x)))
+    assert torch.equal((b @ a).to_matrix(), b.to_matrix() @ a.to_matrix())
+
+
+@given(gauges())
+def test_index_map_agrees_with_apply(g):
+    x = torch.randn(g.d, dtype=torch.float64)
+    xb = g.apply(x)
+    i, s = g.index_map(range(g.d))
+    # coordinate j of A is coordinate i[j] of B, carrying sign s[j]
+    assert torch.equal(xb[torch.tensor(i)], torch.tensor(s, dtype=x.dtype) * x)
+
+
+@given(gauges())
+def test_matrix_round_trip_and_json(g):
+    assert SignedPerm.from_matrix(g.to_matrix()) == g
+    doc = json.loads(json.dumps(g.to_json({"method": "test"})))
+    assert SignedPerm.from_json(doc) == g
+
+
+def test_numpy_and_int_dtypes_are_supported():
+    g = SignedPerm.random(5, seed=1)
+    x = np.arange(10, dtype=np.int64).reshape(2, 5)
+    y = g.apply(x, 1)
+    assert isinstance(y, np.ndarray) and y.dtype == np.int64
+    np.testing.assert_array_equal(g.inverse().apply(y, 1), x)
+
+
+def test_negative_zero_and_nan_round_trip_bitwise():
+    g = SignedPerm(np.array([1, 0, 2]), np.array([-1, -1, 1]))
+    x = torch.tensor([-0.0, float("nan"), float("inf")])
+    back = g.inverse().apply(g.apply(x))
+    assert torch.equal(back.view(torch.int32), x.view(torch.int32))
+
+
+def test_random_kinds():
+    g = SignedPerm.random(100, seed=0, kind="global")
+    assert g.global_sign in (-1, 1)
+    assert SignedPerm.random(100, seed=0, kind="perm").positive_fraction == 1.0
+    for p in (0.0, 0.25, 0.5, 1.0):
+        assert SignedPerm.random(100, seed=3, positive_fraction=p).positive_fraction == p
+    assert SignedPerm.random(50, seed=7) == SignedPerm.random(50, seed=7)
+    assert SignedPerm.random(50, seed=7) != SignedPerm.random(50, seed=8)
+
+
+def test_compare_reports_perm_sign_and_full_accuracy():
+    ref = SignedPerm(np.arange(4), np.array([1, -1, 1, -1]))
+    est = SignedPerm(np.array([0, 1, 3, 2]), np.array([1, 1, 1, -1]))
+    c = est.compare(ref)
+    assert c["perm_accuracy"] == 0.5
+    assert c["sign_accuracy"] == 0.5  # of the two matched coordinates, one sign right
+    assert c["full_accuracy"] == 0.25
+
+
+@pytest.mark.parametrize(
+    "perm, sign, message",
+    [
+        ([0, 0, 1], [1, 1, 1], "missing"),
+        ([0, 1, 3], [1, 1, 1], "permutation of 0..2"),
+        ([0, 1, 2], [1, 0, 1], "sign must be"),
+        ([0, 1, 2], [1, 2, 1], "sign must be"),
+        ([0, 1], [1, 1, 1], "lengths differ"),
+        ([0.5, 1, 2], [1, 1, 1], "integers"),
+        ([], [], "d = 0"),
+    ],
+)
+def test_validation(perm, sign, message):
+    with pytest.raises(GaugefixError, match=message):
+        SignedPerm(np.array(perm), np.array(sign))
+
+
+def test_apply_rejects_wrong_width_and_axis():
+    g = SignedPerm.random(4, seed=0)
+    with pytest.raises(GaugefixError, match="width mismatch"):
+        g.apply(torch.zeros(3, 5), 1)
+    with pytest.raises(GaugefixError, match="out of range"):
+        g.apply(torch.zeros(4), 1)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(format="other"), "not a gauge file"),
+        (lambda d: d.update(convention="x_A = Q x_B"), "unknown convention"),
+        (lambda d: d.pop("perm"), "missing field 'perm'"),
+        (lambda d: d.update(d=5), "d=5 but perm has 4"),
+        (lambda d: d.update(perm=[0, 1, 2, 2]), "missing"),
+        (lambda d: d.update(sign=[1, -1, 1, 0]), "sign must be"),
+        (lambda d: d.update(sign=[True, 1, 1, 1]), "integers"),
+        (lambda d: d.update(confidence=[1.0]), "confidence"),
+    ],
+)
+def test_malformed_gauge_documents(mutate, message):
+    doc = SignedPerm.random(4, seed=0).to_json()
+    mutate(doc)
+    with pytest.raises(GaugefixError, match=message):
+        SignedPerm.from_json(doc)
+
+
+def test_save_and_load_refuses_overwrite(tmp_path):
+    g = SignedPerm.random(8, seed=2)
+    path = g.save(tmp_path / "g.json", {"method": "random"})
+    assert SignedPerm.load(path) == g
+    with pytest.raises(GaugefixError, match="already exists"):
+        g.save(path)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(GaugefixError, match="not valid JSON"):
+        SignedPerm.load(tmp_path / "bad.json")
