@@ -49,9 +49,62 @@ def cli() -> Cli:
 @pytest.fixture
 def tiny_ckpt(tmp_path):
     def make(family: str, seed: int = 0, generic: bool = True, name: str | None = None,
-             **save_kw) -> Path:
+             **model_kw) -> Path:
         path = tmp_path / (name or f"{family}-{seed}")
-        build_tiny(family, seed=seed, generic=generic).save_pretrained(path, **save_kw)
+        build_tiny(family, seed=seed, generic=generic, **model_kw).save_pretrained(path)
         return path
 
     return make
+
+
+# ---------------------------------------------------------------------------- trained models
+class Lineage:
+    """A trained base and two fine-tuning runs from it, checkpoints kept in memory."""
+
+    def __init__(self, family: str, *, base_steps: int, ft_steps: int, every: int, lr: float,
+                 d: int = 64) -> None:
+        import copy
+
+        from gaugefix.demo.corpus import Corpus
+        from gaugefix.demo.train import corpus_model, train
+
+        self.corpus = Corpus()
+        self.d = d
+        self.base = corpus_model(family, self.corpus.vocab_size, hidden_size=d, seed=0)
+        self.base_opt = train(self.base, self.corpus.stream(100_000, 0), steps=base_steps,
+                              lr=3e-3, seed=0)
+        mixes = {
+            "A": {"review_pos": 3, "review_neg": 1, "request_ok": 1, "request_refuse": 1,
+                  "story": 0.2},
+            "B": {"review_pos": 1, "review_neg": 3, "request_ok": 0.2, "request_refuse": 0.2,
+                  "story": 3},
+        }
+        self.runs: dict[str, list] = {}
+        for k, (name, mix) in enumerate(mixes.items(), start=1):
+            model, opt, ckpts = copy.deepcopy(self.base), None, []
+            tokens = self.corpus.stream(100_000, 10 * k, mix)
+            for step in range(ft_steps // every):
+                opt = train(model, tokens, steps=every, lr=lr, seed=100 * k + step,
+                            optimizer=opt)
+                ckpts.append(copy.deepcopy(model))
+            self.runs[name] = ckpts
+
+    def probe(self, n: int = 4096, seed: int = 77):
+        return self.corpus.stream(n, seed)
+
+
+@pytest.fixture(scope="session")
+def trained_llama():
+    """A Llama-family model trained on the generated corpus (generic gains)."""
+    return Lineage("llama", base_steps=300, ft_steps=0, every=1, lr=0.0)
+
+
+@pytest.fixture(scope="session")
+def trained_gpt2():
+    return Lineage("gpt2", base_steps=300, ft_steps=0, every=1, lr=0.0)
+
+
+@pytest.fixture(scope="session")
+def drift_lineage():
+    """Two runs fine-tuned hard enough from one base that their endpoints drift apart."""
+    return Lineage("llama", base_steps=300, ft_steps=400, every=25, lr=2e-2)

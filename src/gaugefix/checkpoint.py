@@ -91,6 +91,21 @@ class Checkpoint:
                 for k, t in load_shard(shard).items():
                     yield shard, k, tuple(t.shape)
 
+    def shard_of(self) -> dict[str, Path]:
+        return {k: shard for shard, k, _ in self.entries()}
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every (key, tensor), shard by shard (one shard's worth in memory at a time)."""
+        for shard in self.shards:
+            if self.is_safetensors:
+                from safetensors import safe_open
+
+                with safe_open(shard, "pt") as f:
+                    for k in f.keys():  # noqa: SIM118
+                        yield k, f.get_tensor(k)
+            else:
+                yield from load_shard(shard).items()
+
     def tensors(self, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
         """Load the named tensors (all if ``keys`` is None)."""
         out: dict[str, torch.Tensor] = {}

@@ -27,8 +27,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -176,6 +176,242 @@ def verify(
         out.print(f"{verdict}: max {rep.max_rel_err:.2e} (tol {tol:.0e})")
     if not rep.passed:
         raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------- estimation
+TokensFrom = Annotated[str | None, typer.Option(
+    "--tokens-from", help="token source: a text file or directory (tokenised with MODEL_A's "
+    "tokenizer), token ids in .npy/.pt, or 'synthetic' (default)")]
+NTokens = Annotated[int, typer.Option("--tokens", help="number of tokens")]
+SeqLen = Annotated[int, typer.Option(help="sequence length")]
+BatchSize = Annotated[int, typer.Option(help="sequences per forward pass")]
+Device = Annotated[str, typer.Option(help="cpu or cuda")]
+DType = Annotated[str, typer.Option(help="model dtype: float32, bfloat16, float16, float64")]
+Layers = Annotated[str | None, typer.Option(
+    help="residual positions to pool, e.g. '0,4,8' (0 = embeddings, l = output of layer l; "
+    "default: all)")]
+PerLayer = Annotated[bool, typer.Option(help="also keep per-position statistics and report "
+                                        "per-position agreement")]
+Seed = Annotated[int, typer.Option(help="seed of the synthetic token stream")]
+MethodOpt = Annotated[str, typer.Option(help="signmarg (default), signed, or perm")]
+SourceOpt = Annotated[str, typer.Option(help="activations (default) or weights (data-free)")]
+SolverOpt = Annotated[str, typer.Option(help="assignment solver: lapjvs (lapx) or scipy")]
+
+
+def _stats_options(tokens_from: str | None, n_tokens: int, seq_len: int, batch_size: int,
+                   device: str, dtype: str, layers: str | None, per_layer: bool, seed: int):
+    from .estimate import StatsOptions
+
+    positions = None
+    if layers is not None:
+        try:
+            positions = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise GaugefixError(f"--layers must be comma-separated integers, got {layers!r}"
+                                ) from None
+    return StatsOptions(tokens=tokens_from, n_tokens=n_tokens, seq_len=seq_len,
+                        batch_size=batch_size, device=device, dtype=dtype, positions=positions,
+                        per_position=per_layer, seed=seed, progress=True)
+
+
+def _print_match(result: Any, title: str) -> None:
+    summ = result.summary()
+    out.print(f"{title}: mean matched |corr| {summ['mean_abs_corr']:.3f}, confidence min "
+              f"{summ['min_confidence']:.3f} / median {summ['median_confidence']:.3f}; "
+              f"{summ['n_low_confidence']} of {result.gauge.d} coordinates below "
+              f"{summ['low_confidence_threshold']}")
+    low = result.low_confidence()
+    if low:
+        shown = ", ".join(map(str, low[:20])) + (" ..." if len(low) > 20 else "")
+        err.print(f"[yellow]low-confidence B coordinates:[/] {shown}", soft_wrap=True)
+
+
+@command
+def stats(
+    model_a: Annotated[str, typer.Argument(help="checkpoint A")],
+    model_b: Annotated[str, typer.Argument(help="checkpoint B")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="statistics file "
+                      "(.safetensors)")],
+    tokens_from: TokensFrom = None, tokens: NTokens = 16384, seq_len: SeqLen = 128,
+    batch_size: BatchSize = 8, device: Device = "cpu", dtype: DType = "float32",
+    layers: Layers = None, per_layer: PerLayer = False, seed: Seed = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+) -> None:
+    """Accumulate cross-statistics of two residual streams (shards add up: match --stats)."""
+    from .estimate import activation_stats
+    from .io import check_output
+
+    check_output(output, overwrite)
+    opts = _stats_options(tokens_from, tokens, seq_len, batch_size, device, dtype, layers,
+                          per_layer, seed)
+    st = activation_stats(model_a, model_b, opts)
+    st.save(output, overwrite=overwrite)
+    out.print(f"statistics of {st.n_tokens} tokens × {len(st.positions)} positions "
+              f"(d={st.d}) → {output}")
+
+
+@command
+def match(
+    model_a: Annotated[str, typer.Argument(help="checkpoint in chart A")],
+    model_b: Annotated[str, typer.Argument(help="checkpoint in chart B")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="gauge file to write")],
+    method: MethodOpt = "signmarg", source: SourceOpt = "activations",
+    stats_files: Annotated[list[Path] | None, typer.Option(
+        "--stats", help="saved statistics to use instead of a forward pass; several shards "
+        "are added")] = None,
+    tokens_from: TokensFrom = None, tokens: NTokens = 16384, seq_len: SeqLen = 128,
+    batch_size: BatchSize = 8, device: Device = "cpu", dtype: DType = "float32",
+    layers: Layers = None, per_layer: PerLayer = False, seed: Seed = 0,
+    solver: SolverOpt = "lapjvs",
+    gain_weight: Annotated[float, typer.Option(help="weights source: blend of the unsigned "
+                           "gain-fingerprint similarity into the sign-blind score")] = 0.0,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+) -> None:
+    """Estimate the gauge A → B (sign-marginalised Hungarian matching)."""
+    from .estimate import (
+        activation_stats,
+        check_choices,
+        check_pair,
+        gauge_metadata,
+        match_stats,
+        match_weights,
+    )
+    from .io import check_output
+    from .match import match_correlation
+    from .stats import CrossStats, sum_stats
+
+    check_choices(method, source, solver)
+    check_output(output, overwrite)
+    fam, d = check_pair(model_a, model_b)
+    extra: dict[str, Any] = {}
+    if source == "weights":
+        if stats_files:
+            raise GaugefixError("--stats goes with --source activations")
+        result = match_weights(model_a, model_b, method, gain_weight=gain_weight, solver=solver)
+    else:
+        if stats_files:
+            st = sum_stats(CrossStats.load(p) for p in stats_files)
+        else:
+            st = activation_stats(model_a, model_b, _stats_options(
+                tokens_from, tokens, seq_len, batch_size, device, dtype, layers, per_layer,
+                seed))
+        if st.d != d:
+            raise GaugefixError(f"width mismatch: statistics have d={st.d}, the models d={d}")
+        result = match_stats(st, fam, method, solver)
+        extra = {"n_tokens": st.n_tokens, "positions": st.positions}
+        if st.per_position:
+            t = Table(title="per-position agreement with the pooled gauge")
+            t.add_column("position")
+            t.add_column("full agreement", justify="right")
+            t.add_column("mean |corr|", justify="right")
+            agree = {}
+            for p, m in sorted(st.per_position.items()):
+                r = match_correlation(m.correlation(), method,
+                                      global_sign_only=not fam.allows_signs, solver=solver)
+                agree[p] = r.gauge.compare(result.gauge)["full_accuracy"]
+                t.add_row(str(p), f"{agree[p]:.3f}", f"{r.mean_abs_corr:.3f}")
+            out.print(t)
+            extra["per_position_agreement"] = {str(k): v for k, v in agree.items()}
+    meta = gauge_metadata(result, model_a, model_b, source=source, extra=extra)
+    result.gauge.save(output, meta, overwrite=overwrite)
+    _print_match(result, f"{method} ({source})")
+    out.print(f"gauge written to {output}")
+
+
+@command
+def trajectory(
+    checkpoints: Annotated[list[str], typer.Argument(help="CKPT_0 CKPT_1 ... CKPT_n")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="gauge CKPT_0 → CKPT_n")],
+    method: MethodOpt = "signmarg", source: SourceOpt = "activations",
+    tokens_from: TokensFrom = None, tokens: NTokens = 16384, seq_len: SeqLen = 128,
+    batch_size: BatchSize = 8, device: Device = "cpu", dtype: DType = "float32",
+    layers: Layers = None, seed: Seed = 0, solver: SolverOpt = "lapjvs",
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the per-step table as JSON")
+                       ] = False,
+) -> None:
+    """Match consecutive checkpoints and compose the local gauges (CKPT_0's chart → CKPT_n's)."""
+    from .estimate import gauge_metadata
+    from .estimate import trajectory as run_trajectory
+    from .io import check_output
+
+    check_output(output, overwrite)
+    opts = _stats_options(tokens_from, tokens, seq_len, batch_size, device, dtype, layers,
+                          False, seed)
+    opts.progress = False
+    res = run_trajectory(checkpoints, source=source, method=method, opts=opts, solver=solver)
+    table = res.step_table()
+    conf = [float(min(r.confidence[i] for r in res.steps)) for i in range(res.gauge.d)]
+    meta = gauge_metadata(res.steps[0], checkpoints[0], checkpoints[-1], source=source,
+                          extra={"steps": table, "composed_from": len(res.steps)})
+    meta["confidence"] = [round(c, 6) for c in conf]
+    meta["summary"] = {"min_step_confidence": min(conf)}
+    res.gauge.save(output, meta, overwrite=overwrite)
+    if as_json:
+        _print_json(table)
+    else:
+        t = Table(title=f"{len(res.steps)} local gauges ({method}, {source})")
+        for col in ("step", "from → to", "mean |corr|", "min conf.", "median conf.", "low"):
+            t.add_column(col, justify="right" if col != "from → to" else "left")
+        for k, row in enumerate(table):
+            style = "bold yellow" if k == res.weakest_step else None
+            t.add_row(str(k), f"{row['from']} → {row['to']}", f"{row['mean_abs_corr']:.3f}",
+                      f"{row['min_confidence']:.3f}", f"{row['median_confidence']:.3f}",
+                      str(row["n_low_confidence"]), style=style)
+        out.print(t)
+        out.print(f"weakest step: {res.weakest_step}; composed gauge written to {output}")
+
+
+# ---------------------------------------------------------------------------- algebra
+@command
+def compose(
+    gauges: Annotated[list[Path], typer.Argument(help="G1 G2 ... (apply G1 first)")],
+    output: Annotated[Path, typer.Option("-o", "--output")],
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+) -> None:
+    """Compose gauges: apply G1, then G2, ... (charts must chain)."""
+    from .estimate import compose_gauges
+    from .group import SignedPerm
+
+    total = compose_gauges([SignedPerm.load(p) for p in gauges])
+    total.save(output, {"method": "compose", "composed_from": [str(p) for p in gauges]},
+               overwrite=overwrite)
+    out.print(f"composed {len(gauges)} gauges (d={total.d}) → {output}")
+
+
+@command
+def invert(
+    gauge: Annotated[Path, typer.Argument(help="gauge A → B")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="gauge B → A")],
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+) -> None:
+    """Invert a gauge (B → A)."""
+    from .group import SignedPerm, read_gauge_document
+
+    doc = read_gauge_document(gauge)
+    meta: dict[str, Any] = {"method": "invert", "inverted_from": str(gauge)}
+    if "source" in doc and "target" in doc:
+        meta.update(source=doc["target"], target=doc["source"])
+    SignedPerm.from_json(doc).inverse().save(output, meta, overwrite=overwrite)
+    out.print(f"inverse written to {output}")
+
+
+@command
+def compare(
+    estimate: Annotated[Path, typer.Argument(help="estimated gauge")],
+    reference: Annotated[Path, typer.Argument(help="reference gauge")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Permutation, sign and full accuracy of an estimated gauge against a reference."""
+    from .group import SignedPerm
+
+    c = SignedPerm.load(estimate).compare(SignedPerm.load(reference))
+    if as_json:
+        _print_json(c)
+    else:
+        out.print(f"d={c['d']}: permutation accuracy {c['perm_accuracy']:.4f}, sign accuracy "
+                  f"(on matched) {c['sign_accuracy']:.4f}, full accuracy "
+                  f"{c['full_accuracy']:.4f}")
 
 
 # ---------------------------------------------------------------------------- demo

@@ -73,8 +73,10 @@ def compare_models(model_a: torch.nn.Module, model_b: torch.nn.Module, gauge: Si
 def load_causal_lm(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    # transformers' fused-expert kernel (grouped_mm) has no float64; the eager loop does
+    extra = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).eval()
     except Exception as exc:
         raise GaugefixError(f"{path}: transformers could not load the model ({exc})") from None
 

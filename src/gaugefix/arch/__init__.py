@@ -70,6 +70,7 @@ class Family:
     model_types: tuple[str, ...]
     norm: NormKind
     rules: tuple[Rule, ...]
+    layers: str = "model.layers"
     gain_offset: float = 0.0
 
     @property
@@ -143,6 +144,7 @@ def families() -> dict[str, Family]:
             model_types=tuple(spec["model_types"]),
             norm=spec["norm"],
             rules=rules,
+            layers=spec["layers"],
             gain_offset=float(spec.get("gain_offset", 0.0)),
         )
     return out

@@ -1,0 +1,74 @@
+"""Training tiny language models on the generated corpus (CPU, seconds to minutes)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..tiny import build_tiny
+
+
+def corpus_model(family: str, vocab_size: int, *, hidden_size: int = 64, layers: int = 2,
+                 seed: int = 0) -> torch.nn.Module:
+    """A tiny untrained model sized for the corpus (norm gains at their init values)."""
+    kw: dict[str, object] = dict(vocab_size=vocab_size, hidden_size=hidden_size,
+                                 num_hidden_layers=layers)
+    if family != "gpt2":
+        kw["intermediate_size"] = 4 * hidden_size
+    if family not in ("gpt2", "gpt_neox", "mamba"):
+        kw["tie_word_embeddings"] = False
+    return build_tiny(family, seed=seed, generic=False, **kw)
+
+
+def batches(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int):
+    """Endless random windows of ``seq_len`` tokens from a token stream."""
+    rng = np.random.default_rng(seed)
+    data = torch.from_numpy(tokens)
+    high = len(tokens) - seq_len
+    while True:
+        starts = rng.integers(0, high, size=batch_size)
+        yield torch.stack([data[s : s + seq_len] for s in starts])
+
+
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+
+
+def train(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    *,
+    steps: int,
+    lr: float = 3e-3,
+    batch_size: int = 16,
+    seq_len: int = 64,
+    seed: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> torch.optim.Optimizer:
+    """Plain next-token training with AdamW; returns the optimizer (its state is reused)."""
+    model.train()
+    opt = optimizer or make_optimizer(model, lr)
+    gen = batches(tokens, batch_size, seq_len, seed)
+    for step in range(1, steps + 1):
+        ids = next(gen)
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if on_step is not None:
+            on_step(step, float(loss))
+    model.eval()
+    return opt
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module, tokens: np.ndarray, *, seq_len: int = 64,
+              max_batches: int = 8, batch_size: int = 16) -> float:
+    model.eval()
+    n = min(max_batches * batch_size, (len(tokens) - 1) // seq_len)
+    ids = torch.from_numpy(tokens[: n * seq_len].reshape(n, seq_len))
+    losses = [float(model(chunk, labels=chunk).loss) for chunk in ids.split(batch_size)]
+    return float(np.mean(losses))

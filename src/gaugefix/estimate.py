@@ -1,0 +1,342 @@
+"""High-level estimation: the gauge between two checkpoints, and along trajectories.
+
+Checkpoints are paths (local directories or hub ids) or loaded modules. Two
+sources of evidence:
+
+* ``activations`` — cross-correlation of residual streams on shared tokens
+  (:mod:`gaugefix.stats`), pooled over all residual positions;
+* ``weights`` — data-free: each residual coordinate's signature is its slice of
+  every residual-touching tensor (embedding and lm_head columns over the shared
+  vocabulary, reader columns, writer rows, LayerNorm biases) for the signed part,
+  and its norm gains for the unsigned part.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .arch import Family, detect_family
+from .checkpoint import Checkpoint
+from .errors import GaugefixError
+from .group import SignedPerm
+from .match import LOW_CONFIDENCE, METHODS, SOLVERS, MatchResult, match_correlation
+from .stats import CrossStats, collect_stats, load_token_source
+from .verify import DTYPES, load_causal_lm
+
+ModelRef = str | Path | torch.nn.Module
+MIN_TOKENS_PER_DIM = 2
+SOURCES: tuple[str, ...] = ("activations", "weights")
+
+
+def _family_and_width(ref: ModelRef) -> tuple[Family, int, str]:
+    if isinstance(ref, torch.nn.Module):
+        return detect_family(ref.config), int(ref.config.hidden_size), type(ref).__name__
+    ck = Checkpoint.open(ref)
+    return ck.family, ck.hidden_size, str(ref)
+
+
+def check_pair(a: ModelRef, b: ModelRef) -> tuple[Family, int]:
+    fa, da, na = _family_and_width(a)
+    fb, db, nb = _family_and_width(b)
+    if fa.name != fb.name:
+        raise GaugefixError(f"different families: {na} is {fa.name}, {nb} is {fb.name}")
+    if da != db:
+        raise GaugefixError(f"different hidden sizes: {na} has d={da}, {nb} has d={db}")
+    return fa, da
+
+
+def check_choices(method: str = "signmarg", source: str = "activations",
+                  solver: str = "lapjvs") -> None:
+    """Refuse an unknown method, evidence source or solver before any work is done."""
+    for what, value, allowed in (("method", method, METHODS), ("source", source, SOURCES),
+                                 ("solver", solver, SOLVERS)):
+        if value not in allowed:
+            raise GaugefixError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
+
+
+def min_tokens(d: int) -> int:
+    return MIN_TOKENS_PER_DIM * d
+
+
+def _check_tokens(n: int, d: int) -> None:
+    if n < min_tokens(d):
+        raise GaugefixError(
+            f"too few tokens for the width: {n} tokens for d={d}; the correlation needs at "
+            f"least {min_tokens(d)} ({MIN_TOKENS_PER_DIM}·d), and more gives sharper matches")
+
+
+def _load(ref: ModelRef, dtype: str, device: str) -> torch.nn.Module:
+    if isinstance(ref, torch.nn.Module):
+        return ref
+    if dtype not in DTYPES:
+        raise GaugefixError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    return load_causal_lm(Checkpoint.open(ref).path, DTYPES[dtype]).to(device)
+
+
+@dataclass
+class StatsOptions:
+    tokens: str | Path | np.ndarray | None = None  # None: synthetic stream
+    n_tokens: int = 16384
+    seq_len: int = 128
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "float32"
+    positions: Sequence[int] | None = None
+    per_position: bool = False
+    seed: int = 0
+    progress: bool = False
+
+    def token_ids(self, model: torch.nn.Module, ref: ModelRef, d: int) -> np.ndarray:
+        _check_tokens(self.n_tokens, d)
+        tok_dir = None if isinstance(ref, torch.nn.Module) else Checkpoint.open(ref).path
+        ids = load_token_source(self.tokens, vocab_size=model.config.vocab_size,
+                                n_tokens=self.n_tokens, tokenizer_dir=tok_dir, seed=self.seed)
+        _check_tokens(len(ids), d)
+        return ids
+
+
+def activation_stats(a: ModelRef, b: ModelRef, opts: StatsOptions | None = None,
+                     *, _models: tuple[torch.nn.Module, torch.nn.Module] | None = None
+                     ) -> CrossStats:
+    opts = opts or StatsOptions()
+    _, d = check_pair(a, b)
+    ma, mb = _models or (_load(a, opts.dtype, opts.device), _load(b, opts.dtype, opts.device))
+    vocab = min(ma.config.vocab_size, mb.config.vocab_size)
+    ids = opts.token_ids(ma, a, d)
+    if ids.size and ids.max() >= vocab:
+        raise GaugefixError(f"token ids exceed the shared vocabulary ({vocab})")
+    meta = {"model_a": _name(a), "model_b": _name(b), "n_tokens": len(ids),
+            "seq_len": opts.seq_len}
+    return collect_stats(ma, mb, ids, positions=opts.positions, per_position=opts.per_position,
+                         seq_len=opts.seq_len, batch_size=opts.batch_size, device=opts.device,
+                         progress=opts.progress, meta=meta)
+
+
+def _name(ref: ModelRef) -> str:
+    return type(ref).__name__ if isinstance(ref, torch.nn.Module) else str(ref)
+
+
+def match_stats(stats: CrossStats, family: Family, method: str = "signmarg",
+                solver: str = "lapjvs") -> MatchResult:
+    stats.check_finite()
+    _check_tokens(stats.n_tokens, stats.d)
+    return match_correlation(stats.pooled.correlation(), method,
+                             global_sign_only=not family.allows_signs, solver=solver)
+
+
+# ---------------------------------------------------------------------------- weights
+def _state(ref: ModelRef) -> tuple[Callable[[], Iterator[tuple[str, torch.Tensor]]],
+                                   Callable[[str], torch.Tensor]]:
+    """(iterate all tensors, fetch one tensor by key) for a module or a checkpoint."""
+    if isinstance(ref, torch.nn.Module):
+        sd = {k: v.detach() for k, v in ref.state_dict().items()}
+        return lambda: iter(sd.items()), sd.__getitem__
+    ck = Checkpoint.open(ref)
+    if not ck.is_safetensors:
+        sd = ck.tensors()
+        return lambda: iter(sd.items()), sd.__getitem__
+    from safetensors import safe_open
+
+    where = ck.shard_of()
+    handles: dict[Path, Any] = {}
+
+    def get(key: str) -> torch.Tensor:
+        if key not in where:
+            raise GaugefixError(f"{ref} has no tensor {key!r}")
+        shard = where[key]
+        if shard not in handles:
+            handles[shard] = safe_open(shard, "pt")
+        return handles[shard].get_tensor(key)
+
+    return ck.iter_tensors, get
+
+
+def _common_slice(ta: torch.Tensor, tb: torch.Tensor, axis: int, key: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Restrict non-residual axes to their shared extent (e.g. the shared vocabulary)."""
+    if ta.ndim != tb.ndim:
+        raise GaugefixError(f"{key}: shapes {list(ta.shape)} and {list(tb.shape)} differ in rank")
+    idx = [slice(0, min(x, y)) for x, y in zip(ta.shape, tb.shape, strict=True)]
+    idx[axis] = slice(None)
+    return ta[tuple(idx)], tb[tuple(idx)]
+
+
+@dataclass
+class WeightEvidence:
+    signed: torch.Tensor  # [d, d] cosine of signed signatures
+    unsigned: torch.Tensor | None  # [d, d] cosine of centred gain fingerprints
+    n_signed_blocks: int = 0
+    n_gain_vectors: int = 0
+    keys: list[str] = field(default_factory=list)
+
+
+def weight_evidence(a: ModelRef, b: ModelRef, *, max_columns: int | None = 65536,
+                    seed: int = 0) -> WeightEvidence:
+    """Per-coordinate weight signatures of A and B, correlated (streams tensor by tensor)."""
+    fam, d = check_pair(a, b)
+    iter_a, _ = _state(a)
+    _, get_b = _state(b)
+    dot = torch.zeros(d, d, dtype=torch.float64)
+    na = torch.zeros(d, dtype=torch.float64)
+    nb = torch.zeros(d, dtype=torch.float64)
+    gains_a: list[torch.Tensor] = []
+    gains_b: list[torch.Tensor] = []
+    gen = torch.Generator().manual_seed(seed)
+    ev = WeightEvidence(dot, None)
+    seen: set[str] = set()
+    for key, ta in iter_a():
+        op = fam.op_for(key)
+        if op.residual_axis is None or key in seen:
+            continue
+        seen.add(key)
+        tb = get_b(key)
+        if op.kind == "G":
+            gains_a.append(ta.double().reshape(-1) + fam.gain_offset)
+            gains_b.append(tb.double().reshape(-1) + fam.gain_offset)
+            continue
+        axis = op.residual_axis
+        ta, tb = _common_slice(ta, tb, axis, key)
+        xa = torch.movedim(ta, axis, 0).reshape(d, -1).float()
+        xb = torch.movedim(tb, axis, 0).reshape(d, -1).float()
+        if max_columns is not None and xa.shape[1] > max_columns:
+            cols = torch.randperm(xa.shape[1], generator=gen)[:max_columns]
+            xa, xb = xa[:, cols], xb[:, cols]
+        scale = float(xa.norm() * xb.norm())
+        if scale == 0:
+            continue
+        w = d / scale  # every block weighs the same on average per coordinate
+        dot += (xa @ xb.T).double() * w
+        na += (xa * xa).sum(1).double() * w
+        nb += (xb * xb).sum(1).double() * w
+        ev.n_signed_blocks += 1
+        ev.keys.append(key)
+    if ev.n_signed_blocks == 0:
+        raise GaugefixError("no residual-axis tensors to build weight signatures from")
+    denom = torch.outer(na.sqrt(), nb.sqrt())
+    ev.signed = torch.where(denom > 0, dot / denom.clamp_min(1e-300), 0.0)
+    if gains_a:
+        ga, gb = torch.stack(gains_a, 1), torch.stack(gains_b, 1)
+        ga, gb = ga - ga.mean(0), gb - gb.mean(0)
+        ga = ga / ga.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        gb = gb / gb.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        ev.unsigned = ga @ gb.T
+        ev.n_gain_vectors = len(gains_a)
+    return ev
+
+
+def match_weights(a: ModelRef, b: ModelRef, method: str = "signmarg", *,
+                  gain_weight: float = 0.0, solver: str = "lapjvs",
+                  max_columns: int | None = 65536) -> MatchResult:
+    """Data-free gauge estimate from the checkpoints alone (no forward pass).
+
+    ``gain_weight`` blends the unsigned gain-fingerprint similarity into the
+    sign-blind score: ``(1 - w)|C| + w * C_gain``.
+    """
+    fam, _ = check_pair(a, b)
+    ev = weight_evidence(a, b, max_columns=max_columns)
+    magnitude = None
+    if gain_weight > 0 and ev.unsigned is not None:
+        magnitude = ((1 - gain_weight) * ev.signed.abs() + gain_weight * ev.unsigned).numpy()
+    return match_correlation(ev.signed, method, global_sign_only=not fam.allows_signs,
+                             solver=solver, magnitude=magnitude)
+
+
+# ---------------------------------------------------------------------------- one pair
+def estimate_gauge(a: ModelRef, b: ModelRef, *, source: str = "activations",
+                   method: str = "signmarg", opts: StatsOptions | None = None,
+                   solver: str = "lapjvs", gain_weight: float = 0.0,
+                   _models: tuple[torch.nn.Module, torch.nn.Module] | None = None
+                   ) -> MatchResult:
+    check_choices(method, source, solver)
+    fam, _ = check_pair(a, b)
+    if source == "weights":
+        return match_weights(a, b, method, gain_weight=gain_weight, solver=solver)
+    stats = activation_stats(a, b, opts, _models=_models)
+    return match_stats(stats, fam, method, solver)
+
+
+# ---------------------------------------------------------------------------- trajectories
+@dataclass
+class TrajectoryResult:
+    gauge: SignedPerm
+    steps: list[MatchResult]
+    names: list[str]
+
+    def step_table(self, threshold: float = LOW_CONFIDENCE) -> list[dict[str, Any]]:
+        return [
+            {"from": self.names[k], "to": self.names[k + 1], **r.summary(threshold)}
+            for k, r in enumerate(self.steps)
+        ]
+
+    @property
+    def weakest_step(self) -> int:
+        return int(np.argmin([r.summary()["median_confidence"] for r in self.steps]))
+
+
+def trajectory(ckpts: Sequence[ModelRef], *, source: str = "activations",
+               method: str = "signmarg", opts: StatsOptions | None = None,
+               solver: str = "lapjvs", gain_weight: float = 0.0,
+               on_step: Callable[[int, MatchResult], None] | None = None) -> TrajectoryResult:
+    """Match each consecutive pair and compose: the gauge from ckpts[0]'s chart to ckpts[-1]'s.
+
+    Two runs fine-tuned from one base: list run A backwards to the base, then run B
+    forwards (``A_n ... A_1 base B_1 ... B_m``).
+    """
+    check_choices(method, source, solver)
+    if len(ckpts) < 2:
+        raise GaugefixError("a trajectory needs at least two checkpoints")
+    for a, b in itertools.pairwise(ckpts):
+        check_pair(a, b)
+    opts = opts or StatsOptions()
+    steps: list[MatchResult] = []
+    total: SignedPerm | None = None
+    prev = _load(ckpts[0], opts.dtype, opts.device) if source == "activations" else None
+    for k in range(len(ckpts) - 1):
+        nxt = _load(ckpts[k + 1], opts.dtype, opts.device) if source == "activations" else None
+        models = (prev, nxt) if prev is not None and nxt is not None else None
+        r = estimate_gauge(ckpts[k], ckpts[k + 1], source=source, method=method, opts=opts,
+                           solver=solver, gain_weight=gain_weight, _models=models)
+        steps.append(r)
+        total = r.gauge if total is None else total.then(r.gauge)
+        if on_step is not None:
+            on_step(k, r)
+        prev = nxt
+    assert total is not None
+    return TrajectoryResult(total, steps, [_name(c) for c in ckpts])
+
+
+def compose_gauges(gauges: Sequence[SignedPerm]) -> SignedPerm:
+    if not gauges:
+        raise GaugefixError("nothing to compose")
+    total = gauges[0]
+    for g in gauges[1:]:
+        total = total.then(g)
+    return total
+
+
+def gauge_metadata(result: MatchResult, a: ModelRef, b: ModelRef, *, source: str,
+                   extra: Mapping[str, Any] | None = None, hash_weights: bool = True
+                   ) -> dict[str, Any]:
+    from .apply import checkpoint_identity
+
+    def ident(ref: ModelRef) -> dict[str, str]:
+        if isinstance(ref, torch.nn.Module) or not hash_weights:
+            return {"name": _name(ref)}
+        return checkpoint_identity(ref)
+
+    return {
+        "source": ident(a),
+        "target": ident(b),
+        "method": result.method,
+        "evidence": source,
+        "confidence": [round(float(c), 6) for c in result.confidence],
+        "summary": result.summary(),
+        **(extra or {}),
+    }
