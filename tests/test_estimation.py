@@ -190,6 +190,26 @@ def test_match_cli_writes_a_gauge_with_confidence(saved_pair, tmp_path, cli):
     assert SignedPerm.load(tmp_path / "s.json") == SignedPerm.load(tmp_path / "true.json")
 
 
+def test_text_and_torch_token_sources(saved_pair, tmp_path, cli, trained_llama):
+    a = saved_pair
+    trained_llama.corpus.tokenizer().save_pretrained(a)
+    cli("apply", a, tmp_path / "B", "--random", 4, "--gauge-out", tmp_path / "true.json")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    text = trained_llama.corpus.decode(trained_llama.probe(6000)).replace("<eos> ", "<eos>\n")
+    (docs / "part1.txt").write_text(text[: len(text) // 2])
+    (docs / "part2.md").write_text(text[len(text) // 2 :])
+    cli("match", a, tmp_path / "B", "-o", tmp_path / "t.json", "--tokens-from", docs,
+        "--tokens", 4096)
+    doc = json.loads((tmp_path / "t.json").read_text())
+    assert doc["n_tokens"] == 4096
+    assert SignedPerm.load(tmp_path / "t.json") == SignedPerm.load(tmp_path / "true.json")
+    torch.save(torch.from_numpy(trained_llama.probe(4096)).view(32, 128), tmp_path / "ids.pt")
+    cli("match", a, tmp_path / "B", "-o", tmp_path / "p.json", "--tokens-from",
+        tmp_path / "ids.pt")
+    assert SignedPerm.load(tmp_path / "p.json") == SignedPerm.load(tmp_path / "true.json")
+
+
 def test_trajectory_compose_invert_cli(saved_pair, tmp_path, cli):
     a = saved_pair
     cli("apply", a, tmp_path / "B", "--random", 1, "--gauge-out", tmp_path / "g1.json")

@@ -106,6 +106,16 @@ class Corpus:
     def eos_id(self) -> int:
         return 2
 
+    def tokenizer(self):  # -> transformers.PreTrainedTokenizerFast
+        """The same word-level vocabulary as a real HF tokenizer (save it with a checkpoint)."""
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(models.WordLevel(vocab=self.index, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                       pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
     def encode(self, text: str) -> list[int]:
         unk = self.index["<unk>"]
         return [self.index.get(w, unk) for w in text.split()]
