@@ -144,3 +144,12 @@ def test_console_script_exit_status(tmp_path, llama):
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and res.stderr.startswith("error:")
     assert not (tmp_path / "B").exists()
+
+
+def test_hub_id_without_network_is_a_clear_error(tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = _listing(tmp_path)
+    res = cli("inspect", "some-org/some-model-that-is-not-cached", ok=False)
+    assert res.exit_code == 2
+    assert "not a local directory, and fetching it from the hub failed" in res.stderr
+    assert _listing(tmp_path) == before
