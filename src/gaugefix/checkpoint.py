@@ -94,34 +94,25 @@ class Checkpoint:
     def shard_of(self) -> dict[str, Path]:
         return {k: shard for shard, k, _ in self.entries()}
 
-    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every (key, tensor), shard by shard (one shard's worth in memory at a time)."""
+    def iter_tensors(self, keys: set[str] | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor) pairs, shard by shard; only ``keys`` are read when given."""
         for shard in self.shards:
             if self.is_safetensors:
                 from safetensors import safe_open
 
                 with safe_open(shard, "pt") as f:
-                    for k in f.keys():  # noqa: SIM118
-                        yield k, f.get_tensor(k)
-            else:
-                yield from load_shard(shard).items()
-
-    def tensors(self, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
-        """Load the named tensors (all if ``keys`` is None)."""
-        out: dict[str, torch.Tensor] = {}
-        for shard in self.shards:
-            if self.is_safetensors:
-                from safetensors import safe_open
-
-                with safe_open(shard, "pt") as f:
-                    for k in f.keys():  # noqa: SIM118
+                    for k in f.keys():  # noqa: SIM118 - safe_open is not a dict
                         if keys is None or k in keys:
-                            out[k] = f.get_tensor(k)
+                            yield k, f.get_tensor(k)
             else:
                 for k, t in load_shard(shard).items():
                     if keys is None or k in keys:
-                        out[k] = t
-        return out
+                        yield k, t
+
+    def tensors(self, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+        """Load the named tensors (all if ``keys`` is None)."""
+        return dict(self.iter_tensors(keys))
 
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
