@@ -109,9 +109,9 @@ def test_chunked_statistics_equal_the_one_shot_computation(trained_llama):
     # a direct float64 computation over all (token, position) samples
     from gaugefix.stats import ResidualTap, residuals
 
-    tap_a, tap_b = ResidualTap(model, _fam(model), None), ResidualTap(b, _fam(b), None)
     batch = torch.from_numpy(ids).reshape(16, 128)
-    ra, rb = residuals(model, batch, tap_a), residuals(b, batch, tap_b)
+    with ResidualTap(model, _fam(model), None) as tap_a, ResidualTap(b, _fam(b), None) as tap_b:
+        ra, rb = residuals(model, batch, tap_a), residuals(b, batch, tap_b)
     xa = torch.cat([ra[p] for p in sorted(ra)]).double()
     xb = torch.cat([rb[p] for p in sorted(rb)]).double()
     direct = Moments.of_chunk(xa, xb, torch.float64)

@@ -112,29 +112,38 @@ def gauge_checkpoint(
     written; non-weight files (config, tokenizer, generation config, ...) are copied.
     """
     ckpt = Checkpoint.open(model)
-    fam = ckpt.family
-    fam.check_gauge(gauge, ckpt.hidden_size)
-    entries = list(ckpt.entries())
-    plan = fam.plan(k for _, k, _ in entries)
-    _check_widths(plan, {k: s for _, k, s in entries}, gauge.d)
-
-    out = Path(out)
-    report = ApplyReport(ckpt.path, out, fam.name, gauge.d, shards=len(ckpt.shards))
-    for op in plan.values():
-        report.ops[str(op)] = report.ops.get(str(op), 0) + 1
-    report.n_tensors = len(plan)
-    report.n_transformed = sum(1 for op in plan.values() if op.residual_axis is not None)
-
+    ckpt.family.check_gauge(gauge, ckpt.hidden_size)
+    plan = plan_checkpoint(ckpt, gauge)
     with atomic_dir(out, overwrite=overwrite, inputs=(ckpt.path,)) as tmp:
         for item in ckpt.path.iterdir():
             if item.is_file() and item.name not in ckpt.weight_files:
                 shutil.copy2(item, tmp / item.name)
-        if ckpt.index_file is not None:
-            shutil.copy2(ckpt.index_file, tmp / ckpt.index_file.name)
-        bar = tqdm(ckpt.shards, desc="applying gauge", unit="shard", disable=not progress)
-        for shard in bar:
-            _gauge_shard(shard, tmp / shard.name, gauge, plan)
-            report.bytes_written += (tmp / shard.name).stat().st_size
+        report = write_gauged_weights(ckpt, tmp, gauge, plan, progress=progress)
+    report.output = Path(out)
+    return report
+
+
+def plan_checkpoint(ckpt: Checkpoint, gauge: SignedPerm) -> dict[str, Op]:
+    """Every key's op, with every residual width checked, before anything is written."""
+    entries = list(ckpt.entries())
+    plan = ckpt.family.plan(k for _, k, _ in entries)
+    _check_widths(plan, {k: s for _, k, s in entries}, gauge.d)
+    return plan
+
+
+def write_gauged_weights(ckpt: Checkpoint, out_dir: Path, gauge: SignedPerm,
+                         plan: Mapping[str, Op], *, progress: bool = True) -> ApplyReport:
+    """The weight shards (and shard index) of ``ckpt`` in chart B, into ``out_dir``."""
+    report = ApplyReport(ckpt.path, out_dir, ckpt.family.name, gauge.d, shards=len(ckpt.shards))
+    for op in plan.values():
+        report.ops[str(op)] = report.ops.get(str(op), 0) + 1
+    report.n_tensors = len(plan)
+    report.n_transformed = sum(1 for op in plan.values() if op.residual_axis is not None)
+    if ckpt.index_file is not None:
+        shutil.copy2(ckpt.index_file, out_dir / ckpt.index_file.name)
+    for shard in tqdm(ckpt.shards, desc="applying gauge", unit="shard", disable=not progress):
+        _gauge_shard(shard, out_dir / shard.name, gauge, plan)
+        report.bytes_written += (out_dir / shard.name).stat().st_size
     return report
 
 

@@ -414,6 +414,71 @@ def compare(
                   f"{c['full_accuracy']:.4f}")
 
 
+# ---------------------------------------------------------------------------- transport
+@command
+def transport(
+    kind: Annotated[str, typer.Argument(help="steering, sae, neurons, lora or optim")],
+    source: Annotated[Path, typer.Argument(help="the object, in chart A (B with --inverse)")],
+    gauge: Annotated[Path, typer.Option(help="gauge A → B")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="where to write the moved "
+                      "object (same format as the input)")],
+    inverse: Annotated[bool, typer.Option(help="move from B back to A")] = False,
+    model: Annotated[Path | None, typer.Option(help="lora: the base checkpoint (for its "
+                     "family); optim: the checkpoint a bare optimizer.pt belongs to")] = None,
+    family: Annotated[str | None, typer.Option(help="lora: the base model's family")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+) -> None:
+    """Move a steering vector, SAE, neuron list, LoRA adapter or optimizer state to chart B."""
+    from .group import SignedPerm
+    from .transport import transport as run
+
+    options: dict[str, Any] = {}
+    if model is not None:
+        if kind not in ("lora", "optim"):
+            raise GaugefixError("--model goes with the lora and optim kinds")
+        options["model"] = model
+    if family is not None:
+        if kind != "lora":
+            raise GaugefixError("--family goes with the lora kind")
+        options["family"] = family
+    g = SignedPerm.load(gauge)
+    info = run(kind, source, output, g, inverse=inverse, overwrite=overwrite,
+               gauge_file=str(gauge), **options)
+    detail = ", ".join(f"{k} {v}" for k, v in info.items())
+    out.print(f"{kind}: {detail} → {output} ({'B → A' if inverse else 'A → B'})")
+
+
+@command
+def merge(
+    model_a: Annotated[str, typer.Argument(help="checkpoint A (the merge is in A's chart)")],
+    model_b: Annotated[str, typer.Argument(help="checkpoint B")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="merged checkpoint")],
+    gauge: Annotated[Path | None, typer.Option(help="gauge A → B (B is moved by its "
+                     "inverse); omit only with --unaligned")] = None,
+    method: Annotated[str, typer.Option(help="linear, slerp or task-arithmetic")] = "linear",
+    weight: Annotated[float, typer.Option(help="weight of B")] = 0.5,
+    base: Annotated[Path | None, typer.Option(help="task-arithmetic: the common base, in "
+                    "A's chart")] = None,
+    export_aligned: Annotated[Path | None, typer.Option(help="also write B in A's chart "
+                              "here (for mergekit)")] = None,
+    unaligned: Annotated[bool, typer.Option(help="merge without any alignment (a baseline)")
+                         ] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace existing outputs")] = False,
+) -> None:
+    """Coordinate-preserving merge: put B into A's chart, then merge."""
+    from .group import SignedPerm
+    from .transport import merge_checkpoints
+
+    if (gauge is None) != unaligned:
+        raise GaugefixError("give --gauge G.json, or --unaligned for the unaligned baseline")
+    g = SignedPerm.load(gauge) if gauge is not None else None
+    info = merge_checkpoints(model_a, model_b, g, output, method=method, weight=weight,
+                             base=base, export_aligned=export_aligned, overwrite=overwrite,
+                             progress=True)
+    out.print(f"merged {info['tensors']} tensors ({method}, w={weight}, "
+              f"{'aligned' if info['aligned'] else 'UNALIGNED'}) → {output}")
+
+
 # ---------------------------------------------------------------------------- demo
 @command
 def demo(

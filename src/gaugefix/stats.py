@@ -231,6 +231,14 @@ class ResidualTap:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        self.handles = []
+        self.captured = {}
+
+    def __enter__(self) -> ResidualTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
 
 
 @torch.no_grad()

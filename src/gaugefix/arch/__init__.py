@@ -72,6 +72,7 @@ class Family:
     rules: tuple[Rule, ...]
     layers: str = "model.layers"
     gain_offset: float = 0.0
+    conv1d: bool = False
 
     @property
     def gauge_group(self) -> str:
@@ -99,6 +100,15 @@ class Family:
             f"{self.name}: tensor {key!r} matches several rules "
             f"({', '.join(r.suffix for r in hits)})"
         )
+
+    def role(self, weight_key: str) -> str:
+        """'reader' or 'writer' of the residual stream for a linear module's weight, from
+        its name (never its shape); 'other' when it does not touch the stream."""
+        op = self.op_for(weight_key)
+        if op.kind != "H" or op.axis not in (0, 1):
+            return "other"
+        reads_on = 0 if self.conv1d else 1
+        return "reader" if op.axis == reads_on else "writer"
 
     def plan(self, keys: Iterable[str]) -> dict[str, Op]:
         """The op of every key; an unmatched or ambiguous key is an error naming it."""
@@ -145,6 +155,7 @@ def families() -> dict[str, Family]:
             norm=spec["norm"],
             rules=rules,
             layers=spec["layers"],
+            conv1d=bool(spec.get("conv1d", False)),
             gain_offset=float(spec.get("gain_offset", 0.0)),
         )
     return out

@@ -1,0 +1,84 @@
+"""Steering on the generated corpus: add a residual direction, measure the concept it moves."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..arch import detect_family
+from .corpus import NEG_ADJ, NEG_VERB, NOUNS, POS_ADJ, POS_VERB, Corpus
+
+
+@contextlib.contextmanager
+def steering(model: torch.nn.Module, layer: int, vector: torch.Tensor) -> Iterator[None]:
+    """Add ``vector`` to the output of decoder layer ``layer`` (HF hidden_states[layer+1])."""
+    layers = model.get_submodule(detect_family(model.config).layers)
+
+    def hook(module: torch.nn.Module, args: tuple, output: object) -> object:
+        if isinstance(output, tuple):  # older transformers return tuples
+            return (output[0] + vector, *output[1:])
+        return output + vector
+
+    handle = layers[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def sentiment_prompts(corpus: Corpus, positive: bool, n: int = 48, seed: int = 0
+                      ) -> torch.Tensor:
+    """``<bos> the {noun} was {adj} and i`` — the next word (loved / hated ...) carries the
+    sentiment the context set up."""
+    rng = np.random.default_rng(seed)
+    adjs = POS_ADJ if positive else NEG_ADJ
+    return torch.tensor([[corpus.bos_id, *corpus.encode(
+        f"the {rng.choice(NOUNS)} was {rng.choice(adjs)} and i")] for _ in range(n)])
+
+
+def log_odds(model: torch.nn.Module, ids: torch.Tensor, pos: Sequence[int],
+             neg: Sequence[int]) -> torch.Tensor:
+    """Per prompt: log P(next ∈ pos) − log P(next ∈ neg)."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[:, -1].double(), -1)
+    return torch.logsumexp(logp[:, list(pos)], -1) - torch.logsumexp(logp[:, list(neg)], -1)
+
+
+def sentiment_effect(model: torch.nn.Module, corpus: Corpus, layer: int,
+                     vector: torch.Tensor) -> float:
+    """Mean shift, on negative contexts, of the positive-vs-negative verb log-odds caused by
+    adding ``vector`` after decoder layer ``layer``."""
+    ids = sentiment_prompts(corpus, positive=False, seed=1)
+    pos, neg = corpus.encode(" ".join(POS_VERB)), corpus.encode(" ".join(NEG_VERB))
+    before = log_odds(model, ids, pos, neg)
+    with steering(model, layer, vector):
+        after = log_odds(model, ids, pos, neg)
+    return float((after - before).mean())
+
+
+def last_token_states(model: torch.nn.Module, ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """The residual after decoder layer ``layer`` at each prompt's last token."""
+    captured: list[torch.Tensor] = []
+    layers = model.get_submodule(detect_family(model.config).layers)
+
+    def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
+        captured.append((output[0] if isinstance(output, tuple) else output)[:, -1])
+
+    handle = layers[layer].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def sentiment_direction(model: torch.nn.Module, corpus: Corpus, layer: int) -> torch.Tensor:
+    """The contrastive (CAA-style) sentiment direction: mean last-token state of positive
+    contexts minus that of negative ones, after decoder layer ``layer``."""
+    pos = last_token_states(model, sentiment_prompts(corpus, True, seed=2), layer)
+    neg = last_token_states(model, sentiment_prompts(corpus, False, seed=3), layer)
+    return pos.mean(0) - neg.mean(0)

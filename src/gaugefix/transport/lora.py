@@ -1,0 +1,131 @@
+"""PEFT LoRA / DoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+A module's role comes from its *name* through the family's architecture map
+(never from shapes: q_proj and o_proj are both d×d):
+
+| tensor | reader (q,k,v,gate,up, lm_head, c_attn, c_fc) | writer (o_proj, down_proj, c_proj) |
+|---|---|---|
+| ``lora_A.weight`` [r, in] | H(1) | – |
+| ``lora_B.weight`` [out, r] (and ``lora_B.bias``) | – | H(0) |
+| ``lora_magnitude_vector`` [out] (DoRA) | – (row norms over the input are invariant) | unsigned |
+| ``lora_embedding_A`` [r, V] / ``lora_embedding_B`` [d, r] | – / H(0) | |
+
+Full tensors saved with the adapter (``base_layer`` weights of targeted embeddings,
+``modules_to_save``) take the family's own op.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..arch import Family, Op
+from ..errors import GaugefixError
+from ..group import SignedPerm
+from ..io import atomic_dir
+from .base import GAIN, H0, H1, UNTOUCHED, move
+
+PREFIX = "base_model.model."
+LORA_KEY = re.compile(
+    r"(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector"
+    r"|lora_embedding_A|lora_embedding_B)$")
+BASE_LAYER = re.compile(r"(?P<module>.+?)\.base_layer\.(?P<param>weight|bias)$")
+MODULES_TO_SAVE = re.compile(r"(?P<module>.+?)\.modules_to_save\.(?:\w+\.)?(?P<param>weight|bias)$")
+
+# role -> part -> ops
+LORA_TABLE: dict[str, dict[str, tuple[Op, ...]]] = {
+    "reader": {"lora_A.weight": (H1,), "lora_B.weight": UNTOUCHED, "lora_B.bias": UNTOUCHED,
+               "lora_magnitude_vector": UNTOUCHED},
+    "writer": {"lora_A.weight": UNTOUCHED, "lora_B.weight": (H0,), "lora_B.bias": (H0,),
+               "lora_magnitude_vector": (GAIN,)},
+    "embedding": {"lora_embedding_A": UNTOUCHED, "lora_embedding_B": (H0,)},
+    "other": {"lora_A.weight": UNTOUCHED, "lora_B.weight": UNTOUCHED, "lora_B.bias": UNTOUCHED,
+              "lora_magnitude_vector": UNTOUCHED},
+}
+
+
+def lora_ops(key: str, family: Family) -> tuple[Op, ...]:
+    name = key.removeprefix(PREFIX)
+    m = LORA_KEY.fullmatch(name)
+    if m is not None:
+        module, part = m["module"], m["part"]
+        role = "embedding" if part.startswith("lora_embedding") else family.role(
+            f"{module}.weight")
+        try:
+            return LORA_TABLE[role][part]
+        except KeyError:
+            raise GaugefixError(f"lora: {key}: {part} on a {role} module is not a known "
+                                "layout") from None
+    for pattern in (BASE_LAYER, MODULES_TO_SAVE):
+        m = pattern.fullmatch(name)
+        if m is not None:
+            name = f"{m['module']}.{m['param']}"
+            break
+    op = family.op_for(name)
+    return (op,) if op.residual_axis is not None else UNTOUCHED
+
+
+def resolve_family(adapter_cfg: dict[str, Any], model: str | Path | None,
+                   family: str | None) -> Family:
+    from ..arch import get_family
+    from ..checkpoint import Checkpoint
+
+    if family is not None:
+        return get_family(family)
+    if model is not None:
+        return Checkpoint.open(model).family
+    base = adapter_cfg.get("base_model_name_or_path")
+    if base and Path(base).is_dir() and (Path(base) / "config.json").is_file():
+        return Checkpoint.open(base).family
+    raise GaugefixError("lora: cannot tell the base model's family; pass --model BASE_DIR or "
+                        "--family NAME")
+
+
+def transport_lora(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
+                   record: dict[str, Any], overwrite: bool = False,
+                   model: str | Path | None = None, family: str | None = None
+                   ) -> dict[str, Any]:
+    src, dst = Path(src), Path(dst)
+    cfg_file, weights = src / "adapter_config.json", src / "adapter_model.safetensors"
+    if not src.is_dir() or not cfg_file.is_file():
+        raise GaugefixError(f"lora: {src} is not a PEFT adapter folder (no adapter_config.json)")
+    if not weights.is_file():
+        if (src / "adapter_model.bin").is_file():
+            raise GaugefixError(f"lora: {src} holds a pickled adapter_model.bin; re-save it as "
+                                "safetensors (gaugefix never unpickles)")
+        raise GaugefixError(f"lora: {src} has no adapter_model.safetensors")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise GaugefixError(f"{cfg_file}: not valid JSON ({exc})") from None
+    if cfg.get("peft_type") != "LORA":
+        raise GaugefixError(f"lora: peft_type is {cfg.get('peft_type')!r}; only LORA (incl. DoRA) "
+                            "adapters are supported")
+    fam = resolve_family(cfg, model, family)
+    fam.check_gauge(gauge)
+    with safe_open(str(weights), "pt") as f:
+        meta = dict(f.metadata() or {})
+    tensors = load_file(str(weights))
+    plan = {k: lora_ops(k, fam) for k in tensors}
+    moved = {}
+    for k, t in tensors.items():
+        for op in plan[k]:
+            axis = op.residual_axis
+            if axis is not None and t.shape[axis] != gauge.d:
+                raise GaugefixError(f"width mismatch: {k} has size {t.shape[axis]} on axis "
+                                    f"{axis}, the gauge has d={gauge.d}")
+        moved[k] = move(t, plan[k], gauge).contiguous() if plan[k] else t
+    meta["gaugefix"] = json.dumps(record)
+    with atomic_dir(dst, overwrite=overwrite, inputs=(src,)) as tmp:
+        for item in src.iterdir():
+            if item.is_file() and item.name != weights.name:
+                shutil.copy2(item, tmp / item.name)
+        save_file(moved, str(tmp / weights.name), metadata=meta)
+    return {"family": fam.name, "tensors": len(moved),
+            "transformed": sum(1 for v in plan.values() if v)}

@@ -1,0 +1,124 @@
+"""Sparse autoencoders and transcoders in residual coordinates.
+
+SAELens folders (``cfg.json`` + ``sae_weights.safetensors`` [+ ``sparsity.safetensors``]):
+standard, jumprelu, topk, gated, transcoder, skip_transcoder (and any newer
+architecture using the same tensor names). EleutherAI sparsify folders
+(``cfg.json`` + ``sae.safetensors`` with ``encoder.weight``).
+
+Forward pass ``(x − b_dec) W_enc + b_enc → acts → acts W_dec + b_dec``: the
+encoder reads the residual on axis 0, the decoder writes it on axis 1, ``b_dec``
+lives in it, a skip matrix has it on both axes; latent-space tensors are untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..errors import GaugefixError
+from ..group import SignedPerm
+from ..io import atomic_dir
+from .base import H0, H1, UNTOUCHED, rules, transport_tensors
+
+LATENT = r"b_enc|threshold|log_threshold|b_gate|b_mag|r_mag"
+SAELENS_RULES = rules([
+    ("W_enc", (H0,)),
+    ("W_dec", (H1,)),
+    ("b_dec", (H0,)),
+    ("W_skip", (H0, H1)),
+    (LATENT, UNTOUCHED),
+])
+SPARSIFY_RULES = rules([
+    (r"encoder\.weight", (H1,)),  # nn.Linear(d_in, num_latents): [num_latents, d_in]
+    (r"encoder\.bias", UNTOUCHED),
+    ("W_dec", (H1,)),
+    ("b_dec", (H0,)),
+    ("W_skip", (H0, H1)),
+])
+
+# Hooks whose activations are residual-stream coordinates (TransformerLens names and
+# raw HF module paths as used by SAELens' HookedProxyLM and by sparsify).
+RESIDUAL_HOOK = re.compile(
+    r"(blocks\.\d+\.(hook_resid_(pre|mid|post)|hook_attn_out|hook_mlp_out|hook_attn_in"
+    r"|hook_mlp_in|ln\d\.hook_normalized)|hook_embed|ln_final\.hook_normalized"
+    r"|([\w.]*\.)?(layers|h)\.\d+(\.(mlp|self_attn|attn|mixer))?)"
+)
+
+
+def hook_names(cfg: dict[str, Any]) -> list[str]:
+    """The hooks an SAELens (v6 or pre-6) or sparsify config reads and writes."""
+    meta = cfg.get("metadata") or {}
+    names = [meta.get("hook_name"), meta.get("hook_name_out"), cfg.get("hook_name"),
+             cfg.get("hook_point"), cfg.get("hook_name_out"), cfg.get("hookpoint")]
+    return [n for n in dict.fromkeys(names) if n]
+
+
+def check_residual(cfg: dict[str, Any], gauge: SignedPerm, where: Path) -> None:
+    if cfg.get("reshape_activations") == "hook_z":
+        raise GaugefixError(f"{where}: this SAE reads attention head outputs (hook_z), which "
+                            "live in head space, not residual coordinates; it is unchanged by a "
+                            "residual gauge and needs no transport")
+    for hook in hook_names(cfg):
+        if not RESIDUAL_HOOK.fullmatch(hook):
+            raise GaugefixError(f"{where}: hook {hook!r} is not in residual coordinates (MLP "
+                                "neurons, attention heads, ...); a residual gauge does not act "
+                                "on it")
+    norm = cfg.get("normalize_activations")
+    if norm == "layer_norm" and gauge.global_sign is None:
+        raise GaugefixError(f"{where}: normalize_activations='layer_norm' subtracts the mean, "
+                            "which commutes only with permutations and one global sign; this "
+                            "gauge has per-coordinate signs")
+
+
+def _widths(tensors: dict[str, Any], layout: str) -> list[tuple[str, int]]:
+    if layout == "saelens":
+        out = [("W_enc", 0), ("W_dec", 1)]
+    else:
+        out = [("encoder.weight", 1), ("W_dec", 1)]
+    return [(k, int(tensors[k].shape[a])) for k, a in out if k in tensors]
+
+
+def transport_sae(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
+                  record: dict[str, Any], overwrite: bool = False) -> dict[str, Any]:
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise GaugefixError(f"sae: {src} is not an SAE folder (expected a directory with "
+                            "cfg.json and sae_weights.safetensors or sae.safetensors)")
+    if (src / "sae_weights.safetensors").is_file():
+        layout, weights, table = "saelens", "sae_weights.safetensors", SAELENS_RULES
+    elif (src / "sae.safetensors").is_file():
+        layout, weights, table = "sparsify", "sae.safetensors", SPARSIFY_RULES
+    else:
+        raise GaugefixError(f"sae: {src} has neither sae_weights.safetensors (SAELens) nor "
+                            "sae.safetensors (sparsify); unknown layout")
+    try:
+        cfg = json.loads((src / "cfg.json").read_text())
+    except FileNotFoundError:
+        raise GaugefixError(f"sae: {src} has no cfg.json") from None
+    except json.JSONDecodeError as exc:
+        raise GaugefixError(f"{src / 'cfg.json'}: not valid JSON ({exc})") from None
+    if layout == "sparsify" and "hookpoint" not in cfg and re.search(r"(layers|h)\.\d", src.name):
+        cfg = {**cfg, "hookpoint": src.name}  # sparsify names the folder after the hookpoint
+    check_residual(cfg, gauge, src)
+    with safe_open(str(src / weights), "pt") as f:
+        meta = dict(f.metadata() or {})
+    tensors = load_file(str(src / weights))
+    for key, width in _widths(tensors, layout):
+        if width != gauge.d:
+            raise GaugefixError(f"width mismatch: {key} has residual size {width}, the gauge "
+                                f"has d={gauge.d}")
+    moved = transport_tensors(tensors, table, gauge, f"sae ({layout})")
+    meta["gaugefix"] = json.dumps(record)
+    with atomic_dir(dst, overwrite=overwrite, inputs=(src,)) as tmp:
+        for item in src.iterdir():
+            if item.is_file() and item.name != weights:
+                shutil.copy2(item, tmp / item.name)
+        save_file(moved, str(tmp / weights), metadata=meta)
+    return {"layout": layout, "architecture": cfg.get("architecture", "standard"),
+            "tensors": len(moved), "hooks": hook_names(cfg)}
