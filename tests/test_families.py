@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from gaugefix.apply import gauge_model, gauge_state_dict
 from gaugefix.arch import detect_family
+from gaugefix.demo.groups import force_gauge, rotate_dense
 from gaugefix.group import SignedPerm
 from gaugefix.tiny import build_tiny
 from gaugefix.verify import compare_models, probe_tokens
@@ -88,23 +89,14 @@ def test_tied_embeddings_are_transformed_once_and_stay_tied():
     assert sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr()
 
 
-def _force(model, gauge):
-    """Push any signed permutation through the weights, bypassing the group check."""
-    fam = detect_family(model.config)
-    sd = {k: fam.op_for(k)(gauge, v) for k, v in model.state_dict().items()}
-    forced = build_tiny(fam.name, seed=0, generic=False).double()
-    forced.load_state_dict(sd)
-    return forced
-
-
 @pytest.mark.parametrize("family", LAYERNORM_FAMILIES)
 def test_layernorm_group_is_permutations_with_one_global_sign(family):
     model = build_tiny(family, seed=3).double()
     ids = probe_tokens(128, 128, 64)
     per_coord = SignedPerm.random(64, seed=4, positive_fraction=0.5)
     global_neg = SignedPerm(per_coord.perm, -torch.ones(64, dtype=torch.int64).numpy())
-    broken = compare_models(model, _force(model, per_coord), per_coord, ids)
-    kept = compare_models(model, _force(model, global_neg), global_neg, ids)
+    broken = compare_models(model, force_gauge(model, per_coord), per_coord, ids)
+    kept = compare_models(model, force_gauge(model, global_neg), global_neg, ids)
     assert kept.max_rel_err < 1e-6, kept  # OLMo computes its LayerNorm in fp32
     assert broken.logits_rel_err > 1e-2, broken  # the function changes, not rounding
 
@@ -113,24 +105,8 @@ def test_layernorm_group_is_permutations_with_one_global_sign(family):
 def test_rmsnorm_group_is_all_signed_permutations(family):
     model = build_tiny(family, seed=3)
     g = SignedPerm.random(64, seed=4, positive_fraction=0.5)
-    rep = compare_models(model, _force(model.double(), g).float(), g, probe_tokens(128, 128, 64))
+    rep = compare_models(model, force_gauge(model, g), g, probe_tokens(128, 128, 64))
     assert rep.max_rel_err < 1e-5
-
-
-def _rotate_densely(model, q):
-    """Apply a dense orthogonal Q along every residual axis the architecture map names."""
-    fam = detect_family(model.config)
-    new = {}
-    for k, v in model.state_dict().items():
-        op = fam.op_for(k)
-        if op.kind == "H":
-            w = torch.tensordot(q, v.double(), dims=([1], [op.axis]))
-            new[k] = torch.movedim(w, 0, op.axis).to(v.dtype)
-        else:  # at init gains tie at 1.0 (w = 0 for Gemma): invariant under any Q
-            new[k] = v
-    rotated = build_tiny(fam.name, seed=0, generic=False)
-    rotated.load_state_dict(new)
-    return rotated
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma", "qwen2"])
@@ -141,7 +117,7 @@ def test_rmsnorm_at_init_has_an_orthogonal_gauge(family, tiny_ckpt, cli):
     ids = probe_tokens(128, 128, 64)
     with torch.no_grad():
         la = model(ids, output_hidden_states=True)
-        lb = _rotate_densely(model, q)(ids, output_hidden_states=True)
+        lb = rotate_dense(model, q)(ids, output_hidden_states=True)
     rel = (lb.logits - la.logits).abs().max() / la.logits.abs().max()
     assert rel < 1e-5
     hidden = torch.einsum("ij,btj->bti", q.float(), la.hidden_states[1])
@@ -151,7 +127,7 @@ def test_rmsnorm_at_init_has_an_orthogonal_gauge(family, tiny_ckpt, cli):
     generic = build_tiny(family, seed=6, generic=True)
     with torch.no_grad():
         lg = generic(ids).logits
-        lr = _rotate_densely(generic, q)(ids).logits
+        lr = rotate_dense(generic, q)(ids).logits
     assert ((lr - lg).abs().max() / lg.abs().max()) > 1e-2
 
     # and inspect warns about it

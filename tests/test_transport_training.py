@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from gaugefix.apply import gauge_model
 from gaugefix.arch import detect_family
-from gaugefix.demo.train import eval_loss, make_optimizer
+from gaugefix.demo.train import eval_loss, gauge_deviation, make_optimizer, train_on_batches
 from gaugefix.group import SignedPerm
 from gaugefix.transport.optim import transport_state_dict
 from gaugefix.verify import probe_tokens
@@ -80,30 +80,12 @@ def test_lora_bad_inputs(tmp_path, cli):
 
 
 # ---------------------------------------------------------------------------- AdamW
-def _relative_deviation(model_b, model_a, gauge):
-    """max over parameters of |W_B − Q·W_A| / max|W_A|."""
-    fam = detect_family(model_a.config)
-    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
-    return max(float((sd_b[k] - fam.op_for(k)(gauge, v)).abs().max() / v.abs().max())
-               for k, v in sd_a.items())
-
-
-def _steps(model, opt, batches):
-    model.train()
-    for ids in batches:
-        loss = model(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-
-
 def test_adamw_state_transport_keeps_the_resumed_trajectory(trained_llama):
     corpus = trained_llama.corpus
     model_a = copy.deepcopy(trained_llama.base)
     tokens = torch.from_numpy(corpus.stream(60 * 8 * 32, 5)).view(-1, 8, 32)
     opt_a = make_optimizer(model_a, 3e-3)
-    _steps(model_a, opt_a, tokens[:10])  # k steps in chart A: a real, non-trivial state
+    train_on_batches(model_a, opt_a, tokens[:10])  # k steps in chart A: a real, non-trivial state
     g = SignedPerm.random(64, seed=8, positive_fraction=0.5)
     fam = detect_family(model_a.config)
     names = [n for n, _ in model_a.named_parameters()]
@@ -113,17 +95,17 @@ def test_adamw_state_transport_keeps_the_resumed_trajectory(trained_llama):
         opt_b = make_optimizer(model_b, 3e-3)
         opt_b.load_state_dict(transport_state_dict(copy.deepcopy(opt_a.state_dict()), names,
                                                    fam, state_gauge))
-        _steps(model_b, opt_b, tokens[10:60])
+        train_on_batches(model_b, opt_b, tokens[10:60])
         return model_b
 
     ref = copy.deepcopy(model_a)
     opt_ref = make_optimizer(ref, 3e-3)
     # load_state_dict keeps tensors that need no cast: copy, or training ref mutates opt_a
     opt_ref.load_state_dict(copy.deepcopy(opt_a.state_dict()))
-    _steps(ref, opt_ref, tokens[10:60])  # the same 50 steps in chart A
+    train_on_batches(ref, opt_ref, tokens[10:60])  # the same 50 steps in chart A
 
-    signed = _relative_deviation(continued(g), ref, g)
-    unsigned = _relative_deviation(continued(g.unsigned()), ref, g)
+    signed = gauge_deviation(continued(g), ref, g)
+    unsigned = gauge_deviation(continued(g.unsigned()), ref, g)
     assert signed < 1e-4, signed
     assert unsigned > 100 * signed and unsigned > 1e-2, (signed, unsigned)
 
@@ -166,7 +148,7 @@ def test_trainer_resumes_from_a_transported_checkpoint(trained_llama, tmp_path, 
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "runB" / "checkpoint-4")
     trainer(b, tmp_path / "runB", 12).train(
         resume_from_checkpoint=str(tmp_path / "runB" / "checkpoint-4"))
-    assert _relative_deviation(b, a, g) < 1e-4
+    assert gauge_deviation(b, a, g) < 1e-4
 
     # round trip: bit-identical optimizer state and weights
     cli("transport", "optim", tmp_path / "runB" / "checkpoint-4", "--gauge", tmp_path / "g.json",
@@ -184,7 +166,7 @@ def test_trainer_resumes_from_a_transported_checkpoint(trained_llama, tmp_path, 
 def test_bare_optimizer_file_needs_its_model(tmp_path, cli, trained_llama):
     model = copy.deepcopy(trained_llama.base)
     opt = make_optimizer(model, 1e-3)
-    _steps(model, opt, torch.from_numpy(trained_llama.probe(512)).view(2, 8, 32))
+    train_on_batches(model, opt, torch.from_numpy(trained_llama.probe(512)).view(2, 8, 32))
     torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
     model.save_pretrained(tmp_path / "A")
     SignedPerm.random(64, seed=1).save(tmp_path / "g.json")

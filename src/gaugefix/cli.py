@@ -479,6 +479,76 @@ def merge(
               f"{'aligned' if info['aligned'] else 'UNALIGNED'}) → {output}")
 
 
+# ---------------------------------------------------------------------------- audit
+@command
+def audit(
+    claim: Annotated[Path, typer.Argument(help="claim file (gaugefix.claim/1 JSON)")],
+    models: Annotated[list[str], typer.Argument(help="checkpoints to audit the claim on")],
+    source: Annotated[str | None, typer.Option(help="the claim's source checkpoint (default: "
+                      "the claim's 'source' field)")] = None,
+    gauges: Annotated[int, typer.Option(help="random B_d and S_d re-gaugings per model")] = 4,
+    seed: Annotated[int, typer.Option(help="seed of the random gauges")] = 0,
+    tokens_from: TokensFrom = None, tokens: NTokens = 16384,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="write the report "
+                      "(JSON) here")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+) -> None:
+    """Does an index-level claim reproduce by raw index, or only through the explicit gauge?"""
+    import torch
+
+    from .audit import audit_models, load_claim
+    from .checkpoint import Checkpoint
+    from .estimate import StatsOptions, estimate_gauge
+    from .group import SignedPerm
+    from .io import atomic_write_text, check_output
+    from .verify import load_causal_lm
+
+    if output is not None:
+        check_output(output, overwrite)
+    c = load_claim(claim)
+    src = source or c.source
+    if src is None:
+        raise GaugefixError("the claim names no source checkpoint; pass --source")
+    src_ckpt = Checkpoint.open(src)
+    tokenizer = None
+    if any(isinstance(p, str) for p in (c.positive or []) + (c.negative or [])):
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(src_ckpt.path)
+        except Exception:
+            raise GaugefixError(f"the claim has text prompts but {src} has no tokenizer"
+                                ) from None
+    opts = StatsOptions(tokens=tokens_from, n_tokens=tokens, seed=seed)
+    source_model = load_causal_lm(src_ckpt.path, torch.float32)
+    triples = []
+    for m in models:
+        ck = Checkpoint.open(m)
+        model = load_causal_lm(ck.path, torch.float32)
+        same = ck.path.resolve() == src_ckpt.path.resolve()
+        est = SignedPerm.identity(ck.hidden_size) if same else estimate_gauge(
+            src, m, opts=opts, _models=(source_model, model)).gauge
+        triples.append((m, model, est))
+    rep = audit_models(c, triples, n_gauges=gauges, seed=seed, tokenizer=tokenizer)
+    doc = {**rep.to_dict(), "summary": rep.summary(), "claim": str(claim), "source": src}
+    if output is not None:
+        atomic_write_text(output, json.dumps(doc, indent=2) + "\n", overwrite=overwrite)
+    if as_json:
+        _print_json(doc)
+        return
+    t = Table(title=f"audit of {claim.name}: top-{rep.claim_k} coordinates at position "
+              f"{rep.layer}")
+    for col in ("model", "gauge", "raw index", "through gauge"):
+        t.add_column(col, justify="left" if col in ("model", "gauge") else "right")
+    for r in rep.rows:
+        t.add_row(r.model, r.gauge, f"{r.raw:.0%}", f"{r.transported:.0%}")
+    out.print(t)
+    for kind, v in rep.summary().items():
+        out.print(f"{kind}: reproduces {v['raw']:.0%} by raw index, {v['transported']:.0%} "
+                  "through the explicit gauge")
+
+
 # ---------------------------------------------------------------------------- demo
 @command
 def demo(

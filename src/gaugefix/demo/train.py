@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..group import SignedPerm
 from ..tiny import build_tiny
 
 
@@ -72,3 +73,26 @@ def eval_loss(model: torch.nn.Module, tokens: np.ndarray, *, seq_len: int = 64,
     ids = torch.from_numpy(tokens[: n * seq_len].reshape(n, seq_len))
     losses = [float(model(chunk, labels=chunk).loss) for chunk in ids.split(batch_size)]
     return float(np.mean(losses))
+
+
+def train_on_batches(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     batches: torch.Tensor) -> None:
+    """One optimizer step per batch of token ids (identical steps for two charts)."""
+    model.train()
+    for ids in batches:
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def gauge_deviation(model_b: torch.nn.Module, model_a: torch.nn.Module,
+                    gauge: SignedPerm) -> float:
+    """max over parameters of |W_B − Q·W_A| / max|W_A| (0 when B is exactly A in chart B)."""
+    from ..arch import detect_family
+
+    fam = detect_family(model_a.config)
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    return max(float((sd_b[k] - fam.op_for(k)(gauge, v)).abs().max() / v.abs().max())
+               for k, v in sd_a.items())

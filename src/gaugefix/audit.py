@@ -1,0 +1,215 @@
+"""Gauge-sweep audits of index-level interpretability claims.
+
+A claim says: at residual position ``layer``, the concept (contrast prompts, or a
+direction) is carried by these coordinates, with these signs (top-k). Written in
+the chart of its source checkpoint, it is only meaningful relative to that chart.
+The audit re-derives the claim on each audited checkpoint, under a sweep of
+gauges (random B_d, random S_d×{±1}, and the estimated gauge), and reports
+
+* **raw**: the fraction of claimed (index, sign) pairs found, by raw index, among
+  the top-k re-derived on the audited model;
+* **transported**: the same after carrying the claim through the explicit gauge
+  from the source chart to the audited one (index map and signs).
+
+Claim file (JSON)::
+
+    {"format": "gaugefix.claim/1", "layer": 1,
+     "concept": {"positive": ["the soup was lovely and i", ...],
+                 "negative": ["the soup was awful and i", ...]},
+     "coordinates": [{"index": 12, "sign": 1}, {"index": 40, "sign": -1}],
+     "source": "path/to/source-checkpoint"}
+
+Prompts are text (tokenised with the audited model's tokenizer) or lists of token
+ids; ``concept`` may instead be ``{"direction": [d floats]}`` in the source chart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .arch import detect_family
+from .errors import GaugefixError
+from .group import SignedPerm
+
+CLAIM_FORMAT = "gaugefix.claim/1"
+
+
+@dataclass
+class Claim:
+    layer: int
+    coordinates: list[tuple[int, int]]
+    positive: list[Any] | None = None
+    negative: list[Any] | None = None
+    direction: np.ndarray | None = None
+    source: str | None = None
+
+    @property
+    def k(self) -> int:
+        return len(self.coordinates)
+
+    def to_json(self) -> dict[str, Any]:
+        concept: dict[str, Any] = (
+            {"direction": self.direction.tolist()} if self.direction is not None
+            else {"positive": self.positive, "negative": self.negative})
+        doc = {"format": CLAIM_FORMAT, "layer": self.layer, "concept": concept,
+               "coordinates": [{"index": i, "sign": s} for i, s in self.coordinates]}
+        if self.source is not None:
+            doc["source"] = self.source
+        return doc
+
+
+def load_claim(path: str | Path) -> Claim:
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise GaugefixError(f"claim file not found: {p}") from None
+    except json.JSONDecodeError as exc:
+        raise GaugefixError(f"{p}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != CLAIM_FORMAT:
+        raise GaugefixError(f"{p}: not a claim file (format must be {CLAIM_FORMAT!r})")
+    try:
+        coords = [(int(c["index"]), int(c.get("sign", 1))) for c in doc["coordinates"]]
+        layer = int(doc["layer"])
+        concept = doc["concept"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GaugefixError(f"{p}: malformed claim ({exc!r}); see the README for the format"
+                            ) from None
+    if not coords or any(s not in (1, -1) for _, s in coords):
+        raise GaugefixError(f"{p}: coordinates must be a non-empty list with signs ±1")
+    if "direction" in concept:
+        return Claim(layer, coords, direction=np.asarray(concept["direction"], dtype=np.float64),
+                     source=doc.get("source"))
+    if not concept.get("positive") or not concept.get("negative"):
+        raise GaugefixError(f"{p}: the concept needs 'positive' and 'negative' prompts or a "
+                            "'direction'")
+    return Claim(layer, coords, positive=concept["positive"], negative=concept["negative"],
+                 source=doc.get("source"))
+
+
+def _encode(prompts: list[Any], tokenizer: Any) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise GaugefixError("text prompts need a tokenizer; give token-id lists instead")
+            out.append(list(tokenizer(p)["input_ids"]))
+        else:
+            out.append([int(t) for t in p])
+    return out
+
+
+@torch.no_grad()
+def last_token_states(model: torch.nn.Module, prompts: list[list[int]],
+                      position: int) -> torch.Tensor:
+    """Residual at ``position`` (0 = embeddings, l = after layer l) at each prompt's last token."""
+    from .stats import ResidualTap
+
+    by_len: dict[int, list[int]] = {}
+    for n, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(n)  # equal lengths batch without padding
+    out = torch.empty(len(prompts), model.config.hidden_size, dtype=torch.float64)
+    with ResidualTap(model, detect_family(model.config), [position]) as tap:
+        for idx in by_len.values():
+            getattr(model, "base_model", model)(input_ids=torch.tensor([prompts[i] for i in idx]))
+            out[idx] = tap.take()[position][:, -1].double()
+    return out
+
+
+def concept_direction(model: torch.nn.Module, claim: Claim, tokenizer: Any = None
+                      ) -> torch.Tensor:
+    pos = last_token_states(model, _encode(claim.positive or [], tokenizer), claim.layer)
+    neg = last_token_states(model, _encode(claim.negative or [], tokenizer), claim.layer)
+    return pos.mean(0) - neg.mean(0)
+
+
+def top_coordinates(direction: torch.Tensor | np.ndarray, k: int) -> list[tuple[int, int]]:
+    d = torch.as_tensor(np.asarray(direction))
+    idx = torch.argsort(d.abs(), descending=True)[:k]
+    return [(int(i), 1 if float(d[i]) >= 0 else -1) for i in idx]
+
+
+def derive_claim(model: torch.nn.Module, *, layer: int, positive: list[Any],
+                 negative: list[Any], k: int, tokenizer: Any = None,
+                 source: str | None = None) -> Claim:
+    """The top-k signed coordinates of a contrast concept on ``model`` (a claim to audit)."""
+    c = Claim(layer, [(0, 1)], positive=positive, negative=negative, source=source)
+    c.coordinates = top_coordinates(concept_direction(model, c, tokenizer), k)
+    return c
+
+
+def carry(coords: list[tuple[int, int]], gauge: SignedPerm) -> list[tuple[int, int]]:
+    """Claimed (index, sign) pairs expressed in the chart the gauge maps to."""
+    i, s = gauge.index_map([j for j, _ in coords])
+    return [(int(a), int(b) * sign) for a, b, (_, sign) in zip(i, s, coords, strict=True)]
+
+
+def reproduction(claimed: list[tuple[int, int]], derived: list[tuple[int, int]]) -> float:
+    return len(set(claimed) & set(derived)) / len(claimed)
+
+
+@dataclass
+class AuditRow:
+    model: str
+    gauge: str  # "estimated", "random B_d #k", "random S_d #k"
+    raw: float
+    transported: float
+    gauge_accuracy: float | None = None  # of the explicit gauge, when the truth is known
+
+
+@dataclass
+class AuditReport:
+    claim_k: int
+    layer: int
+    rows: list[AuditRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"k": self.claim_k, "layer": self.layer, "rows": [asdict(r) for r in self.rows]}
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for kind in ("estimated", "random B_d", "random S_d"):
+            rows = [r for r in self.rows if r.gauge.startswith(kind)]
+            if rows:
+                out[kind] = {"raw": float(np.mean([r.raw for r in rows])),
+                             "transported": float(np.mean([r.transported for r in rows]))}
+        return out
+
+
+def audit_models(claim: Claim, models: list[tuple[str, torch.nn.Module, SignedPerm]], *,
+                 n_gauges: int = 4, seed: int = 0, tokenizer: Any = None) -> AuditReport:
+    """Audit ``claim`` on ``(name, model, gauge source→model)`` triples.
+
+    Each model is audited as it is (with its estimated gauge) and under ``n_gauges``
+    random B_d and random S_d×{±1} re-gaugings R (explicit gauge: estimated, then R).
+    """
+    from .apply import gauge_model
+
+    report = AuditReport(claim.k, claim.layer)
+    rng = np.random.default_rng(seed)
+    for name, model, est in models:
+        fam = detect_family(model.config)
+        variants: list[tuple[str, SignedPerm]] = [("estimated", SignedPerm.identity(est.d))]
+        for n in range(n_gauges):
+            s = int(rng.integers(2**31))
+            if fam.allows_signs:
+                variants.append((f"random B_d #{n}", SignedPerm.random(est.d, s)))
+            variants.append((f"random S_d #{n}", SignedPerm.random(est.d, s, kind="global")))
+        for label, r in variants:
+            m = model if label == "estimated" else gauge_model(model, r)
+            explicit = est.then(r)
+            if claim.direction is not None:
+                derived = top_coordinates(explicit.apply(torch.from_numpy(claim.direction)),
+                                          claim.k)
+            else:
+                derived = top_coordinates(concept_direction(m, claim, tokenizer), claim.k)
+            report.rows.append(AuditRow(name, label, reproduction(claim.coordinates, derived),
+                                        reproduction(carry(claim.coordinates, explicit),
+                                                     derived)))
+    return report
