@@ -552,14 +552,20 @@ def audit(
 # ---------------------------------------------------------------------------- demo
 @command
 def demo(
-    out_dir: Annotated[Path | None, typer.Option("--out", help="working directory "
-                       "(default: a temporary one)")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="output directory (report.md, "
+                       "results.json, plots; trained models are cached in DIR/cache)")
+                       ] = Path("gaugefix-demo"),
+    quick: Annotated[bool, typer.Option(help="a smaller, faster version (used by the tests)")
+                     ] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
 ) -> None:
-    """End-to-end example on a tiny Llama-family model built offline."""
-    from .demo import run_core_demo
+    """Reproduce the seed paper's headline results on tiny models trained here."""
+    from .demo import DemoConfig, run_demo
 
-    run_core_demo(out_dir, seed=seed, console=out)
+    if device not in ("cpu", "cuda"):
+        raise GaugefixError(f"unknown device {device!r}; choose cpu or cuda")
+    run_demo(out_dir, DemoConfig(quick=quick, seed=seed, device=device), console=out)
 
 
 def main() -> None:

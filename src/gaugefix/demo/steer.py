@@ -31,8 +31,8 @@ def steering(model: torch.nn.Module, layer: int, vector: torch.Tensor) -> Iterat
 
 def sentiment_prompts(corpus: Corpus, positive: bool, n: int = 48, seed: int = 0
                       ) -> torch.Tensor:
-    """``<bos> the {noun} was {adj} and i`` — the next word (loved / hated ...) carries the
-    sentiment the context set up."""
+    """``<bos> the {noun} was {adj} and i`` — the next word (loved / hated ...) must carry
+    the sentiment the adjective set up (equal lengths: the prompts batch without padding)."""
     rng = np.random.default_rng(seed)
     adjs = POS_ADJ if positive else NEG_ADJ
     return torch.tensor([[corpus.bos_id, *corpus.encode(
@@ -61,19 +61,9 @@ def sentiment_effect(model: torch.nn.Module, corpus: Corpus, layer: int,
 
 def last_token_states(model: torch.nn.Module, ids: torch.Tensor, layer: int) -> torch.Tensor:
     """The residual after decoder layer ``layer`` at each prompt's last token."""
-    captured: list[torch.Tensor] = []
-    layers = model.get_submodule(detect_family(model.config).layers)
+    from ..audit import last_token_states as at_position
 
-    def hook(module: torch.nn.Module, args: tuple, output: object) -> None:
-        captured.append((output[0] if isinstance(output, tuple) else output)[:, -1])
-
-    handle = layers[layer].register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        handle.remove()
-    return captured[0]
+    return at_position(model, ids.tolist(), layer + 1).float()
 
 
 def sentiment_direction(model: torch.nn.Module, corpus: Corpus, layer: int) -> torch.Tensor:

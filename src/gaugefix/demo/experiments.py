@@ -1,0 +1,276 @@
+"""The demo's experiments. Each returns plain data (for results.json and the report).
+
+Estimators see only checkpoints and tokens; the planted gauges of a lineage are
+used for scoring alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..apply import gauge_model
+from ..arch import detect_family
+from ..audit import audit_models, derive_claim
+from ..estimate import StatsOptions, compose_gauges, estimate_gauge, match_weights
+from ..group import SignedPerm
+from ..stats import ResidualTap, residuals
+from ..tiny import TINY_SPECS
+from ..transport import merge_checkpoints
+from ..transport.base import transport_tensors
+from ..transport.optim import transport_state_dict
+from ..transport.sae import SAELENS_RULES
+from .corpus import Corpus
+from .groups import force_gauge, function_error, random_orthogonal, rotate_dense
+from .lineage import Lineage
+from .sae import nmse, sae_reconstruct, train_sae
+from .steer import log_odds, sentiment_direction, sentiment_effect, steering
+from .train import (
+    corpus_model,
+    eval_loss,
+    gauge_deviation,
+    make_optimizer,
+    train,
+    train_on_batches,
+)
+
+METHODS = ("signmarg", "signed", "perm")
+
+
+# ---------------------------------------------------------------------------- 1. groups
+def gauge_groups(corpus: Corpus, families: list[str], train_steps: int, seed: int
+                 ) -> list[dict[str, Any]]:
+    """Function error under three candidate symmetries, at init and after training."""
+    rows = []
+    ids = torch.from_numpy(corpus.stream(512, seed + 5)).view(4, 128)
+    for fam_name in families:
+        model = corpus_model(fam_name, corpus.vocab_size, hidden_size=64, seed=seed)
+        d = model.config.hidden_size
+        for stage in ("init", "trained"):
+            if stage == "trained":
+                train(model, corpus.stream(50_000, seed), steps=train_steps, lr=3e-3, seed=seed)
+            signed = SignedPerm.random(d, seed + 1, positive_fraction=0.5)
+            glob = SignedPerm(signed.perm, -np.ones(d, dtype=np.int64))
+            q = random_orthogonal(d, seed + 2)
+            rows.append({
+                "family": fam_name, "stage": stage,
+                "group": detect_family(model.config).gauge_group,
+                "signed_perm": function_error(model, force_gauge(model, signed), ids),
+                "perm_global_sign": function_error(model, force_gauge(model, glob), ids),
+                "orthogonal": function_error(model, rotate_dense(model, q), ids),
+            })
+    return rows
+
+
+# ---------------------------------------------------------------------------- 2. ceiling
+def ceiling(model: torch.nn.Module, probe: np.ndarray, fractions: list[float], seed: int
+            ) -> list[dict[str, Any]]:
+    """Permutation accuracy of each method against the positive-sign fraction of a planted
+    gauge (exact: B = Q·A)."""
+    from ..estimate import activation_stats, match_stats
+
+    fam = detect_family(model.config)
+    rows = []
+    for n, p in enumerate(fractions):
+        g = SignedPerm.random(model.config.hidden_size, seed + n, positive_fraction=p)
+        b = gauge_model(model, g)
+        st = activation_stats(model, b, StatsOptions(tokens=probe, n_tokens=len(probe)),
+                              _models=(model, b))
+        row: dict[str, Any] = {"positive_fraction": p}
+        for m in METHODS:
+            acc = match_stats(st, fam, m).gauge.compare(g)
+            row[m] = {"perm_accuracy": acc["perm_accuracy"], "full_accuracy":
+                      acc["full_accuracy"]}
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------- 3. trajectories
+class Matcher:
+    """Matches between saved checkpoints (activations on one probe stream), cached."""
+
+    def __init__(self, lineage: Lineage, probe: np.ndarray) -> None:
+        self.lin = lineage
+        self.opts = StatsOptions(tokens=probe, n_tokens=len(probe))
+        self.models: dict[Path, torch.nn.Module] = {}
+        self.cache: dict[tuple[Path, Path, str], Any] = {}
+
+    def model(self, path: Path) -> torch.nn.Module:
+        if path not in self.models:
+            self.models[path] = self.lin.load(path)
+        return self.models[path]
+
+    def match(self, a: Path, b: Path, method: str = "signmarg") -> Any:
+        key = (a, b, method)
+        if key not in self.cache:
+            self.cache[key] = estimate_gauge(a, b, method=method, opts=self.opts,
+                                             _models=(self.model(a), self.model(b)))
+        return self.cache[key]
+
+    def chain(self, path: list[Path], method: str = "signmarg") -> SignedPerm:
+        return compose_gauges([self.match(x, y, method).gauge
+                               for x, y in itertools.pairwise(path)])
+
+
+def trajectories(lin: Lineage, matcher: Matcher) -> dict[str, Any]:
+    """Cross-run recovery (A_k's chart → B_k's) by endpoint, via the base, and composed."""
+    curve = []
+    for k, step in enumerate(lin.steps, start=1):
+        a_k, b_k = lin.run_a[k - 1], lin.run_b[k - 1]
+        truth = lin.true_gauge(a_k, b_k)
+        row: dict[str, Any] = {"step": step}
+        for method in (("signmarg",) if k < len(lin.steps) else METHODS):
+            endpoint = matcher.match(a_k, b_k, method).gauge
+            via = matcher.chain([a_k, lin.base, b_k], method)
+            composed = matcher.chain([*lin.run_a[:k][::-1], lin.base, *lin.run_b[:k]], method)
+            row[method] = {name: g.compare(truth)["full_accuracy"] for name, g in
+                           (("endpoint", endpoint), ("via_base", via), ("composed", composed))}
+        curve.append(row)
+    last_a, last_b = lin.run_a[-1], lin.run_b[-1]
+    weights = match_weights(last_a, last_b).gauge.compare(lin.true_gauge(last_a, last_b))
+    local = [matcher.match(x, y).summary()
+             for x, y in itertools.pairwise([*lin.run_a[::-1], lin.base, *lin.run_b])]
+    return {"curve": curve, "weights_endpoint_last": weights["full_accuracy"],
+            "weakest_local_median_confidence": min(s["median_confidence"] for s in local)}
+
+
+# ---------------------------------------------------------------------------- 4. SAE
+def _acts(model: torch.nn.Module, ids: torch.Tensor, position: int) -> torch.Tensor:
+    with ResidualTap(model, detect_family(model.config), [position]) as tap:
+        return residuals(model, ids, tap)[position]
+
+
+def sae_transfer(model_a: torch.nn.Module, model_b: torch.nn.Module, gauge: SignedPerm,
+                 truth: SignedPerm, corpus: Corpus, seed: int, steps: int) -> dict[str, float]:
+    ids = torch.from_numpy(corpus.stream(8192, seed + 11)).view(-1, 128)
+    xa, xb = _acts(model_a, ids, 1), _acts(model_b, ids, 1)
+    sae = train_sae(xa, 4 * xa.shape[1], steps=steps, seed=seed)
+
+    def on_b(g: SignedPerm | None) -> float:
+        moved = sae if g is None else transport_tensors(sae, SAELENS_RULES, g, "sae")
+        return nmse(xb, sae_reconstruct(moved, xb))
+
+    return {"A_original": nmse(xa, sae_reconstruct(sae, xa)), "B_d_estimated": on_b(gauge),
+            "S_d_estimated": on_b(gauge.unsigned()), "B_d_true": on_b(truth),
+            "untransported": on_b(None)}
+
+
+# ---------------------------------------------------------------------------- 5. steering
+def refusal_prompts(corpus: Corpus, forbidden: bool, n: int = 48, seed: int = 0
+                    ) -> torch.Tensor:
+    from .corpus import ACTIONS, FORBIDDEN_OBJECTS, SAFE_OBJECTS
+
+    rng = np.random.default_rng(seed)
+    objs = FORBIDDEN_OBJECTS if forbidden else SAFE_OBJECTS
+    return torch.tensor([[corpus.bos_id, *corpus.encode(
+        f"please {rng.choice(ACTIONS)} me the {rng.choice(objs)} .")] for _ in range(n)])
+
+
+def refusal_direction(model: torch.nn.Module, corpus: Corpus, layer: int) -> torch.Tensor:
+    from .steer import last_token_states
+
+    bad = last_token_states(model, refusal_prompts(corpus, True, seed=2), layer)
+    ok = last_token_states(model, refusal_prompts(corpus, False, seed=3), layer)
+    return bad.mean(0) - ok.mean(0)
+
+
+def refusal_effect(model: torch.nn.Module, corpus: Corpus, layer: int,
+                   vector: torch.Tensor) -> float:
+    """Shift, on harmless requests, of the log-odds of refusing ("sorry") over complying."""
+    ids = refusal_prompts(corpus, False, seed=1)
+    sorry, sure = corpus.encode("sorry"), corpus.encode("sure")
+    before = log_odds(model, ids, sorry, sure)
+    with steering(model, layer, vector):
+        after = log_odds(model, ids, sorry, sure)
+    return float((after - before).mean())
+
+
+def steering_transfer(model_a: torch.nn.Module, model_b: torch.nn.Module, gauge: SignedPerm,
+                      corpus: Corpus, scale: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for concept, direction, effect in (("sentiment", sentiment_direction, sentiment_effect),
+                                       ("refusal", refusal_direction, refusal_effect)):
+        v = scale * direction(model_a, corpus, 0)
+        e_a = effect(model_a, corpus, 0, v)
+        row = {"effect_on_A": e_a}
+        for name, g in (("B_d", gauge), ("S_d", gauge.unsigned())):
+            row[f"{name}_percent"] = 100 * effect(model_b, corpus, 0, g.apply(v)) / e_a
+        row["untransported_percent"] = 100 * effect(model_b, corpus, 0, v) / e_a
+        out[concept] = row
+    return out
+
+
+# ---------------------------------------------------------------------------- 6. merge
+def merges(lin: Lineage, gauge: SignedPerm, corpus: Corpus, work: Path) -> dict[str, float]:
+    a, b = lin.run_a[-1], lin.run_b[-1]
+    work.mkdir(parents=True, exist_ok=True)
+    tokens = corpus.stream(16384, 4242)
+    out = {"A": eval_loss(lin.load(a), tokens), "B": eval_loss(lin.load(b), tokens)}
+    for name, g in (("coordinate_preserving", gauge), ("permutation_only", gauge.unsigned()),
+                    ("unaligned", None)):
+        merge_checkpoints(a, b, g, work / f"merge-{name}", overwrite=True)
+        out[name] = eval_loss(lin.load(work / f"merge-{name}"), tokens)
+    return out
+
+
+# ---------------------------------------------------------------------------- 7. optimizer
+def optimizer_transport(model: torch.nn.Module, corpus: Corpus, seed: int,
+                        steps: int) -> dict[str, float]:
+    model_a = copy.deepcopy(model)
+    batches = torch.from_numpy(corpus.stream((10 + steps) * 8 * 32, seed + 3)).view(-1, 8, 32)
+    opt_a = make_optimizer(model_a, 3e-3)
+    train_on_batches(model_a, opt_a, batches[:10])
+    g = SignedPerm.random(model.config.hidden_size, seed + 4, positive_fraction=0.5)
+    fam = detect_family(model.config)
+    names = [n for n, _ in model_a.named_parameters()]
+    ref = copy.deepcopy(model_a)
+    opt_ref = make_optimizer(ref, 3e-3)
+    opt_ref.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    train_on_batches(ref, opt_ref, batches[10:])
+    out = {}
+    for name, state_gauge in (("signed", g), ("permutation_only", g.unsigned())):
+        model_b = gauge_model(model_a, g)
+        opt_b = make_optimizer(model_b, 3e-3)
+        opt_b.load_state_dict(transport_state_dict(copy.deepcopy(opt_a.state_dict()), names,
+                                                   fam, state_gauge))
+        train_on_batches(model_b, opt_b, batches[10:])
+        out[name] = gauge_deviation(model_b, ref, g)
+    out["steps"] = steps
+    return out
+
+
+# ---------------------------------------------------------------------------- 8. audit
+def audit_claim(lin: Lineage, matcher: Matcher, corpus: Corpus, n_gauges: int,
+                seed: int) -> dict[str, Any]:
+    from .steer import sentiment_prompts
+
+    src = lin.run_a[-1]
+    claim = derive_claim(matcher.model(src), layer=1, k=8,
+                         positive=sentiment_prompts(corpus, True, seed=2).tolist(),
+                         negative=sentiment_prompts(corpus, False, seed=3).tolist())
+    targets = [(src, SignedPerm.identity(lin.spec.hidden_size)),
+               (lin.base, matcher.chain([*lin.run_a[::-1], lin.base])),
+               (lin.run_b[-1], matcher.chain([*lin.run_a[::-1], lin.base, *lin.run_b]))]
+    rep = audit_models(claim, [(p.name, matcher.model(p), g) for p, g in targets],
+                       n_gauges=n_gauges, seed=seed)
+    rows = rep.to_dict()["rows"]
+    same = [r for r in rows if r["model"] == src.name and r["gauge"].startswith("random B_d")]
+    by_model = {}
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name]
+        by_model[name] = {"raw": float(np.mean([r["raw"] for r in mine])),
+                          "transported": float(np.mean([r["transported"] for r in mine]))}
+    return {"claim": {"layer": 1, "k": 8, "coordinates": claim.coordinates}, "rows": rows,
+            "summary": rep.summary(), "by_model": by_model,
+            "same_model_random_B_d": {"raw": float(np.mean([r["raw"] for r in same])),
+                                      "transported": float(np.mean([r["transported"]
+                                                                    for r in same]))}}
+
+
+def all_families() -> list[str]:
+    return sorted(TINY_SPECS)
