@@ -29,7 +29,12 @@ from .corpus import Corpus
 from .groups import force_gauge, function_error, random_orthogonal, rotate_dense
 from .lineage import Lineage
 from .sae import nmse, sae_reconstruct, train_sae
-from .steer import log_odds, sentiment_direction, sentiment_effect, steering
+from .steer import (
+    refusal_direction,
+    refusal_effect,
+    sentiment_direction,
+    sentiment_effect,
+)
 from .train import (
     corpus_model,
     eval_loss,
@@ -161,35 +166,6 @@ def sae_transfer(model_a: torch.nn.Module, model_b: torch.nn.Module, gauge: Sign
 
 
 # ---------------------------------------------------------------------------- 5. steering
-def refusal_prompts(corpus: Corpus, forbidden: bool, n: int = 48, seed: int = 0
-                    ) -> torch.Tensor:
-    from .corpus import ACTIONS, FORBIDDEN_OBJECTS, SAFE_OBJECTS
-
-    rng = np.random.default_rng(seed)
-    objs = FORBIDDEN_OBJECTS if forbidden else SAFE_OBJECTS
-    return torch.tensor([[corpus.bos_id, *corpus.encode(
-        f"please {rng.choice(ACTIONS)} me the {rng.choice(objs)} .")] for _ in range(n)])
-
-
-def refusal_direction(model: torch.nn.Module, corpus: Corpus, layer: int) -> torch.Tensor:
-    from .steer import last_token_states
-
-    bad = last_token_states(model, refusal_prompts(corpus, True, seed=2), layer)
-    ok = last_token_states(model, refusal_prompts(corpus, False, seed=3), layer)
-    return bad.mean(0) - ok.mean(0)
-
-
-def refusal_effect(model: torch.nn.Module, corpus: Corpus, layer: int,
-                   vector: torch.Tensor) -> float:
-    """Shift, on harmless requests, of the log-odds of refusing ("sorry") over complying."""
-    ids = refusal_prompts(corpus, False, seed=1)
-    sorry, sure = corpus.encode("sorry"), corpus.encode("sure")
-    before = log_odds(model, ids, sorry, sure)
-    with steering(model, layer, vector):
-        after = log_odds(model, ids, sorry, sure)
-    return float((after - before).mean())
-
-
 def steering_transfer(model_a: torch.nn.Module, model_b: torch.nn.Module, gauge: SignedPerm,
                       corpus: Corpus, scale: float) -> dict[str, Any]:
     out: dict[str, Any] = {}

@@ -36,11 +36,12 @@ class LineageSpec:
     ft_lr: float
     seed: int
     base_lr: float = 1e-2
+    warmup: int = 0
 
     @property
     def key(self) -> str:
         return (f"{self.family}-d{self.hidden_size}-L{self.layers}-b{self.base_steps}"
-                f"x{self.base_lr:g}"
+                f"x{self.base_lr:g}-w{self.warmup}"
                 f"-f{self.ft_steps}x{self.every}-lr{self.ft_lr:g}-s{self.seed}")
 
     @property
@@ -111,6 +112,7 @@ def _train_and_save(root: Path, spec: LineageSpec, corpus: Corpus,
         tokens = corpus.stream(300_000, 100 * spec.seed + offset, mix)
         for k in range(1, spec.n_ckpts + 1):
             opt = train(model, tokens, steps=spec.every, lr=spec.ft_lr,
-                        seed=1000 * offset + k, optimizer=opt)
+                        seed=1000 * offset + k, optimizer=opt, warmup=spec.warmup,
+                        step_offset=(k - 1) * spec.every)
             save(model, f"{run}-{k}")
     return gauges

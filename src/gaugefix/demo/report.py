@@ -117,11 +117,15 @@ def write_report(r: dict[str, Any], out: Path, plots: list[Path]) -> Path:
     w("\n![ceiling](ceiling.png)\n")
 
     w("## 3. Trajectories\n")
-    w("Two runs fine-tuned from one base drift apart; at the end, matching their last "
-      "checkpoints directly (endpoint) degrades. Consecutive saved checkpoints differ little, "
-      "so each local match is near-exact, and composing them (A_n → … → A_1 → base → B_1 → … "
-      "→ B_n) crosses the whole distance. Full accuracy (permutation and sign) of the "
-      "cross-run gauge A_n → B_n against the planted truth:\n")
+    w("Two runs fine-tuned from one base drift apart; matching their checkpoints directly "
+      "(endpoint) degrades. Consecutive saved checkpoints differ little, so each local match "
+      "is near-exact, and composing them (A_n → … → A_1 → base → B_1 → … → B_n) crosses the "
+      "whole distance — as long as no single local step is bad, since a composition inherits "
+      "every local error (the weakest step's confidence is shown). Tiny models hold on to "
+      "their coordinates: to make them drift within a few hundred steps the runs here are "
+      "fine-tuned hard (lr 2e-2, no warm-up; with a warm-up they do not drift measurably). "
+      "Full accuracy (permutation and sign) of the cross-run gauge A_k → B_k against the "
+      "planted truth:\n")
     for fam, t in r["trajectories"].items():
         last = t["curve"][-1]
         w(f"**{fam}** (after {last['step']} steps per run; data-free weight matching at the "

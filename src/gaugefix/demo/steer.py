@@ -9,7 +9,17 @@ import numpy as np
 import torch
 
 from ..arch import detect_family
-from .corpus import NEG_ADJ, NEG_VERB, NOUNS, POS_ADJ, POS_VERB, Corpus
+from .corpus import (
+    ACTIONS,
+    FORBIDDEN_OBJECTS,
+    NEG_ADJ,
+    NEG_VERB,
+    NOUNS,
+    POS_ADJ,
+    POS_VERB,
+    SAFE_OBJECTS,
+    Corpus,
+)
 
 
 @contextlib.contextmanager
@@ -47,15 +57,20 @@ def log_odds(model: torch.nn.Module, ids: torch.Tensor, pos: Sequence[int],
     return torch.logsumexp(logp[:, list(pos)], -1) - torch.logsumexp(logp[:, list(neg)], -1)
 
 
-def sentiment_effect(model: torch.nn.Module, corpus: Corpus, layer: int,
-                     vector: torch.Tensor) -> float:
-    """Mean shift, on negative contexts, of the positive-vs-negative verb log-odds caused by
-    adding ``vector`` after decoder layer ``layer``."""
-    ids = sentiment_prompts(corpus, positive=False, seed=1)
-    pos, neg = corpus.encode(" ".join(POS_VERB)), corpus.encode(" ".join(NEG_VERB))
-    before = log_odds(model, ids, pos, neg)
+def contrast_direction(model: torch.nn.Module, positive: torch.Tensor, negative: torch.Tensor,
+                       layer: int) -> torch.Tensor:
+    """The contrastive (CAA-style) direction after decoder layer ``layer``: mean last-token
+    state of the positive prompts minus that of the negative ones."""
+    return (last_token_states(model, positive, layer).mean(0)
+            - last_token_states(model, negative, layer).mean(0))
+
+
+def steering_effect(model: torch.nn.Module, ids: torch.Tensor, up: Sequence[int],
+                    down: Sequence[int], layer: int, vector: torch.Tensor) -> float:
+    """Mean shift of log P(next ∈ up) − log P(next ∈ down) caused by adding ``vector``."""
+    before = log_odds(model, ids, up, down)
     with steering(model, layer, vector):
-        after = log_odds(model, ids, pos, neg)
+        after = log_odds(model, ids, up, down)
     return float((after - before).mean())
 
 
@@ -66,9 +81,38 @@ def last_token_states(model: torch.nn.Module, ids: torch.Tensor, layer: int) -> 
     return at_position(model, ids.tolist(), layer + 1).float()
 
 
+# ---------------------------------------------------------------------------- sentiment
 def sentiment_direction(model: torch.nn.Module, corpus: Corpus, layer: int) -> torch.Tensor:
-    """The contrastive (CAA-style) sentiment direction: mean last-token state of positive
-    contexts minus that of negative ones, after decoder layer ``layer``."""
-    pos = last_token_states(model, sentiment_prompts(corpus, True, seed=2), layer)
-    neg = last_token_states(model, sentiment_prompts(corpus, False, seed=3), layer)
-    return pos.mean(0) - neg.mean(0)
+    return contrast_direction(model, sentiment_prompts(corpus, True, seed=2),
+                              sentiment_prompts(corpus, False, seed=3), layer)
+
+
+def sentiment_effect(model: torch.nn.Module, corpus: Corpus, layer: int,
+                     vector: torch.Tensor) -> float:
+    """Shift, on negative contexts, of the log-odds of a positive over a negative verb."""
+    return steering_effect(model, sentiment_prompts(corpus, False, seed=1),
+                           corpus.encode(" ".join(POS_VERB)), corpus.encode(" ".join(NEG_VERB)),
+                           layer, vector)
+
+
+# ---------------------------------------------------------------------------- refusal
+def refusal_prompts(corpus: Corpus, forbidden: bool, n: int = 48, seed: int = 0
+                    ) -> torch.Tensor:
+    """``<bos> please {action} me the {object} .`` — answered "sure" or, for forbidden
+    objects, "sorry"."""
+    rng = np.random.default_rng(seed)
+    objs = FORBIDDEN_OBJECTS if forbidden else SAFE_OBJECTS
+    return torch.tensor([[corpus.bos_id, *corpus.encode(
+        f"please {rng.choice(ACTIONS)} me the {rng.choice(objs)} .")] for _ in range(n)])
+
+
+def refusal_direction(model: torch.nn.Module, corpus: Corpus, layer: int) -> torch.Tensor:
+    return contrast_direction(model, refusal_prompts(corpus, True, seed=2),
+                              refusal_prompts(corpus, False, seed=3), layer)
+
+
+def refusal_effect(model: torch.nn.Module, corpus: Corpus, layer: int,
+                   vector: torch.Tensor) -> float:
+    """Shift, on harmless requests, of the log-odds of refusing ("sorry") over "sure"."""
+    return steering_effect(model, refusal_prompts(corpus, False, seed=1),
+                           corpus.encode("sorry"), corpus.encode("sure"), layer, vector)

@@ -48,12 +48,19 @@ def train(
     seed: int = 0,
     optimizer: torch.optim.Optimizer | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    warmup: int = 0,
+    step_offset: int = 0,
 ) -> torch.optim.Optimizer:
-    """Plain next-token training with AdamW; returns the optimizer (its state is reused)."""
+    """Plain next-token training with AdamW; returns the optimizer (its state is reused).
+
+    ``warmup``: linear learning-rate warm-up over that many steps, counted from
+    ``step_offset`` (so training resumed in chunks warms up once)."""
     model.train()
     opt = optimizer or make_optimizer(model, lr)
     gen = batches(tokens, batch_size, seq_len, seed)
     for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step_offset + step) / warmup) if warmup else lr
         ids = next(gen)
         loss = model(ids, labels=ids).loss
         opt.zero_grad(set_to_none=True)
