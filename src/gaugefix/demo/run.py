@@ -150,7 +150,7 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ("ceiling at p=0.5: perm. accuracy (signmarg vs signed)",
          f"{half['signmarg']['perm_accuracy']:.1%}", f"{half['signed']['perm_accuracy']:.1%}",
          "capped at p"),
-        (f"cross-run coordinates at {steps} steps (composed vs endpoint)",
+        (f"Llama cross-run coordinates at {steps} steps (composed vs endpoint)",
          f"{traj['composed']:.1%}", f"{traj['endpoint']:.1%}", "91.1% vs 60.3%"),
         ("SAE NMSE on B (B_d vs S_d)", f"{r['sae']['B_d_estimated']:.3f}",
          f"{r['sae']['S_d_estimated']:.3f}", "0.004 vs 1.08"),
