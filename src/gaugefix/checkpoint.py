@@ -6,7 +6,7 @@ Only safetensors and ``weights_only`` torch files are read; nothing is unpickled
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,24 @@ class Checkpoint:
                 for k, t in load_shard(shard).items():
                     if keys is None or k in keys:
                         yield k, t
+
+    def getter(self) -> Callable[[str], torch.Tensor]:
+        """A function that reads one tensor by key (lazily; shard files opened once)."""
+        if not self.is_safetensors:
+            return self.tensors().__getitem__
+        from safetensors import safe_open
+
+        where = self.shard_of()
+        handles: dict[Path, Any] = {}
+
+        def get(key: str) -> torch.Tensor:
+            if key not in where:
+                raise GaugefixError(f"{self.path} has no tensor {key!r}")
+            if where[key] not in handles:
+                handles[where[key]] = safe_open(str(where[key]), "pt")
+            return handles[where[key]].get_tensor(key)
+
+        return get
 
     def tensors(self, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
         """Load the named tensors (all if ``keys`` is None)."""

@@ -139,23 +139,7 @@ def _state(ref: ModelRef) -> tuple[Callable[[], Iterator[tuple[str, torch.Tensor
         sd = {k: v.detach() for k, v in ref.state_dict().items()}
         return lambda: iter(sd.items()), sd.__getitem__
     ck = Checkpoint.open(ref)
-    if not ck.is_safetensors:
-        sd = ck.tensors()
-        return lambda: iter(sd.items()), sd.__getitem__
-    from safetensors import safe_open
-
-    where = ck.shard_of()
-    handles: dict[Path, Any] = {}
-
-    def get(key: str) -> torch.Tensor:
-        if key not in where:
-            raise GaugefixError(f"{ref} has no tensor {key!r}")
-        shard = where[key]
-        if shard not in handles:
-            handles[shard] = safe_open(shard, "pt")
-        return handles[shard].get_tensor(key)
-
-    return ck.iter_tensors, get
+    return ck.iter_tensors, ck.getter()
 
 
 def _common_slice(ta: torch.Tensor, tb: torch.Tensor, axis: int, key: str

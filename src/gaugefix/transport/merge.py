@@ -84,19 +84,6 @@ def merge_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPer
         raise GaugefixError("merge writes safetensors; model A must be a safetensors checkpoint")
     inputs = tuple(Path(p) for p in (ca.path, cb.path, *(() if base is None else (base,))))
 
-    def read(ckpt: Checkpoint) -> Any:
-        where = ckpt.shard_of()
-        handles: dict[Path, Any] = {}
-
-        def get(key: str) -> torch.Tensor:
-            if key not in where:
-                raise GaugefixError(f"merge: {ckpt.path} has no tensor {key!r}")
-            if where[key] not in handles:
-                handles[where[key]] = safe_open(str(where[key]), "pt")
-            return handles[where[key]].get_tensor(key)
-
-        return get
-
     with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         b_dir = cb.path
         if gauge is not None:
@@ -104,8 +91,8 @@ def merge_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPer
             gauge_checkpoint(cb.path, aligned, gauge.inverse(), overwrite=overwrite,
                              progress=progress)
             b_dir = aligned
-        get_b = read(Checkpoint.open(b_dir))
-        get_base = read(Checkpoint.open(base)) if base is not None else None
+        get_b = Checkpoint.open(b_dir).getter()
+        get_base = Checkpoint.open(base).getter() if base is not None else None
         for item in ca.path.iterdir():
             if item.is_file() and item.name not in ca.weight_files:
                 shutil.copy2(item, tmp / item.name)
