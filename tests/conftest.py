@@ -66,6 +66,7 @@ class Lineage:
         import copy
 
         from gaugefix.demo.corpus import Corpus
+        from gaugefix.demo.lineage import MIX_A, MIX_B
         from gaugefix.demo.train import corpus_model, train
 
         self.corpus = Corpus()
@@ -73,12 +74,7 @@ class Lineage:
         self.base = corpus_model(family, self.corpus.vocab_size, hidden_size=d, seed=0)
         self.base_opt = train(self.base, self.corpus.stream(100_000, 0), steps=base_steps,
                               lr=3e-3, seed=0)
-        mixes = {
-            "A": {"review_pos": 3, "review_neg": 1, "request_ok": 1, "request_refuse": 1,
-                  "story": 0.2},
-            "B": {"review_pos": 1, "review_neg": 3, "request_ok": 0.2, "request_refuse": 0.2,
-                  "story": 3},
-        }
+        mixes = {"A": MIX_A, "B": MIX_B}
         self.runs: dict[str, list] = {}
         for k, (name, mix) in enumerate(mixes.items(), start=1):
             model, opt, ckpts = copy.deepcopy(self.base), None, []

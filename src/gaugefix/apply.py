@@ -20,7 +20,7 @@ from .arch import Family, Op, detect_family, get_family, hidden_size_of
 from .checkpoint import Checkpoint, load_shard
 from .errors import GaugefixError
 from .group import SignedPerm
-from .io import atomic_dir, sha256_files
+from .io import atomic_dir, copy_files, sha256_files
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
@@ -115,9 +115,7 @@ def gauge_checkpoint(
     ckpt.family.check_gauge(gauge, ckpt.hidden_size)
     plan = plan_checkpoint(ckpt, gauge)
     with atomic_dir(out, overwrite=overwrite, inputs=(ckpt.path,)) as tmp:
-        for item in ckpt.path.iterdir():
-            if item.is_file() and item.name not in ckpt.weight_files:
-                shutil.copy2(item, tmp / item.name)
+        copy_files(ckpt.path, tmp, ckpt.weight_files)
         report = write_gauged_weights(ckpt, tmp, gauge, plan, progress=progress)
     report.output = Path(out)
     return report

@@ -89,6 +89,14 @@ def atomic_write_text(path: Path, text: str, *, overwrite: bool = False) -> Path
     return path
 
 
+def copy_files(src_dir: Path, dst_dir: Path, exclude: set[str] | frozenset[str]) -> None:
+    """Copy every top-level file of ``src_dir`` except the names in ``exclude`` (the
+    files an adapter rewrites): configs, tokenizers and other side files travel along."""
+    for item in Path(src_dir).iterdir():
+        if item.is_file() and item.name not in exclude:
+            shutil.copy2(item, Path(dst_dir) / item.name)
+
+
 def sha256_files(paths: list[Path]) -> str:
     """Content hash of a checkpoint's weight files (in the given order)."""
     h = hashlib.sha256()

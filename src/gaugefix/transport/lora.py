@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from ..arch import Family, Op
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_dir
+from ..io import atomic_dir, copy_files
 from .base import GAIN, H0, H1, UNTOUCHED, move
 
 PREFIX = "base_model.model."
@@ -123,9 +122,7 @@ def transport_lora(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
         moved[k] = move(t, plan[k], gauge).contiguous() if plan[k] else t
     meta["gaugefix"] = json.dumps(record)
     with atomic_dir(dst, overwrite=overwrite, inputs=(src,)) as tmp:
-        for item in src.iterdir():
-            if item.is_file() and item.name != weights.name:
-                shutil.copy2(item, tmp / item.name)
+        copy_files(src, tmp, {weights.name})
         save_file(moved, str(tmp / weights.name), metadata=meta)
     return {"family": fam.name, "tensors": len(moved),
             "transformed": sum(1 for v in plan.values() if v)}

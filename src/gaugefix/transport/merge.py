@@ -19,7 +19,7 @@ from ..apply import gauge_checkpoint
 from ..checkpoint import Checkpoint
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_dir
+from ..io import atomic_dir, copy_files
 
 MERGE_METHODS = ("linear", "slerp", "task-arithmetic")
 
@@ -93,11 +93,7 @@ def merge_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPer
             b_dir = aligned
         get_b = Checkpoint.open(b_dir).getter()
         get_base = Checkpoint.open(base).getter() if base is not None else None
-        for item in ca.path.iterdir():
-            if item.is_file() and item.name not in ca.weight_files:
-                shutil.copy2(item, tmp / item.name)
-        if ca.index_file is not None:
-            shutil.copy2(ca.index_file, tmp / ca.index_file.name)
+        copy_files(ca.path, tmp, {s.name for s in ca.shards})  # the shard index too
         n = 0
         for shard in tqdm(ca.shards, desc="merging", unit="shard", disable=not progress):
             with safe_open(str(shard), "pt") as f:

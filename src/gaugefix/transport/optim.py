@@ -16,7 +16,6 @@ trainable only), using the Trainer's own rule for which parameters decay.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from ..arch import Family
 from ..checkpoint import Checkpoint
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_dir, atomic_file
+from ..io import atomic_dir, atomic_file, copy_files
 
 # state key -> signed (like the parameter) / unsigned / untouched
 STATE_TABLE: dict[str, str] = {
@@ -137,9 +136,7 @@ def transport_optim(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
     if src.is_dir():
         plan = plan_checkpoint(ckpt, gauge)
         with atomic_dir(dst, overwrite=overwrite, inputs=(src,)) as tmp:
-            for item in src.iterdir():
-                if item.is_file() and item.name not in ckpt.weight_files | {"optimizer.pt"}:
-                    shutil.copy2(item, tmp / item.name)
+            copy_files(src, tmp, ckpt.weight_files | {"optimizer.pt"})
             write_gauged_weights(ckpt, tmp, gauge, plan, progress=False)
             torch.save(new, tmp / "optimizer.pt")
     else:

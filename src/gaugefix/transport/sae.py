@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_dir
+from ..io import atomic_dir, copy_files
 from .base import H0, H1, UNTOUCHED, rules, transport_tensors
 
 LATENT = r"b_enc|threshold|log_threshold|b_gate|b_mag|r_mag"
@@ -116,9 +115,7 @@ def transport_sae(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
     moved = transport_tensors(tensors, table, gauge, f"sae ({layout})")
     meta["gaugefix"] = json.dumps(record)
     with atomic_dir(dst, overwrite=overwrite, inputs=(src,)) as tmp:
-        for item in src.iterdir():
-            if item.is_file() and item.name != weights:
-                shutil.copy2(item, tmp / item.name)
+        copy_files(src, tmp, {weights})
         save_file(moved, str(tmp / weights), metadata=meta)
     return {"layout": layout, "architecture": cfg.get("architecture", "standard"),
             "tensors": len(moved), "hooks": hook_names(cfg)}
