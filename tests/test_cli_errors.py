@@ -101,7 +101,7 @@ def test_existing_gauge_out_is_refused_before_anything_is_written(tmp_path, cli,
 
 def test_output_inside_input_is_refused(tmp_path, cli, llama):
     _expect_error(cli, tmp_path, ["apply", llama, llama / "sub", "--random", 1],
-                  "overlaps the input")
+                  "lies inside the input")
 
 
 def test_per_coordinate_signs_on_layernorm_are_refused(tmp_path, cli, tiny_ckpt):

@@ -156,8 +156,10 @@ def test_apply_rejects_wrong_width_and_axis():
         (lambda d: d.pop("perm"), "missing field 'perm'"),
         (lambda d: d.update(d=5), "d=5 but perm has 4"),
         (lambda d: d.update(perm=[0, 1, 2, 2]), "missing"),
-        (lambda d: d.update(sign=[1, -1, 1, 0]), "sign must be"),
-        (lambda d: d.update(sign=[True, 1, 1, 1]), "integers"),
+        (lambda d: d.update(sign=[1, -1, 1, 0]), "sign entries must be"),
+        (lambda d: d.update(sign=[True, 1, 1, 1]), "found True"),
+        (lambda d: d.update(perm=[0, 1, 2, 10**30]), r"perm entries must be integers in 0\.\.3"),
+        (lambda d: d.update(perm=[0, 1, 2, 3.5]), "found 3.5"),
         (lambda d: d.update(confidence=[1.0]), "confidence"),
     ],
 )

@@ -20,7 +20,7 @@ from .arch import Family, Op, detect_family, get_family, hidden_size_of
 from .checkpoint import Checkpoint, load_shard
 from .errors import GaugefixError
 from .group import SignedPerm
-from .io import atomic_dir, copy_files, sha256_files
+from .io import atomic_dir, copy_files, open_safetensors, sha256_files
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
@@ -96,6 +96,7 @@ class ApplyReport:
     ops: dict[str, int] = field(default_factory=dict)
     shards: int = 0
     bytes_written: int = 0
+    sha256: str = ""  # of the written weight files, as checkpoint_identity computes it
 
 
 def gauge_checkpoint(
@@ -142,16 +143,16 @@ def write_gauged_weights(ckpt: Checkpoint, out_dir: Path, gauge: SignedPerm,
     for shard in tqdm(ckpt.shards, desc="applying gauge", unit="shard", disable=not progress):
         _gauge_shard(shard, out_dir / shard.name, gauge, plan)
         report.bytes_written += (out_dir / shard.name).stat().st_size
+    report.sha256 = sha256_files([out_dir / s.name for s in ckpt.shards])
     return report
 
 
 def _gauge_shard(src: Path, dst: Path, gauge: SignedPerm, plan: Mapping[str, Op]) -> None:
     """One shard; peak memory is the output shard plus one input tensor."""
     if src.suffix == ".safetensors":
-        from safetensors import safe_open
         from safetensors.torch import save_file
 
-        with safe_open(src, "pt") as f:
+        with open_safetensors(src, "weight shard") as f:
             metadata = f.metadata()
             new = {k: plan[k](gauge, f.get_tensor(k)).contiguous() for k in f.keys()}  # noqa: SIM118
         save_file(new, dst, metadata=metadata or {"format": "pt"})

@@ -25,7 +25,6 @@ ids; ``concept`` may instead be ``{"direction": [d floats]}`` in the source char
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 from .arch import detect_family
 from .errors import GaugefixError
 from .group import SignedPerm
+from .io import json_type, read_json
 
 CLAIM_FORMAT = "gaugefix.claim/1"
 
@@ -64,42 +64,115 @@ class Claim:
         return doc
 
 
+def _int(value: Any, what: str) -> int:
+    """A JSON integer (not a bool, not 3.7, not "3")."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GaugefixError(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+def _prompts(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        raise GaugefixError(f"{what} must be a non-empty list of prompts (text or token-id "
+                            f"lists), got {json_type(value)}")
+    for n, p in enumerate(value):
+        if isinstance(p, str):
+            if not p.strip():
+                raise GaugefixError(f"{what}[{n}] is an empty prompt")
+        elif isinstance(p, list):
+            if not p:
+                raise GaugefixError(f"{what}[{n}] is an empty prompt")
+            for t in p:
+                if _int(t, f"{what}[{n}] token id") < 0:
+                    raise GaugefixError(f"{what}[{n}] has a negative token id {t}")
+        else:
+            raise GaugefixError(f"{what}[{n}] must be text or a list of token ids, got "
+                                f"{json_type(p)}")
+    return value
+
+
 def load_claim(path: str | Path) -> Claim:
     p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise GaugefixError(f"claim file not found: {p}") from None
-    except json.JSONDecodeError as exc:
-        raise GaugefixError(f"{p}: not valid JSON ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != CLAIM_FORMAT:
+    doc = read_json(p, "claim file")
+    if doc.get("format") != CLAIM_FORMAT:
         raise GaugefixError(f"{p}: not a claim file (format must be {CLAIM_FORMAT!r})")
-    try:
-        coords = [(int(c["index"]), int(c.get("sign", 1))) for c in doc["coordinates"]]
-        layer = int(doc["layer"])
-        concept = doc["concept"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise GaugefixError(f"{p}: malformed claim ({exc!r}); see the README for the format"
-                            ) from None
-    if not coords or any(s not in (1, -1) for _, s in coords):
-        raise GaugefixError(f"{p}: coordinates must be a non-empty list with signs ±1")
+    missing = [k for k in ("layer", "concept", "coordinates") if k not in doc]
+    if missing:
+        raise GaugefixError(f"{p}: the claim lacks {', '.join(map(repr, missing))}; see the "
+                            "README for the format")
+    where = str(p)
+    layer = _int(doc["layer"], f"{where}: layer")
+    if layer < 0:
+        raise GaugefixError(f"{where}: layer must be a residual position ≥ 0, got {layer}")
+    coords_doc = doc["coordinates"]
+    if not isinstance(coords_doc, list) or not coords_doc:
+        raise GaugefixError(f"{where}: coordinates must be a non-empty list")
+    coords = []
+    for n, c in enumerate(coords_doc):
+        if not isinstance(c, dict) or "index" not in c:
+            raise GaugefixError(f"{where}: coordinates[{n}] must be an object with an 'index'")
+        index = _int(c["index"], f"{where}: coordinates[{n}].index")
+        sign = _int(c.get("sign", 1), f"{where}: coordinates[{n}].sign")
+        if index < 0 or sign not in (1, -1):
+            raise GaugefixError(f"{where}: coordinates[{n}] needs an index ≥ 0 and a sign ±1, "
+                                f"got index {index}, sign {sign}")
+        coords.append((index, sign))
+    if len(set(i for i, _ in coords)) != len(coords):
+        raise GaugefixError(f"{where}: coordinates name an index twice")
+    concept = doc["concept"]
+    if not isinstance(concept, dict):
+        raise GaugefixError(f"{where}: concept must be an object with 'positive' and "
+                            f"'negative' prompts or a 'direction', got {json_type(concept)}")
+    source = doc.get("source")
+    if source is not None and not isinstance(source, str):
+        raise GaugefixError(f"{where}: source must be a path or hub id, got {json_type(source)}")
     if "direction" in concept:
-        return Claim(layer, coords, direction=np.asarray(concept["direction"], dtype=np.float64),
-                     source=doc.get("source"))
-    if not concept.get("positive") or not concept.get("negative"):
-        raise GaugefixError(f"{p}: the concept needs 'positive' and 'negative' prompts or a "
+        d = concept["direction"]
+        if (not isinstance(d, list) or not d or not all(
+                isinstance(x, int | float) and not isinstance(x, bool) for x in d)):
+            raise GaugefixError(f"{where}: concept.direction must be a non-empty list of numbers")
+        arr = np.asarray(d, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise GaugefixError(f"{where}: concept.direction holds NaN or infinite values")
+        return Claim(layer, coords, direction=arr, source=source)
+    if "positive" not in concept or "negative" not in concept:
+        raise GaugefixError(f"{where}: the concept needs 'positive' and 'negative' prompts or a "
                             "'direction'")
-    return Claim(layer, coords, positive=concept["positive"], negative=concept["negative"],
-                 source=doc.get("source"))
+    return Claim(layer, coords, positive=_prompts(concept["positive"], f"{where}: positive"),
+                 negative=_prompts(concept["negative"], f"{where}: negative"), source=source)
+
+
+def check_claim(claim: Claim, *, name: str, n_layers: int, d: int, vocab_size: int) -> None:
+    """Refuse a claim that cannot be evaluated on a model (before any work is done)."""
+    if claim.layer > n_layers:
+        raise GaugefixError(f"the claim's layer {claim.layer} is out of range for {name} "
+                            f"(residual positions 0..{n_layers})")
+    bad = [i for i, _ in claim.coordinates if i >= d]
+    if bad:
+        raise GaugefixError(f"the claim's coordinate {bad[0]} is out of range for {name} "
+                            f"(d={d})")
+    if claim.k > d:
+        raise GaugefixError(f"the claim names {claim.k} coordinates, more than d={d}")
+    if claim.direction is not None and claim.direction.shape[0] != d:
+        raise GaugefixError(f"the claim's direction has {claim.direction.shape[0]} entries, "
+                            f"{name} has d={d}")
+    for what, prompts in (("positive", claim.positive), ("negative", claim.negative)):
+        for n, p in enumerate(prompts or []):
+            if isinstance(p, list) and max(p) >= vocab_size:
+                raise GaugefixError(f"{what}[{n}] has token id {max(p)}, outside the vocabulary "
+                                    f"of {name} (0..{vocab_size - 1})")
 
 
 def _encode(prompts: list[Any], tokenizer: Any) -> list[list[int]]:
     out = []
-    for p in prompts:
+    for n, p in enumerate(prompts):
         if isinstance(p, str):
             if tokenizer is None:
                 raise GaugefixError("text prompts need a tokenizer; give token-id lists instead")
-            out.append(list(tokenizer(p)["input_ids"]))
+            ids = list(tokenizer(p)["input_ids"])
+            if not ids:
+                raise GaugefixError(f"prompt {n} ({p!r}) encodes to no tokens")
+            out.append(ids)
         else:
             out.append([int(t) for t in p])
     return out

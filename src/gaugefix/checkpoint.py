@@ -5,7 +5,7 @@ Only safetensors and ``weights_only`` torch files are read; nothing is unpickled
 
 from __future__ import annotations
 
-import json
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +15,7 @@ import torch
 
 from .arch import Family, detect_family, hidden_size_of
 from .errors import GaugefixError
+from .io import load_safetensors, note_input, open_safetensors, read_json, torch_load
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -27,18 +28,21 @@ def resolve_model_dir(model: str | Path) -> Path:
     """A local checkpoint directory, downloading a hub id when the user has the network."""
     p = Path(model)
     if p.is_dir():
+        note_input(p)
         return p
     if p.exists():
         raise GaugefixError(f"{model} is a file; expected a checkpoint directory")
     text = str(model)
     if text.count("/") == 1 and not text.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError
 
+        try:
             return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
-        except Exception as exc:
+        except (HfHubHTTPError, OSError, ValueError) as exc:  # offline, not found, bad id
+            first = str(exc).strip().split("\n", 1)[0]
             raise GaugefixError(f"{model}: not a local directory, and fetching it from the hub "
-                                f"failed ({type(exc).__name__}: {exc})") from None
+                                f"failed ({type(exc).__name__}: {first})") from None
     raise GaugefixError(f"checkpoint directory not found: {model}")
 
 
@@ -59,13 +63,28 @@ class Checkpoint:
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise GaugefixError(f"{path}: no config.json (not a HF checkpoint directory)")
-        try:
-            config = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise GaugefixError(f"{cfg_file}: not valid JSON ({exc})") from None
+        config = read_json(cfg_file, "model config")
         family = detect_family(config)
         shards, index_file = _weight_files(path)
         return cls(path, config, family, hidden_size_of(config), shards, index_file)
+
+    def _config_int(self, *keys: str) -> int:
+        for cfg in (self.config, self.config.get("text_config") or {}):
+            for key in keys:
+                value = cfg.get(key)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    return value
+        raise GaugefixError(f"{self.path / 'config.json'}: no positive integer "
+                            f"{' / '.join(keys)}")
+
+    @property
+    def n_layers(self) -> int:
+        """Decoder layers: residual positions are 0..n_layers."""
+        return self._config_int("num_hidden_layers", "n_layer", "num_layers")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._config_int("vocab_size")
 
     @property
     def is_safetensors(self) -> bool:
@@ -82,9 +101,7 @@ class Checkpoint:
         """(shard, key, shape) of every tensor, reading headers only where possible."""
         for shard in self.shards:
             if self.is_safetensors:
-                from safetensors import safe_open
-
-                with safe_open(shard, "pt") as f:
+                with open_safetensors(shard, "weight shard") as f:
                     for k in f.keys():  # noqa: SIM118 - safe_open is not a dict
                         yield shard, k, tuple(f.get_slice(k).get_shape())
             else:
@@ -99,9 +116,7 @@ class Checkpoint:
         """(key, tensor) pairs, shard by shard; only ``keys`` are read when given."""
         for shard in self.shards:
             if self.is_safetensors:
-                from safetensors import safe_open
-
-                with safe_open(shard, "pt") as f:
+                with open_safetensors(shard, "weight shard") as f:
                     for k in f.keys():  # noqa: SIM118 - safe_open is not a dict
                         if keys is None or k in keys:
                             yield k, f.get_tensor(k)
@@ -114,18 +129,19 @@ class Checkpoint:
         """A function that reads one tensor by key (lazily; shard files opened once)."""
         if not self.is_safetensors:
             return self.tensors().__getitem__
-        from safetensors import safe_open
-
         where = self.shard_of()
         handles: dict[Path, Any] = {}
+        stack = contextlib.ExitStack()  # the handles live as long as the getter
 
         def get(key: str) -> torch.Tensor:
             if key not in where:
                 raise GaugefixError(f"{self.path} has no tensor {key!r}")
             if where[key] not in handles:
-                handles[where[key]] = safe_open(str(where[key]), "pt")
+                handles[where[key]] = stack.enter_context(open_safetensors(where[key],
+                                                                           "weight shard"))
             return handles[where[key]].get_tensor(key)
 
+        get.close = stack.close  # type: ignore[attr-defined]
         return get
 
     def tensors(self, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
@@ -136,17 +152,11 @@ class Checkpoint:
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
     """One weight shard as a dict; torch files strictly with ``weights_only=True``."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise GaugefixError(
-            f"{path}: cannot be read as a weights-only torch file ({exc})"
-        ) from None
-    if not isinstance(sd, dict):
-        raise GaugefixError(f"{path}: expected a state dict, found {type(sd).__name__}")
+        return load_safetensors(path, "weight shard")[0]
+    sd = torch_load(path, "weight shard")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise GaugefixError(f"{path}: expected a state dict of tensors, found "
+                            f"{type(sd).__name__}")
     return sd
 
 
@@ -154,10 +164,11 @@ def _weight_files(path: Path) -> tuple[list[Path], Path | None]:
     for index_name in (SAFE_INDEX, BIN_INDEX):
         index = path / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise GaugefixError(f"{index}: malformed shard index ({exc})") from None
+            weight_map = read_json(index, "shard index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map or not all(
+                    isinstance(v, str) and v and Path(v).name == v for v in weight_map.values()):
+                raise GaugefixError(f"{index}: malformed shard index (weight_map must map "
+                                    "tensor names to shard file names in the same directory)")
             shards = [path / s for s in dict.fromkeys(weight_map.values())]
             missing = [s.name for s in shards if not s.is_file()]
             if missing:

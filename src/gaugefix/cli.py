@@ -1,26 +1,73 @@
 """Command-line interface: a thin layer over the API.
 
-Every user error is a :class:`GaugefixError`, printed as one line
-(``error: ...``) with exit status 2; a failed check (``verify``) exits 1.
+Every user error is a :class:`GaugefixError` (or a usage error, or an OSError),
+printed as one line (``error: ...``) with exit status 2; a failed check
+(``verify``) exits 1; SIGINT, SIGTERM and SIGHUP remove every partial output and
+exit 128 + the signal number.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import math
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
-from .errors import GaugefixError
+from .errors import GaugefixError, GaugefixWarning
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP: unwinds like Ctrl-C, so every output is cleaned up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _OneLineGroup(TyperGroup):
+    """Usage errors (a missing argument, a value out of range) as one ``error:`` line and
+    exit 2, like every other bad input."""
+
+    def main(self, args: Any = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()
+            code = exc.exit_code
+        except click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            _error_line(exc.format_message() + hint)
+            code = exc.exit_code
+        except click.Abort:
+            _error_line("aborted")
+            code = 1
+        code = code if isinstance(code, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
 
 app = typer.Typer(
+    cls=_OneLineGroup,
     help="Fix the residual-stream gauge of transformer checkpoints and move coordinate-"
     "indexed objects between them. Convention: x_B[i] = sign[i] * x_A[perm[i]].",
     no_args_is_help=True,
@@ -33,40 +80,129 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _error_line(message: object) -> None:
+    err.print(f"[bold red]error:[/] {escape(_one_line(message))}", soft_wrap=True)
+
+
+def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    err.print(f"[bold yellow]warning:[/] {escape(_one_line(message))}", soft_wrap=True)
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind the command like Ctrl-C (outputs cleaned up); once one
+    arrived, further ones are ignored so that the clean-up itself is not cut short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = [s for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]
+    nums = [getattr(signal, s) for s in sigs]
+
+    def handler(signum: int, frame: Any) -> None:
+        for n in nums:
+            signal.signal(n, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    old = {n: signal.signal(n, handler) for n in nums}
     try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except Exception:  # transformers import failures surface where it is used
-        pass
+        yield
+    finally:
+        for n, h in old.items():
+            signal.signal(n, h)
 
 
-def command(fn: F) -> F:
-    """Register a command whose GaugefixError becomes a one-line error and exit 2."""
+def _existing_paths(value: Any) -> list[Path]:
+    items = value if isinstance(value, list | tuple) else [value]
+    return [Path(v) for v in items if isinstance(v, str | Path) and os.path.lexists(v)]
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _quiet_libraries()
-        try:
-            return fn(*args, **kwargs)
-        except GaugefixError as exc:
-            err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-            raise typer.Exit(2) from None
 
-    app.command()(wrapper)
-    return fn
+def command(*, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Register a command. ``inputs``/``outputs`` name its path parameters: outputs are
+    checked (existence, overlap with any input) before any work, and everything the command
+    writes is published together when it succeeds, or not at all. A GaugefixError or an
+    OSError becomes one ``error:`` line and exit 2; a signal, one line and 128+signum."""
+
+    def register(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from .io import transaction
+
+            code = 0
+            try:
+                with _signals_unwind(), warnings.catch_warnings():
+                    warnings.simplefilter("always", GaugefixWarning)
+                    warnings.showwarning = _show_warning
+                    _quiet_libraries()
+                    # commands that declare outputs publish them together; the demo writes
+                    # its work products as it goes, each one atomically
+                    tx_or_none = transaction([p for n in inputs
+                                              for p in _existing_paths(kwargs.get(n))]
+                                             ) if outputs else contextlib.nullcontext()
+                    with tx_or_none as tx:
+                        for name in outputs:
+                            if kwargs.get(name) is not None:
+                                tx.check(Path(kwargs[name]), bool(kwargs.get("overwrite")))
+                        try:
+                            fn(*args, **kwargs)
+                        except click.exceptions.Exit as exc:  # the command's own verdict
+                            code = exc.exit_code
+                    for line in _after_commit.get():
+                        out.print(line)
+            except GaugefixError as exc:
+                _error_line(exc)
+                raise typer.Exit(2) from None
+            except Interrupted as exc:
+                _error_line(f"interrupted by {signal.Signals(exc.signum).name}; nothing was "
+                            "written (temporary outputs removed)")
+                raise typer.Exit(128 + exc.signum) from None
+            except OSError as exc:
+                where = f"{exc.filename}: " if exc.filename else ""
+                _error_line(f"{where}{exc.strerror or exc}")
+                raise typer.Exit(2) from None
+            finally:
+                _after_commit.set(())
+            if code:
+                raise typer.Exit(code)
+
+        app.command()(wrapper)
+        return fn
+
+    return register
+
+
+_after_commit: ContextVar[tuple[str, ...]] = ContextVar("gaugefix_after_commit", default=())
+
+
+def written(line: str) -> None:
+    """Say what was written, once it really is (after the outputs are published)."""
+    _after_commit.set((*_after_commit.get(), line))
 
 
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 # ---------------------------------------------------------------------------- inspect
-@command
+@command(inputs=("model",))
 def inspect(
     model: Annotated[str, typer.Argument(help="checkpoint directory or hub id")],
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
@@ -94,16 +230,17 @@ def inspect(
 
 
 # ---------------------------------------------------------------------------- apply
-@command
+@command(inputs=("model", "gauge"), outputs=("output", "gauge_out"))
 def apply(
     model: Annotated[str, typer.Argument(help="checkpoint directory (chart A) or hub id")],
     output: Annotated[Path, typer.Argument(help="output directory (chart B)")],
     gauge: Annotated[Path | None, typer.Option(help="gauge file to apply")] = None,
-    random: Annotated[int | None, typer.Option("--random", help="apply a random gauge "
+    random: Annotated[int | None, typer.Option("--random", min=0, help="apply a random gauge "
                       "drawn with this seed (B_d for RMSNorm, S_d×{±1} for LayerNorm)")] = None,
     kind: Annotated[str | None, typer.Option(help="random gauge kind: signed, perm or "
                     "global (default: the family's full group)")] = None,
     positive_fraction: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, callback=_finite,
         help="random signed gauge: fraction of +1 signs")] = None,
     gauge_out: Annotated[Path | None, typer.Option(help="write the applied gauge here")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace existing outputs")] = False,
@@ -112,7 +249,6 @@ def apply(
     from .apply import checkpoint_identity, gauge_checkpoint
     from .checkpoint import Checkpoint
     from .group import SignedPerm
-    from .io import check_output
 
     if (gauge is None) == (random is None):
         raise GaugefixError("give exactly one of --gauge G.json or --random SEED")
@@ -128,31 +264,30 @@ def apply(
                               positive_fraction=positive_fraction)
         method = f"random(seed={random}, kind={k})"
     ckpt.family.check_gauge(g, ckpt.hidden_size)
-    if gauge_out is not None:
-        check_output(gauge_out, overwrite)
     rep = gauge_checkpoint(ckpt.path, output, g, overwrite=overwrite)
-    out.print(
+    written(
         f"{rep.family}: d={rep.d}, {rep.n_transformed}/{rep.n_tensors} tensors transformed "
         f"({', '.join(f'{k}×{n}' for k, n in sorted(rep.ops.items()))}) in {rep.shards} "
         f"shard(s), {rep.bytes_written / 1e6:.1f} MB → {output}"
     )
     if gauge_out is not None:
-        meta = {"source": checkpoint_identity(ckpt.path), "target": checkpoint_identity(output),
-                "method": method}
+        meta = {"source": checkpoint_identity(ckpt.path),
+                "target": {"name": str(output), "sha256": rep.sha256}, "method": method}
         g.save(gauge_out, meta, overwrite=overwrite)
-        out.print(f"gauge written to {gauge_out}")
+        written(f"gauge written to {gauge_out}")
 
 
 # ---------------------------------------------------------------------------- verify
-@command
+@command(inputs=("model_a", "model_b", "gauge"))
 def verify(
     model_a: Annotated[str, typer.Argument(help="checkpoint in chart A")],
     model_b: Annotated[str, typer.Argument(help="checkpoint in chart B")],
     gauge: Annotated[Path, typer.Option(help="gauge A → B")],
-    tokens: Annotated[int, typer.Option(help="number of probe tokens")] = 256,
-    tol: Annotated[float, typer.Option(help="maximum relative error")] = 1e-4,
+    tokens: Annotated[int, typer.Option(min=1, help="number of probe tokens")] = 256,
+    tol: Annotated[float, typer.Option(min=0.0, callback=_finite,
+                                       help="maximum relative error")] = 1e-4,
     dtype: Annotated[str, typer.Option(help="float32, float64, bfloat16, float16")] = "float32",
-    seed: Annotated[int, typer.Option(help="probe-token seed")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="probe-token seed")] = 0,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Check that MODEL_B computes MODEL_A's function in chart B (logits, all hidden states)."""
@@ -182,9 +317,9 @@ def verify(
 TokensFrom = Annotated[str | None, typer.Option(
     "--tokens-from", help="token source: a text file or directory (tokenised with MODEL_A's "
     "tokenizer), token ids in .npy/.pt, or 'synthetic' (default)")]
-NTokens = Annotated[int, typer.Option("--tokens", help="number of tokens")]
-SeqLen = Annotated[int, typer.Option(help="sequence length")]
-BatchSize = Annotated[int, typer.Option(help="sequences per forward pass")]
+NTokens = Annotated[int, typer.Option("--tokens", min=1, help="number of tokens")]
+SeqLen = Annotated[int, typer.Option(min=1, help="sequence length")]
+BatchSize = Annotated[int, typer.Option(min=1, help="sequences per forward pass")]
 Device = Annotated[str, typer.Option(help="cpu or cuda")]
 DType = Annotated[str, typer.Option(help="model dtype: float32, bfloat16, float16, float64")]
 Layers = Annotated[str | None, typer.Option(
@@ -192,7 +327,7 @@ Layers = Annotated[str | None, typer.Option(
     "default: all)")]
 PerLayer = Annotated[bool, typer.Option(help="also keep per-position statistics and report "
                                         "per-position agreement")]
-Seed = Annotated[int, typer.Option(help="seed of the synthetic token stream")]
+Seed = Annotated[int, typer.Option(min=0, help="seed of the synthetic token stream")]
 MethodOpt = Annotated[str, typer.Option(help="signmarg (default), signed, or perm")]
 SourceOpt = Annotated[str, typer.Option(help="activations (default) or weights (data-free)")]
 SolverOpt = Annotated[str, typer.Option(help="assignment solver: lapjvs (lapx) or scipy")]
@@ -226,7 +361,7 @@ def _print_match(result: Any, title: str) -> None:
         err.print(f"[yellow]low-confidence B coordinates:[/] {shown}", soft_wrap=True)
 
 
-@command
+@command(inputs=("model_a", "model_b", "tokens_from"), outputs=("output",))
 def stats(
     model_a: Annotated[str, typer.Argument(help="checkpoint A")],
     model_b: Annotated[str, typer.Argument(help="checkpoint B")],
@@ -239,18 +374,16 @@ def stats(
 ) -> None:
     """Accumulate cross-statistics of two residual streams (shards add up: match --stats)."""
     from .estimate import activation_stats
-    from .io import check_output
 
-    check_output(output, overwrite)
     opts = _stats_options(tokens_from, tokens, seq_len, batch_size, device, dtype, layers,
                           per_layer, seed)
     st = activation_stats(model_a, model_b, opts)
     st.save(output, overwrite=overwrite)
-    out.print(f"statistics of {st.n_tokens} tokens × {len(st.positions)} positions "
-              f"(d={st.d}) → {output}")
+    written(f"statistics of {st.n_tokens} tokens × {len(st.positions)} positions "
+            f"(d={st.d}) → {output}")
 
 
-@command
+@command(inputs=("model_a", "model_b", "stats_files", "tokens_from"), outputs=("output",))
 def match(
     model_a: Annotated[str, typer.Argument(help="checkpoint in chart A")],
     model_b: Annotated[str, typer.Argument(help="checkpoint in chart B")],
@@ -263,8 +396,9 @@ def match(
     batch_size: BatchSize = 8, device: Device = "cpu", dtype: DType = "float32",
     layers: Layers = None, per_layer: PerLayer = False, seed: Seed = 0,
     solver: SolverOpt = "lapjvs",
-    gain_weight: Annotated[float, typer.Option(help="weights source: blend of the unsigned "
-                           "gain-fingerprint similarity into the sign-blind score")] = 0.0,
+    gain_weight: Annotated[float, typer.Option(
+        min=0.0, max=1.0, callback=_finite, help="weights source: blend of the unsigned "
+        "gain-fingerprint similarity into the sign-blind score")] = 0.0,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Estimate the gauge A → B (sign-marginalised Hungarian matching)."""
@@ -276,12 +410,10 @@ def match(
         match_stats,
         match_weights,
     )
-    from .io import check_output
     from .match import match_correlation
     from .stats import CrossStats, sum_stats
 
     check_choices(method, source, solver)
-    check_output(output, overwrite)
     fam, d = check_pair(model_a, model_b)
     extra: dict[str, Any] = {}
     if source == "weights":
@@ -315,10 +447,10 @@ def match(
     meta = gauge_metadata(result, model_a, model_b, source=source, extra=extra)
     result.gauge.save(output, meta, overwrite=overwrite)
     _print_match(result, f"{method} ({source})")
-    out.print(f"gauge written to {output}")
+    written(f"gauge written to {output}")
 
 
-@command
+@command(inputs=("checkpoints", "tokens_from"), outputs=("output",))
 def trajectory(
     checkpoints: Annotated[list[str], typer.Argument(help="CKPT_0 CKPT_1 ... CKPT_n")],
     output: Annotated[Path, typer.Option("-o", "--output", help="gauge CKPT_0 → CKPT_n")],
@@ -333,9 +465,7 @@ def trajectory(
     """Match consecutive checkpoints and compose the local gauges (CKPT_0's chart → CKPT_n's)."""
     from .estimate import gauge_metadata
     from .estimate import trajectory as run_trajectory
-    from .io import check_output
 
-    check_output(output, overwrite)
     opts = _stats_options(tokens_from, tokens, seq_len, batch_size, device, dtype, layers,
                           False, seed)
     opts.progress = False
@@ -359,27 +489,28 @@ def trajectory(
                       f"{row['min_confidence']:.3f}", f"{row['median_confidence']:.3f}",
                       str(row["n_low_confidence"]), style=style)
         out.print(t)
-        out.print(f"weakest step: {res.weakest_step}; composed gauge written to {output}")
+        out.print(f"weakest step: {res.weakest_step}")
+        written(f"composed gauge written to {output}")
 
 
 # ---------------------------------------------------------------------------- algebra
-@command
+@command(inputs=("gauges",), outputs=("output",))
 def compose(
     gauges: Annotated[list[Path], typer.Argument(help="G1 G2 ... (apply G1 first)")],
     output: Annotated[Path, typer.Option("-o", "--output")],
+    force: Annotated[bool, typer.Option(help="compose even when the gauge files' recorded "
+                                        "charts do not chain")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Compose gauges: apply G1, then G2, ... (charts must chain)."""
-    from .estimate import compose_gauges
-    from .group import SignedPerm
+    from .estimate import compose_documents
 
-    total = compose_gauges([SignedPerm.load(p) for p in gauges])
-    total.save(output, {"method": "compose", "composed_from": [str(p) for p in gauges]},
-               overwrite=overwrite)
-    out.print(f"composed {len(gauges)} gauges (d={total.d}) → {output}")
+    total, meta = compose_documents(gauges, force=force)
+    total.save(output, meta, overwrite=overwrite)
+    written(f"composed {len(gauges)} gauges (d={total.d}) → {output}")
 
 
-@command
+@command(inputs=("gauge",), outputs=("output",))
 def invert(
     gauge: Annotated[Path, typer.Argument(help="gauge A → B")],
     output: Annotated[Path, typer.Option("-o", "--output", help="gauge B → A")],
@@ -393,10 +524,10 @@ def invert(
     if "source" in doc and "target" in doc:
         meta.update(source=doc["target"], target=doc["source"])
     SignedPerm.from_json(doc).inverse().save(output, meta, overwrite=overwrite)
-    out.print(f"inverse written to {output}")
+    written(f"inverse written to {output}")
 
 
-@command
+@command(inputs=("estimate", "reference"))
 def compare(
     estimate: Annotated[Path, typer.Argument(help="estimated gauge")],
     reference: Annotated[Path, typer.Argument(help="reference gauge")],
@@ -415,7 +546,7 @@ def compare(
 
 
 # ---------------------------------------------------------------------------- transport
-@command
+@command(inputs=("source", "gauge", "model"), outputs=("output",))
 def transport(
     kind: Annotated[str, typer.Argument(help="steering, sae, neurons, lora or optim")],
     source: Annotated[Path, typer.Argument(help="the object, in chart A (B with --inverse)")],
@@ -445,10 +576,10 @@ def transport(
     info = run(kind, source, output, g, inverse=inverse, overwrite=overwrite,
                gauge_file=str(gauge), **options)
     detail = ", ".join(f"{k} {v}" for k, v in info.items())
-    out.print(f"{kind}: {detail} → {output} ({'B → A' if inverse else 'A → B'})")
+    written(f"{kind}: {detail} → {output} ({'B → A' if inverse else 'A → B'})")
 
 
-@command
+@command(inputs=("model_a", "model_b", "gauge", "base"), outputs=("output", "export_aligned"))
 def merge(
     model_a: Annotated[str, typer.Argument(help="checkpoint A (the merge is in A's chart)")],
     model_b: Annotated[str, typer.Argument(help="checkpoint B")],
@@ -456,7 +587,8 @@ def merge(
     gauge: Annotated[Path | None, typer.Option(help="gauge A → B (B is moved by its "
                      "inverse); omit only with --unaligned")] = None,
     method: Annotated[str, typer.Option(help="linear, slerp or task-arithmetic")] = "linear",
-    weight: Annotated[float, typer.Option(help="weight of B")] = 0.5,
+    weight: Annotated[float, typer.Option(callback=_finite, help="weight of B (0..1 for "
+                                          "linear and slerp)")] = 0.5,
     base: Annotated[Path | None, typer.Option(help="task-arithmetic: the common base, in "
                     "A's chart")] = None,
     export_aligned: Annotated[Path | None, typer.Option(help="also write B in A's chart "
@@ -475,19 +607,20 @@ def merge(
     info = merge_checkpoints(model_a, model_b, g, output, method=method, weight=weight,
                              base=base, export_aligned=export_aligned, overwrite=overwrite,
                              progress=True)
-    out.print(f"merged {info['tensors']} tensors ({method}, w={weight}, "
-              f"{'aligned' if info['aligned'] else 'UNALIGNED'}) → {output}")
+    written(f"merged {info['tensors']} tensors ({method}, w={weight}, "
+            f"{'aligned' if info['aligned'] else 'UNALIGNED'}) → {output}")
 
 
 # ---------------------------------------------------------------------------- audit
-@command
+@command(inputs=("claim", "models", "source", "tokens_from"), outputs=("output",))
 def audit(
     claim: Annotated[Path, typer.Argument(help="claim file (gaugefix.claim/1 JSON)")],
     models: Annotated[list[str], typer.Argument(help="checkpoints to audit the claim on")],
     source: Annotated[str | None, typer.Option(help="the claim's source checkpoint (default: "
                       "the claim's 'source' field)")] = None,
-    gauges: Annotated[int, typer.Option(help="random B_d and S_d re-gaugings per model")] = 4,
-    seed: Annotated[int, typer.Option(help="seed of the random gauges")] = 0,
+    gauges: Annotated[int, typer.Option(min=0, help="random B_d and S_d re-gaugings per "
+                                        "model")] = 4,
+    seed: Annotated[int, typer.Option(min=0, help="seed of the random gauges")] = 0,
     tokens_from: TokensFrom = None, tokens: NTokens = 16384,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="write the report "
                       "(JSON) here")] = None,
@@ -497,34 +630,34 @@ def audit(
     """Does an index-level claim reproduce by raw index, or only through the explicit gauge?"""
     import torch
 
-    from .audit import audit_models, load_claim
+    from .audit import audit_models, check_claim, load_claim
     from .checkpoint import Checkpoint
     from .estimate import StatsOptions, estimate_gauge
     from .group import SignedPerm
-    from .io import atomic_write_text, check_output
+    from .io import atomic_write_text
+    from .stats import load_tokenizer
     from .verify import load_causal_lm
 
-    if output is not None:
-        check_output(output, overwrite)
     c = load_claim(claim)
     src = source or c.source
     if src is None:
         raise GaugefixError("the claim names no source checkpoint; pass --source")
     src_ckpt = Checkpoint.open(src)
+    ckpts = [Checkpoint.open(m) for m in models]
+    for ck in (src_ckpt, *ckpts):  # everything refused before any model is loaded
+        check_claim(c, name=str(ck.path), n_layers=ck.n_layers, d=ck.hidden_size,
+                    vocab_size=ck.vocab_size)
+        if ck.family.name != src_ckpt.family.name or ck.hidden_size != src_ckpt.hidden_size:
+            raise GaugefixError(f"{ck.path} ({ck.family.name}, d={ck.hidden_size}) cannot be "
+                                f"compared with the source {src} ({src_ckpt.family.name}, "
+                                f"d={src_ckpt.hidden_size})")
     tokenizer = None
     if any(isinstance(p, str) for p in (c.positive or []) + (c.negative or [])):
-        try:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(src_ckpt.path)
-        except Exception:
-            raise GaugefixError(f"the claim has text prompts but {src} has no tokenizer"
-                                ) from None
+        tokenizer = load_tokenizer(src_ckpt.path, why="the claim has text prompts")
     opts = StatsOptions(tokens=tokens_from, n_tokens=tokens, seed=seed)
     source_model = load_causal_lm(src_ckpt.path, torch.float32)
     triples = []
-    for m in models:
-        ck = Checkpoint.open(m)
+    for m, ck in zip(models, ckpts, strict=True):
         model = load_causal_lm(ck.path, torch.float32)
         same = ck.path.resolve() == src_ckpt.path.resolve()
         est = SignedPerm.identity(ck.hidden_size) if same else estimate_gauge(
@@ -550,7 +683,7 @@ def audit(
 
 
 # ---------------------------------------------------------------------------- demo
-@command
+@command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="output directory (report.md, "
                        "results.json, plots; trained models are cached in DIR/cache)")
@@ -558,7 +691,7 @@ def demo(
     quick: Annotated[bool, typer.Option(help="a smaller, faster version (used by the tests)")
                      ] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="random seed")] = 0,
 ) -> None:
     """Reproduce the seed paper's headline results on tiny models trained here."""
     from .demo import DemoConfig, run_demo

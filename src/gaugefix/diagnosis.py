@@ -164,5 +164,5 @@ def _tied(config: dict[str, Any]) -> bool | None:
         from transformers import AutoConfig
 
         return bool(AutoConfig.for_model(**config).tie_word_embeddings)
-    except Exception:
+    except (ValueError, KeyError, TypeError, AttributeError):  # a config transformers rejects
         return None

@@ -27,7 +27,7 @@ from .checkpoint import Checkpoint
 from .errors import GaugefixError
 from .group import SignedPerm
 from .match import LOW_CONFIDENCE, METHODS, SOLVERS, MatchResult, match_correlation
-from .stats import CrossStats, collect_stats, load_token_source
+from .stats import CrossStats, collect_stats, load_token_source, resolve_positions
 from .verify import DTYPES, load_causal_lm
 
 ModelRef = str | Path | torch.nn.Module
@@ -80,8 +80,27 @@ def _load(ref: ModelRef, dtype: str, device: str) -> torch.nn.Module:
     return load_causal_lm(Checkpoint.open(ref).path, DTYPES[dtype]).to(device)
 
 
+def check_device(device: str) -> None:
+    """Refuse a device string torch cannot parse or a device this machine lacks."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise GaugefixError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps"
+                            ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GaugefixError(f"device {device!r}: this machine has no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise GaugefixError(f"device {device!r}: only {torch.cuda.device_count()} CUDA devices")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise GaugefixError(f"device {device!r}: MPS is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise GaugefixError(f"device {device!r}: gaugefix runs on cpu, cuda or mps")
+
+
 @dataclass
 class StatsOptions:
+    """How activation statistics are collected; checked once, when constructed."""
+
     tokens: str | Path | np.ndarray | None = None  # None: synthetic stream
     n_tokens: int = 16384
     seq_len: int = 128
@@ -92,6 +111,17 @@ class StatsOptions:
     per_position: bool = False
     seed: int = 0
     progress: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("n_tokens", "seq_len", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GaugefixError(f"{name} must be a positive integer, got {value!r}")
+        if self.seed < 0:
+            raise GaugefixError(f"seed must be ≥ 0, got {self.seed}")
+        if self.dtype not in DTYPES:
+            raise GaugefixError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        check_device(self.device)
 
     def token_ids(self, model: torch.nn.Module, ref: ModelRef, d: int) -> np.ndarray:
         _check_tokens(self.n_tokens, d)
@@ -107,6 +137,9 @@ def activation_stats(a: ModelRef, b: ModelRef, opts: StatsOptions | None = None,
                      ) -> CrossStats:
     opts = opts or StatsOptions()
     _, d = check_pair(a, b)
+    for ref in (a, b):  # positions refused before any model is loaded
+        if not isinstance(ref, torch.nn.Module):
+            resolve_positions(opts.positions, Checkpoint.open(ref).n_layers)
     ma, mb = _models or (_load(a, opts.dtype, opts.device), _load(b, opts.dtype, opts.device))
     vocab = min(ma.config.vocab_size, mb.config.vocab_size)
     ids = opts.token_ids(ma, a, d)
@@ -303,6 +336,48 @@ def compose_gauges(gauges: Sequence[SignedPerm]) -> SignedPerm:
     for g in gauges[1:]:
         total = total.then(g)
     return total
+
+
+def _same_chart(a: Any, b: Any) -> bool | None:
+    """Whether two recorded chart identities name the same checkpoint (None: unknown)."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return None
+    if a.get("sha256") and b.get("sha256"):
+        return a["sha256"] == b["sha256"]
+    if a.get("name") and b.get("name"):
+        return a["name"] == b["name"]
+    return None
+
+
+def compose_documents(paths: Sequence[str | Path], *, force: bool = False
+                      ) -> tuple[SignedPerm, dict[str, Any]]:
+    """Compose gauge files G1, G2, ... (G1 first). Where two consecutive files record their
+    charts (``target`` of one, ``source`` of the next) and these differ, the gauges do not
+    chain: an error, or with ``force`` a warning."""
+    import warnings
+
+    from .errors import GaugefixWarning
+    from .group import read_gauge_document
+
+    if not paths:
+        raise GaugefixError("nothing to compose")
+    docs = [read_gauge_document(p) for p in paths]
+    for k in range(len(docs) - 1):
+        if _same_chart(docs[k].get("target"), docs[k + 1].get("source")) is False:
+            msg = (f"{paths[k]} maps into {docs[k]['target'].get('name')!r} but "
+                   f"{paths[k + 1]} starts from {docs[k + 1]['source'].get('name')!r}: the "
+                   "gauges do not chain")
+            if not force:
+                raise GaugefixError(msg + " (pass --force to compose them anyway)")
+            warnings.warn(msg, GaugefixWarning, stacklevel=2)
+    total = compose_gauges([SignedPerm.from_json(d, str(p)) for d, p in zip(docs, paths,
+                                                                           strict=True)])
+    meta: dict[str, Any] = {"method": "compose", "composed_from": [str(p) for p in paths]}
+    if "source" in docs[0]:
+        meta["source"] = docs[0]["source"]
+    if "target" in docs[-1]:
+        meta["target"] = docs[-1]["target"]
+    return total, meta
 
 
 def gauge_metadata(result: MatchResult, a: ModelRef, b: ModelRef, *, source: str,

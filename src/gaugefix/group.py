@@ -340,16 +340,22 @@ class SignedPerm:
                 f"{source}: d={doc['d']} but perm has {len(doc['perm'])} and sign "
                 f"{len(doc['sign'])} entries"
             )
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in doc["perm"]):
-            raise GaugefixError(f"{source}: perm entries must be integers")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in doc["sign"]):
-            raise GaugefixError(f"{source}: sign entries must be integers (+1 or -1)")
+        d = doc["d"]
+        bad = next((v for v in doc["perm"] if not isinstance(v, int) or isinstance(v, bool)
+                    or not 0 <= v < d), None)
+        if bad is not None or (d < 1):
+            raise GaugefixError(f"{source}: perm entries must be integers in 0..{d - 1}, found "
+                                f"{bad!r}")
+        bad = next((v for v in doc["sign"] if isinstance(v, bool) or v not in (1, -1)), None)
+        if bad is not None:
+            raise GaugefixError(f"{source}: sign entries must be +1 or -1, found {bad!r}")
         try:
             gauge = cls(np.array(doc["perm"], dtype=np.int64), np.array(doc["sign"], np.int64))
         except GaugefixError as exc:
             raise GaugefixError(f"{source}: {exc}") from None
         conf = doc.get("confidence")
-        if conf is not None and (not isinstance(conf, list) or len(conf) != gauge.d):
+        if conf is not None and (not isinstance(conf, list) or len(conf) != gauge.d or not all(
+                isinstance(c, int | float) and not isinstance(c, bool) for c in conf)):
             raise GaugefixError(f"{source}: confidence must be a list of d={gauge.d} numbers")
         return gauge
 
@@ -369,12 +375,9 @@ class SignedPerm:
 
 def read_gauge_document(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The raw JSON of a gauge file (gauge plus metadata), with clear errors."""
+    from .io import read_json
+
     p = Path(path)
-    if not p.is_file():
-        raise GaugefixError(f"gauge file not found: {p}")
-    try:
-        doc = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GaugefixError(f"{p}: not valid JSON ({exc})") from None
+    doc = read_json(p, "gauge file", expect=None)
     SignedPerm.from_json(doc, source=str(p))
     return doc

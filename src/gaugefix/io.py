@@ -1,92 +1,329 @@
-"""Safe output: temporary path, then rename into place; existing outputs refused.
+"""Safe input and output: nothing a user gives gaugefix is ever lost.
 
-Every file or directory gaugefix writes goes through these helpers, so an
-interrupted run never leaves a half-written output behind and an input is never
-modified.
+**Outputs.** Every file or directory gaugefix writes is built under a temporary
+sibling name and published by a rename only when complete. The outputs of one
+command form a :func:`transaction`: they are published together when the command
+succeeds, and on any failure (an error, Ctrl-C, SIGTERM, SIGHUP) every temporary
+is removed and outputs already published are rolled back. Publishing never
+replaces an existing output unless ``overwrite``; the existence check *is* the
+publishing step (``link`` for files, ``rename`` of a non-empty directory for
+directories, both refusing an existing target atomically), so of two concurrent
+writers to one output exactly one wins and the other gets a clean error.
+
+An output may never be, contain or lie inside an input of the same command, with
+or without ``overwrite``. Every reader below (and :meth:`Checkpoint.open`) notes
+what it reads in the running transaction, which checks its outputs against those
+inputs before anything is published.
+
+Temporaries are named ``.NAME.gaugefix-tmp.HOST.PID.XXXXXXXX`` (and an output set
+aside by ``--overwrite`` ``.NAME.gaugefix-old...``): the next run that writes NAME
+removes those left by a dead process on this host (SIGKILL, power loss) and
+restores a set-aside output whose replacement never arrived, with a warning.
+
+**Inputs.** JSON, torch and safetensors files are read through helpers that turn
+every way a file can be wrong into one :class:`GaugefixError` naming the file;
+torch files are only ever read with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import json
 import os
+import re
 import shutil
+import socket
 import uuid
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .errors import GaugefixError
+from .errors import GaugefixError, GaugefixWarning
 
-
-def _tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-
-def check_output(path: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
-    """Refuse an existing output (unless ``overwrite``) and any output that is an input."""
-    resolved = path.resolve()
-    for inp in inputs:
-        inp_r = Path(inp).resolve()
-        if resolved == inp_r or inp_r in resolved.parents or resolved in inp_r.parents:
-            raise GaugefixError(
-                f"output {path} overlaps the input {inp}; inputs are never modified"
-            )
-    if path.exists() and not overwrite:
-        raise GaugefixError(f"output {path} already exists (pass --overwrite to replace it)")
-    if not path.parent.exists():
-        raise GaugefixError(f"output directory {path.parent} does not exist")
+TMP_MARK = "gaugefix-tmp"
+OLD_MARK = "gaugefix-old"
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<mark>gaugefix-tmp|gaugefix-old)\."
+                      r"(?P<host>[0-9a-f]{6})\.(?P<pid>\d+)\.[0-9a-f]{8}$")
 
 
-def _replace(tmp: Path, path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        old = _tmp_sibling(path)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+def _sibling(path: Path, mark: str) -> Path:
+    return path.with_name(f".{path.name}.{mark}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
     else:
-        os.replace(tmp, path)
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False,
-               inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``path`` only if the block succeeds."""
-    path = Path(path)
-    check_output(path, overwrite, inputs)
-    tmp = _tmp_sibling(path)
-    tmp.mkdir()
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
     try:
-        yield tmp
-        _replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
 
 
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike[str], *, overwrite: bool = False,
-                inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Yield a temporary file path that becomes ``path`` only if the block succeeds."""
-    path = Path(path)
-    check_output(path, overwrite, inputs)
-    tmp = _tmp_sibling(path)
+def recover_stale(path: Path) -> None:
+    """Clean up after a killed run that was writing ``path`` (see the module docstring)."""
+    parent = path.parent
     try:
-        yield tmp
-        if not tmp.exists():
-            raise GaugefixError(f"internal error: nothing was written for {path}")
-        _replace(tmp, path)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
+        entries = [e for e in parent.iterdir() if e.name.startswith(f".{path.name}.gaugefix-")]
+    except OSError:
+        return
+    for e in entries:
+        m = _SIBLING.match(e.name)
+        if m is None or m["name"] != path.name:
+            continue
+        pid = int(m["pid"])
+        if m["host"] != _HOST or _alive(pid):
+            continue  # a run that may still be writing (a concurrent writer): left alone
+        if m["mark"] == OLD_MARK and not os.path.lexists(path):
+            os.rename(e, path)
+            warnings.warn(f"restored {path}: an interrupted --overwrite run (pid {pid}) had set "
+                          "it aside", GaugefixWarning, stacklevel=2)
         else:
-            tmp.unlink(missing_ok=True)
+            _remove(e)
+            warnings.warn(f"removed {e.name}, left in {parent} by an interrupted run (pid {pid})",
+                          GaugefixWarning, stacklevel=2)
+
+
+# ---------------------------------------------------------------------------- overlap
+def _relation(out: Path, inp: Path) -> str | None:
+    """How ``out`` overlaps ``inp`` ('is', 'lies inside', 'contains'), or None."""
+    ro, ri = out.resolve(), inp.resolve()
+    if ro == ri:
+        return "is"
+    if ri in ro.parents:
+        return "lies inside"
+    if ro in ri.parents:
+        return "contains"
+    with contextlib.suppress(OSError):
+        if ro.exists() and ri.exists() and os.path.samefile(ro, ri):  # hard links
+            return "is"
+    return None
+
+
+def check_output(path: str | os.PathLike[str], overwrite: bool,
+                 inputs: Iterable[str | os.PathLike[str]] = ()) -> None:
+    """Refuse an output that overlaps an input, cannot be written, or exists (unless
+    ``overwrite``). Cleans up what a killed run left for it first."""
+    path = Path(path)
+    for inp in inputs:
+        rel = _relation(path, Path(inp))
+        if rel is not None:
+            raise GaugefixError(f"output {path} {rel} the input {inp}; inputs are never "
+                                "modified (not even with --overwrite)")
+    parent = path.parent
+    if not parent.is_dir():
+        raise GaugefixError(f"output directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GaugefixError(f"cannot write into {parent} (permission denied)")
+    recover_stale(path)
+    if os.path.lexists(path) and not overwrite:
+        raise GaugefixError(f"output {path} already exists (pass --overwrite to replace it)")
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; FileExistsError if ``dst`` exists (atomically)."""
+    if src.is_dir():
+        try:  # POSIX rename of a directory fails onto anything but an empty directory
+            os.rename(src, dst)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise FileExistsError(errno.EEXIST, "exists", str(dst)) from None
+            raise
+        return
+    try:
+        os.link(src, dst)  # fails if dst exists, atomically
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: check, then rename
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "exists", str(dst)) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
+# ---------------------------------------------------------------------------- transactions
+@dataclass
+class _Output:
+    path: Path
+    tmp: Path
+    overwrite: bool
+    ready: bool = False
+    backup: Path | None = None
+
+
+@dataclass
+class Transaction:
+    """The outputs and inputs of one command (see the module docstring)."""
+
+    inputs: list[Path] = field(default_factory=list)
+    outputs: list[_Output] = field(default_factory=list)
+
+    def add_inputs(self, paths: Iterable[str | os.PathLike[str]]) -> None:
+        for p in paths:
+            p = Path(p)
+            if os.path.lexists(p) and p not in self.inputs:
+                self.inputs.append(p)
+
+    def check(self, path: Path, overwrite: bool) -> None:
+        check_output(path, overwrite, self.inputs)
+        for o in self.outputs:
+            rel = _relation(path, o.path)
+            if rel is not None:
+                raise GaugefixError(f"output {path} {rel} another output of this command, "
+                                    f"{o.path}")
+
+    def reserve(self, path: Path, overwrite: bool, *, is_dir: bool) -> _Output:
+        self.check(path, overwrite)
+        out = _Output(path, _sibling(path, TMP_MARK), overwrite)
+        if is_dir:
+            out.tmp.mkdir()
+        self.outputs.append(out)
+        return out
+
+    def discard(self, out: _Output) -> None:
+        _remove(out.tmp)
+        self.outputs.remove(out)
+
+    def abort(self) -> None:
+        for o in self.outputs:
+            _remove(o.tmp)
+        self.outputs.clear()
+
+    def commit(self) -> None:
+        for o in self.outputs:  # inputs read after an output was reserved count too
+            for inp in self.inputs:
+                rel = _relation(o.path, inp)
+                if rel is not None:
+                    raise GaugefixError(f"output {o.path} {rel} the input {inp}; inputs are "
+                                        "never modified (not even with --overwrite)")
+            if not o.ready or not os.path.lexists(o.tmp):
+                raise GaugefixError(f"internal error: {o.path} was never completed")
+        done: list[_Output] = []
+        try:
+            for o in self.outputs:
+                _publish(o)
+                done.append(o)
+        except BaseException:
+            for o in reversed(done):
+                _unpublish(o)
+            raise
+        for o in done:
+            if o.backup is not None:
+                _remove(o.backup)
+        self.outputs.clear()
+
+
+def _publish(o: _Output) -> None:
+    if o.overwrite and os.path.lexists(o.path):
+        o.backup = _sibling(o.path, OLD_MARK)
+        os.rename(o.path, o.backup)
+    try:
+        _rename_noreplace(o.tmp, o.path)
+    except FileExistsError:
+        if o.backup is not None:  # someone published in between: theirs stays
+            _remove(o.backup)
+            o.backup = None
+        raise GaugefixError(f"output {o.path} was created by another process while this one "
+                            "ran; nothing of this run was kept") from None
+    except BaseException:
+        if o.backup is not None and not os.path.lexists(o.path):
+            os.rename(o.backup, o.path)
+            o.backup = None
         raise
 
 
-def atomic_write_text(path: Path, text: str, *, overwrite: bool = False) -> Path:
-    with atomic_file(path, overwrite=overwrite) as tmp:
+def _unpublish(o: _Output) -> None:
+    _remove(o.path)
+    if o.backup is not None:
+        os.rename(o.backup, o.path)
+        o.backup = None
+
+
+_CURRENT: ContextVar[Transaction | None] = ContextVar("gaugefix_transaction", default=None)
+
+
+@contextlib.contextmanager
+def transaction(inputs: Iterable[str | os.PathLike[str]] = ()) -> Iterator[Transaction]:
+    """Group the outputs written inside the block: all are published at its end, or
+    none. Nested blocks join the outermost transaction."""
+    outer = _CURRENT.get()
+    if outer is not None:
+        outer.add_inputs(inputs)
+        yield outer
+        return
+    tx = Transaction()
+    tx.add_inputs(inputs)
+    token = _CURRENT.set(tx)
+    try:
+        yield tx
+    except BaseException:
+        tx.abort()
+        raise
+    else:
+        tx.commit()
+    finally:
+        _CURRENT.reset(token)
+
+
+def note_input(path: str | os.PathLike[str]) -> None:
+    """Record that the running command reads ``path`` (no effect outside a transaction)."""
+    tx = _CURRENT.get()
+    if tx is not None:
+        tx.add_inputs([path])
+
+
+@contextlib.contextmanager
+def _atomic(path: str | os.PathLike[str], overwrite: bool,
+            inputs: Iterable[str | os.PathLike[str]], is_dir: bool) -> Iterator[Path]:
+    with transaction(inputs) as tx:
+        out = tx.reserve(Path(path), overwrite, is_dir=is_dir)
+        try:
+            yield out.tmp
+            if not os.path.lexists(out.tmp):
+                raise GaugefixError(f"internal error: nothing was written for {path}")
+        except BaseException:
+            tx.discard(out)
+            raise
+        out.ready = True
+
+
+PathLike = str | os.PathLike[str]
+
+
+def atomic_dir(path: PathLike, *, overwrite: bool = False,
+               inputs: Iterable[PathLike] = ()) -> contextlib.AbstractContextManager[Path]:
+    """A temporary directory that becomes ``path`` when the transaction commits."""
+    return _atomic(path, overwrite, inputs, True)
+
+
+def atomic_file(path: PathLike, *, overwrite: bool = False,
+                inputs: Iterable[PathLike] = ()) -> contextlib.AbstractContextManager[Path]:
+    """A temporary file path that becomes ``path`` when the transaction commits."""
+    return _atomic(path, overwrite, inputs, False)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, overwrite: bool = False,
+                      inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    with atomic_file(path, overwrite=overwrite, inputs=inputs) as tmp:
         tmp.write_text(text)
-    return path
+    return Path(path)
 
 
 def copy_files(src_dir: Path, dst_dir: Path, exclude: set[str] | frozenset[str]) -> None:
@@ -105,3 +342,124 @@ def sha256_files(paths: list[Path]) -> str:
             while chunk := f.read(1 << 23):
                 h.update(chunk)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- readers
+_JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number",
+               float: "a number", bool: "a boolean", type(None): "null"}
+
+
+def json_type(value: Any) -> str:
+    """How a JSON value is named in error messages ('an object', 'a list', ...)."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def read_text(path: str | os.PathLike[str], what: str) -> str:
+    """A UTF-8 text file, or one error line saying why it cannot be read."""
+    p = Path(path)
+    note_input(p)
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GaugefixError(f"{what} not found: {p}") from None
+    except IsADirectoryError:
+        raise GaugefixError(f"{p} is a directory; expected a {what}") from None
+    except UnicodeDecodeError:
+        raise GaugefixError(f"{p}: not a text file (a {what} is UTF-8 text)") from None
+    except OSError as exc:
+        raise GaugefixError(f"{p}: cannot be read ({exc.strerror})") from None
+
+
+def read_json(path: str | os.PathLike[str], what: str,
+              expect: type | tuple[type, ...] | None = dict) -> Any:
+    """A JSON document, with its top-level type checked (``expect``)."""
+    p = Path(path)
+    text = read_text(p, what)
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GaugefixError(f"{p}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise GaugefixError(f"{p}: JSON nested too deeply to be a {what}") from None
+    if expect is not None and not isinstance(doc, expect):
+        want = expect if isinstance(expect, tuple) else (expect,)
+        raise GaugefixError(f"{p}: a {what} holds {' or '.join(_JSON_TYPES[t] for t in want)}, "
+                            f"found {json_type(doc)}")
+    return doc
+
+
+_BLOCKED_GLOBAL = re.compile(r"unsupported GLOBAL ([\w.]+)", re.IGNORECASE)
+
+
+def torch_load(path: str | os.PathLike[str], what: str, allowed: Iterable[type] = ()) -> Any:
+    """``torch.load`` with ``weights_only=True`` (and only ``allowed`` classes), its many
+    failure modes turned into one line. Never suggests the unsafe load."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    p = Path(path)
+    note_input(p)
+    if not p.is_file():
+        raise GaugefixError(f"{what} not found: {p}")
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed)):
+            warnings.simplefilter("ignore")
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        m = _BLOCKED_GLOBAL.search(str(exc))
+        if m:
+            raise GaugefixError(
+                f"{p}: refused: this {what} would need {m[1]} to unpickle, and gaugefix never "
+                "runs code from a file (torch files are read with weights_only=True); save "
+                "the tensors as safetensors or a plain state dict") from None
+        raise GaugefixError(f"{p}: not a {what} readable as a weights-only torch file") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as exc:
+        first = str(exc).strip().split("\n", 1)[0][:200]
+        raise GaugefixError(f"{p}: not a readable torch file ({first})") from None
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike[str], what: str = "safetensors file"
+                     ) -> Iterator[Any]:
+    """``safe_open`` with a truncated or forged file reported as one line naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    note_input(p)
+    if not p.is_file():
+        raise GaugefixError(f"{what} not found: {p}")
+    try:
+        handle = safe_open(str(p), "pt")
+    except (SafetensorError, OSError) as exc:
+        raise GaugefixError(f"{p}: not a valid {what} ({exc})") from None
+    try:
+        with handle as f:
+            yield f
+    except SafetensorError as exc:
+        raise GaugefixError(f"{p}: not a valid {what} ({exc})") from None
+
+
+def load_safetensors(path: str | os.PathLike[str], what: str = "safetensors file"
+                     ) -> tuple[dict[str, Any], dict[str, str]]:
+    """Every tensor of a safetensors file, and its metadata."""
+    with open_safetensors(path, what) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+
+
+def load_npy(path: str | os.PathLike[str], what: str) -> Any:
+    """A numeric ``.npy`` array (never pickled objects)."""
+    import numpy as np
+
+    p = Path(path)
+    note_input(p)
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except FileNotFoundError:
+        raise GaugefixError(f"{what} not found: {p}") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise GaugefixError(f"{p}: not a numeric .npy array ({exc})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":
+        raise GaugefixError(f"{p}: not a numeric .npy array")
+    return arr

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .arch import Family, detect_family
 from .errors import GaugefixError
+from .io import load_npy, note_input, torch_load
 
 STATS_FORMAT = "gaugefix.stats/1"
 
@@ -96,11 +97,17 @@ class Moments:
 
     @classmethod
     def from_tensors(cls, n: int, t: dict[str, torch.Tensor], prefix: str) -> Moments:
-        try:
-            return cls(n, *(t[f"{prefix}.{k}"].double()
-                            for k in ("mean_a", "mean_b", "m2_a", "m2_b", "cross")))
-        except KeyError as exc:
-            raise GaugefixError(f"statistics file lacks tensor {exc}") from None
+        names = [f"{prefix}.{k}" for k in ("mean_a", "mean_b", "m2_a", "m2_b", "cross")]
+        missing = [k for k in names if k not in t]
+        if missing:
+            raise GaugefixError(f"statistics file lacks tensors {', '.join(missing)}")
+        vecs, cross = [t[k] for k in names[:4]], t[names[4]]
+        d = vecs[0].shape[0] if vecs[0].ndim == 1 else -1
+        if (any(v.shape != (d,) for v in vecs) or cross.shape != (d, d) or d < 1
+                or not all(v.is_floating_point() for v in [*vecs, cross])):
+            raise GaugefixError(f"statistics file: {prefix} tensors have inconsistent shapes "
+                                f"({[list(v.shape) for v in [*vecs, cross]]})")
+        return cls(n, *(v.double() for v in vecs), cross.double())
 
 
 @dataclass
@@ -163,31 +170,61 @@ class CrossStats:
 
     @classmethod
     def load(cls, path: str | Path) -> CrossStats:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from .io import load_safetensors
 
         p = Path(path)
-        if not p.is_file():
-            raise GaugefixError(f"statistics file not found: {p}")
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(p), "pt") as f:
-                header = f.metadata() or {}
-            tensors = load_file(str(p))
-        except (SafetensorError, OSError) as exc:
-            raise GaugefixError(f"{p}: not a safetensors statistics file ({exc})") from None
+        tensors, header = load_safetensors(p, "statistics file")
         if header.get("format") != STATS_FORMAT:
-            raise GaugefixError(f"{p}: not a gaugefix statistics file")
-        counts = json.loads(header["n"])
-        positions = json.loads(header["positions"])
+            raise GaugefixError(f"{p}: not a gaugefix statistics file (format "
+                                f"{header.get('format')!r}, expected {STATS_FORMAT!r})")
+
+        def field(key: str, check: Any, rule: str) -> Any:
+            try:
+                value = json.loads(header[key])
+            except KeyError:
+                raise GaugefixError(f"{p}: statistics header lacks {key!r}") from None
+            except (ValueError, RecursionError):
+                raise GaugefixError(f"{p}: statistics header field {key!r} is not JSON"
+                                    ) from None
+            if not check(value):
+                raise GaugefixError(f"{p}: statistics header field {key!r} must be {rule}")
+            return value
+
+        def count(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        counts = field("n", lambda v: isinstance(v, dict) and "pooled" in v and all(
+            count(x) and (k == "pooled" or k.isdigit()) for k, x in v.items()),
+            "an object of token counts with 'pooled' and position numbers")
+        positions = field("positions", lambda v: isinstance(v, list) and all(
+            count(x) for x in v), "a list of residual positions")
+        n_tokens = field("n_tokens", count, "a token count")
+        meta = field("meta", lambda v: isinstance(v, dict), "an object") if "meta" in header \
+            else {}
         per = {int(k): Moments.from_tensors(v, tensors, f"position.{k}")
                for k, v in counts.items() if k != "pooled"}
-        return cls(Moments.from_tensors(counts["pooled"], tensors, "pooled"),
-                   int(header["n_tokens"]), positions, per, json.loads(header["meta"]))
+        st = cls(Moments.from_tensors(counts["pooled"], tensors, "pooled"), n_tokens, positions,
+                 per, meta)
+        if any(m.d != st.d for m in per.values()):
+            raise GaugefixError(f"{p}: per-position statistics differ in width")
+        return st
 
 
 # ---------------------------------------------------------------------------- taps
+def resolve_positions(positions: Sequence[int] | None, n_layers: int) -> list[int]:
+    """Residual positions 0..n_layers (negative ones count from the end, -1 = the last);
+    anything outside -(n_layers+1)..n_layers is refused, never wrapped."""
+    if positions is None:
+        return list(range(n_layers + 1))
+    if not positions:
+        raise GaugefixError("no residual positions given")
+    bad = [p for p in positions if not -(n_layers + 1) <= p <= n_layers]
+    if bad:
+        raise GaugefixError(f"residual positions {bad} out of range for {n_layers} layers "
+                            f"(0..{n_layers}, or -{n_layers + 1}..-1 from the end)")
+    return sorted({p % (n_layers + 1) for p in positions})
+
+
 class ResidualTap:
     """Captures residual positions of a model: input of layer 0, output of each layer.
 
@@ -201,11 +238,7 @@ class ResidualTap:
         except AttributeError:
             raise GaugefixError(f"{family.name} model has no module {family.layers!r}") from None
         self.n_layers = len(layers)
-        self.positions = list(range(self.n_layers + 1)) if positions is None else sorted(
-            {p % (self.n_layers + 1) if p < 0 else p for p in positions})
-        bad = [p for p in self.positions if not 0 <= p <= self.n_layers]
-        if bad:
-            raise GaugefixError(f"residual positions {bad} out of range 0..{self.n_layers}")
+        self.positions = resolve_positions(positions, self.n_layers)
         self.captured: dict[int, torch.Tensor] = {}
         self.handles = []
         if 0 in self.positions:
@@ -282,15 +315,9 @@ def load_token_source(source: str | Path | np.ndarray | None, *, vocab_size: int
         if not path.exists():
             raise GaugefixError(f"token source not found: {path}")
         if path.suffix == ".npy":
-            try:
-                ids = np.load(path, allow_pickle=False).reshape(-1)
-            except ValueError as exc:
-                raise GaugefixError(f"{path}: not a numeric .npy array ({exc})") from None
+            ids = load_npy(path, "token ids").reshape(-1)
         elif path.suffix == ".pt":
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise GaugefixError(f"{path}: cannot read token ids ({exc})") from None
+            obj = torch_load(path, "token-id file")
             if not isinstance(obj, torch.Tensor):
                 raise GaugefixError(f"{path}: expected a tensor of token ids, "
                                     f"found {type(obj).__name__}")
@@ -313,22 +340,27 @@ def _tokenize_text(path: Path, tokenizer_dir: Path | None, n_tokens: int) -> np.
         raise GaugefixError(f"{path}: no text files found")
     if tokenizer_dir is None:
         raise GaugefixError("a text token source needs the model's tokenizer")
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    except Exception:
-        raise GaugefixError(
-            f"{tokenizer_dir} has no tokenizer; pass pre-tokenized ids (.npy/.pt) or use the "
-            "synthetic token stream") from None
+    tok = load_tokenizer(tokenizer_dir, why="a text token source needs it; pass "
+                         "pre-tokenized ids (.npy/.pt) or use the synthetic token stream")
     out: list[int] = []
     for f in files:
+        note_input(f)
         for line in f.read_text(errors="replace").splitlines():
             if line.strip():
                 out += tok(line, add_special_tokens=False)["input_ids"]
                 if len(out) >= n_tokens:
                     return np.asarray(out[:n_tokens])
     return np.asarray(out)
+
+
+def load_tokenizer(path: Path, *, why: str) -> Any:
+    """The checkpoint's tokenizer, or one error line saying why it was needed."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise GaugefixError(f"{path} has no usable tokenizer ({why})") from None
 
 
 def token_windows(ids: np.ndarray, seq_len: int, batch_size: int) -> Iterator[torch.Tensor]:

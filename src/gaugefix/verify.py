@@ -77,8 +77,13 @@ def load_causal_lm(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     extra = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).eval()
-    except Exception as exc:
-        raise GaugefixError(f"{path}: transformers could not load the model ({exc})") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # config or files unusable
+        first = str(exc).strip().split("\n", 1)[0]
+        raise GaugefixError(f"{path}: transformers could not load the model ({first})") from None
+    except RuntimeError as exc:
+        if "mismatch" not in str(exc):
+            raise  # a bug or out of memory, not a bad checkpoint: let it show
+        raise GaugefixError(f"{path}: tensor shapes do not fit its config.json") from None
 
 
 def verify_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPerm, *,

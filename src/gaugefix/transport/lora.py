@@ -21,13 +21,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..arch import Family, Op
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_dir, copy_files
+from ..io import atomic_dir, copy_files, load_safetensors, read_json
 from .base import GAIN, H0, H1, UNTOUCHED, move
 
 PREFIX = "base_model.model."
@@ -80,7 +79,7 @@ def resolve_family(adapter_cfg: dict[str, Any], model: str | Path | None,
     if model is not None:
         return Checkpoint.open(model).family
     base = adapter_cfg.get("base_model_name_or_path")
-    if base and Path(base).is_dir() and (Path(base) / "config.json").is_file():
+    if isinstance(base, str) and base and (Path(base) / "config.json").is_file():
         return Checkpoint.open(base).family
     raise GaugefixError("lora: cannot tell the base model's family; pass --model BASE_DIR or "
                         "--family NAME")
@@ -99,18 +98,13 @@ def transport_lora(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
             raise GaugefixError(f"lora: {src} holds a pickled adapter_model.bin; re-save it as "
                                 "safetensors (gaugefix never unpickles)")
         raise GaugefixError(f"lora: {src} has no adapter_model.safetensors")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise GaugefixError(f"{cfg_file}: not valid JSON ({exc})") from None
+    cfg = read_json(cfg_file, "PEFT adapter config")
     if cfg.get("peft_type") != "LORA":
         raise GaugefixError(f"lora: peft_type is {cfg.get('peft_type')!r}; only LORA (incl. DoRA) "
                             "adapters are supported")
     fam = resolve_family(cfg, model, family)
     fam.check_gauge(gauge)
-    with safe_open(str(weights), "pt") as f:
-        meta = dict(f.metadata() or {})
-    tensors = load_file(str(weights))
+    tensors, meta = load_safetensors(weights, "adapter weights file")
     plan = {k: lora_ops(k, fam) for k in tensors}
     moved = {}
     for k, t in tensors.items():

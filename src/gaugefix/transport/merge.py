@@ -8,18 +8,21 @@ The result is a loadable HF checkpoint with A's config, tokenizer and layout.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..apply import gauge_checkpoint
+from ..apply import plan_checkpoint, write_gauged_weights
 from ..checkpoint import Checkpoint
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_dir, copy_files
+from ..io import atomic_dir, copy_files, open_safetensors, transaction
 
 MERGE_METHODS = ("linear", "slerp", "task-arithmetic")
 
@@ -60,20 +63,57 @@ def merge_tensors(a: torch.Tensor, b: torch.Tensor, method: str, w: float,
     return out.to(a.dtype)
 
 
+def check_weight(method: str, weight: float) -> None:
+    if not math.isfinite(weight):
+        raise GaugefixError(f"merge weight must be a finite number, got {weight}")
+    if method in ("linear", "slerp") and not 0.0 <= weight <= 1.0:
+        raise GaugefixError(f"a {method} merge weight must lie in 0..1, got {weight} "
+                            "(task-arithmetic takes any scale)")
+
+
+def check_same_layout(reference: Checkpoint, others: dict[str, Checkpoint]) -> None:
+    """Every tensor of ``reference`` in each other checkpoint, with the same shape; every
+    difference listed at once."""
+    ref = {k: s for _, k, s in reference.entries()}
+    problems = []
+    for what, ck in others.items():
+        theirs = {k: s for _, k, s in ck.entries()}
+        missing, extra = sorted(ref.keys() - theirs.keys()), sorted(theirs.keys() - ref.keys())
+        if missing:
+            problems.append(f"{what} lacks {', '.join(missing[:5])}"
+                            f"{' ...' if len(missing) > 5 else ''}")
+        if extra:
+            problems.append(f"{what} has extra {', '.join(extra[:5])}"
+                            f"{' ...' if len(extra) > 5 else ''}")
+        shapes = [f"{k} {list(theirs[k])} vs {list(ref[k])}" for k in ref
+                  if k in theirs and theirs[k] != ref[k]]
+        if shapes:
+            problems.append(f"{what}'s shapes differ: {'; '.join(shapes[:5])}"
+                            f"{' ...' if len(shapes) > 5 else ''}")
+    if problems:
+        raise GaugefixError(f"cannot merge: {' | '.join(problems)}")
+
+
 def merge_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPerm | None,
                       out: str | Path, *, method: str = "linear", weight: float = 0.5,
                       base: str | Path | None = None, export_aligned: str | Path | None = None,
                       overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Merge A with B (moved into A's chart by ``gauge``⁻¹; ``None`` = no alignment)."""
-    from safetensors import safe_open
+    """Merge A with B (moved into A's chart by ``gauge``⁻¹; ``None`` = no alignment).
+
+    Everything is checked before anything is written (families, widths, the gauge, the
+    weight, every tensor's name and shape), and the merge and ``export_aligned`` appear
+    together or not at all.
+    """
     from safetensors.torch import save_file
 
     if method not in MERGE_METHODS:
         raise GaugefixError(f"unknown merge method {method!r}; choose from "
                             f"{', '.join(MERGE_METHODS)}")
+    check_weight(method, weight)
     if method == "task-arithmetic" and base is None:
         raise GaugefixError("task-arithmetic needs --base (the common base, in A's chart)")
     ca, cb = Checkpoint.open(model_a), Checkpoint.open(model_b)
+    cbase = Checkpoint.open(base) if base is not None else None
     if ca.family.name != cb.family.name:
         raise GaugefixError(f"different families: {ca.family.name} vs {cb.family.name}")
     if ca.hidden_size != cb.hidden_size:
@@ -82,21 +122,25 @@ def merge_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPer
         ca.family.check_gauge(gauge, ca.hidden_size)
     if not ca.is_safetensors:
         raise GaugefixError("merge writes safetensors; model A must be a safetensors checkpoint")
-    inputs = tuple(Path(p) for p in (ca.path, cb.path, *(() if base is None else (base,))))
+    check_same_layout(ca, {"B": cb, **({"the base": cbase} if cbase is not None else {})})
+    inputs = [c.path for c in (ca, cb, cbase) if c is not None]
 
-    with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
+    with transaction(inputs), atomic_dir(out, overwrite=overwrite) as tmp:
         b_dir = cb.path
         if gauge is not None:
-            aligned = Path(export_aligned) if export_aligned is not None else tmp / ".aligned-B"
-            gauge_checkpoint(cb.path, aligned, gauge.inverse(), overwrite=overwrite,
-                             progress=progress)
-            b_dir = aligned
+            exported = (atomic_dir(export_aligned, overwrite=overwrite)
+                        if export_aligned is not None else _scratch_dir(tmp / ".aligned-B"))
+            with exported as aligned:
+                plan = plan_checkpoint(cb, gauge.inverse())
+                copy_files(cb.path, aligned, cb.weight_files)
+                write_gauged_weights(cb, aligned, gauge.inverse(), plan, progress=progress)
+            b_dir = aligned  # read from where it was written (published with the merge)
         get_b = Checkpoint.open(b_dir).getter()
-        get_base = Checkpoint.open(base).getter() if base is not None else None
+        get_base = cbase.getter() if cbase is not None else None
         copy_files(ca.path, tmp, {s.name for s in ca.shards})  # the shard index too
         n = 0
         for shard in tqdm(ca.shards, desc="merging", unit="shard", disable=not progress):
-            with safe_open(str(shard), "pt") as f:
+            with open_safetensors(shard, "weight shard") as f:
                 meta = f.metadata() or {"format": "pt"}
                 merged = {k: merge_tensors(f.get_tensor(k), get_b(k), method, weight,
                                            None if get_base is None else get_base(k))
@@ -106,3 +150,9 @@ def merge_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPer
         if gauge is not None and export_aligned is None:
             shutil.rmtree(tmp / ".aligned-B")
     return {"tensors": n, "method": method, "weight": weight, "aligned": gauge is not None}
+
+
+@contextlib.contextmanager
+def _scratch_dir(path: Path) -> Iterator[Path]:
+    path.mkdir()
+    yield path

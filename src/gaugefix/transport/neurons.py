@@ -18,15 +18,28 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_write_text
+from ..io import atomic_write_text, read_json, read_text
 
 LIST_KEYS = ("entries", "neurons", "coordinates")
 SIGN_FIELD = "gauge_sign"
+
+
+_INT_TEXT = re.compile(r"[+-]?\d+")
+
+
+def _integer(value: Any, what: str) -> int:
+    """A JSON integer or, from CSV, integer text; never a bool, 3.7 or "x"."""
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GaugefixError(f"neurons: {what} must be an integer, got {value!r}")
+    return value
 
 
 def transport_entries(entries: list[dict[str, Any]], gauge: SignedPerm) -> list[dict[str, Any]]:
@@ -36,20 +49,20 @@ def transport_entries(entries: list[dict[str, Any]], gauge: SignedPerm) -> list[
     for n, e in enumerate(entries):
         if not isinstance(e, dict) or "index" not in e:
             raise GaugefixError(f"neurons: entry {n} has no 'index' field")
-        try:
-            j = int(e["index"])
-        except (TypeError, ValueError):
-            raise GaugefixError(f"neurons: entry {n} has a non-integer index {e['index']!r}"
-                                ) from None
+        j = _integer(e["index"], f"entry {n}'s index")
         if not 0 <= j < gauge.d:
             raise GaugefixError(f"width mismatch: neurons entry {n} has index {j}, the gauge "
-                                f"has d={gauge.d}")
+                                f"has d={gauge.d} (indices 0..{gauge.d - 1})")
+        prior = _integer(e.get(SIGN_FIELD, 1), f"entry {n}'s {SIGN_FIELD}")
+        if prior not in (1, -1):
+            raise GaugefixError(f"neurons: entry {n}'s {SIGN_FIELD} must be 1 or -1, got "
+                                f"{e[SIGN_FIELD]!r}")
         (i,), (s,) = gauge.index_map([j])
         new = dict(e)
-        new["index"] = int(i)
+        new["index"] = int(i) if not isinstance(e["index"], str) else str(int(i))
         if "score" in e and e["score"] not in (None, ""):
-            new["score"] = _signed(e["score"], int(s))
-        new[SIGN_FIELD] = int(e.get(SIGN_FIELD, 1)) * int(s)
+            new["score"] = _signed(e["score"], int(s), n)
+        new[SIGN_FIELD] = prior * int(s)
         out.append(new)
     if all(e[SIGN_FIELD] == 1 for e in out):
         for e in out:
@@ -57,15 +70,19 @@ def transport_entries(entries: list[dict[str, Any]], gauge: SignedPerm) -> list[
     return out
 
 
-def _signed(score: Any, s: int) -> Any:
-    if isinstance(score, bool):
-        raise GaugefixError("neurons: a boolean score cannot carry a sign")
-    if isinstance(score, int | float):
+def _signed(score: Any, s: int, n: int) -> Any:
+    if isinstance(score, int | float) and not isinstance(score, bool):
         return score * s if s < 0 else score
-    text = str(score)  # CSV: keep the exact decimal text, flip its sign
-    float(text)
+    if not isinstance(score, str):
+        raise GaugefixError(f"neurons: entry {n}'s score must be a number, got {score!r}")
+    text = score.strip()  # CSV: keep the exact decimal text, flip its sign
+    try:
+        float(text)
+    except ValueError:
+        raise GaugefixError(f"neurons: entry {n}'s score must be a number, got {score!r}"
+                            ) from None
     if s > 0:
-        return text
+        return score
     if text.startswith("-"):
         return text[1:]
     return "-" + (text[1:] if text.startswith("+") else text)
@@ -74,34 +91,33 @@ def _signed(score: Any, s: int) -> Any:
 def transport_neurons(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
                       record: dict[str, Any], overwrite: bool = False) -> dict[str, Any]:
     src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise GaugefixError(f"neurons file not found: {src}")
-    text = src.read_text()
+    if src.suffix not in (".json", ".csv", ".tsv"):
+        raise GaugefixError(f"neurons: unknown file type {src.suffix!r} ({src}); expected "
+                            ".json, .csv or .tsv")
     if src.suffix == ".json":
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise GaugefixError(f"{src}: not valid JSON ({exc})") from None
+        doc = read_json(src, "neuron list", expect=(list, dict))
         if isinstance(doc, list):
-            entries, out_doc = transport_entries(doc, gauge), None
+            entries = transport_entries(doc, gauge)
             result: Any = entries
-        elif isinstance(doc, dict):
+        else:
             key = next((k for k in LIST_KEYS if isinstance(doc.get(k), list)), None)
             if key is None:
                 raise GaugefixError(f"{src}: expected a list of entries or an object with one "
                                     f"of {', '.join(LIST_KEYS)}")
             entries = transport_entries(doc[key], gauge)
-            out_doc = {**doc, key: entries}
-            result = out_doc
-        else:
-            raise GaugefixError(f"{src}: expected a JSON list or object of neuron entries")
-        atomic_write_text(dst, json.dumps(result, indent=2) + "\n", overwrite=overwrite)
-    elif src.suffix in (".csv", ".tsv"):
+            result = {**doc, key: entries}
+        atomic_write_text(dst, json.dumps(result, indent=2) + "\n", overwrite=overwrite,
+                          inputs=(src,))
+    else:
         delim = "\t" if src.suffix == ".tsv" else ","
-        reader = csv.DictReader(io.StringIO(text), delimiter=delim)
+        reader = csv.DictReader(io.StringIO(read_text(src, "neuron list")), delimiter=delim)
         if reader.fieldnames is None or "index" not in reader.fieldnames:
             raise GaugefixError(f"{src}: a CSV of neurons needs an 'index' column")
-        entries = transport_entries(list(reader), gauge)
+        rows = list(reader)
+        ragged = next((n for n, r in enumerate(rows, start=2) if None in r), None)
+        if ragged is not None:
+            raise GaugefixError(f"{src}: line {ragged} has more fields than the header")
+        entries = transport_entries(rows, gauge)
         fields = list(reader.fieldnames)
         if entries and SIGN_FIELD in entries[0] and SIGN_FIELD not in fields:
             fields.append(SIGN_FIELD)
@@ -111,7 +127,5 @@ def transport_neurons(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
         writer = csv.DictWriter(buf, fieldnames=fields, delimiter=delim, lineterminator="\n")
         writer.writeheader()
         writer.writerows(entries)
-        atomic_write_text(dst, buf.getvalue(), overwrite=overwrite)
-    else:
-        raise GaugefixError(f"neurons: unknown file type {src.suffix!r}; expected .json or .csv")
+        atomic_write_text(dst, buf.getvalue(), overwrite=overwrite, inputs=(src,))
     return {"entries": len(entries)}

@@ -25,7 +25,7 @@ from ..arch import Family
 from ..checkpoint import Checkpoint
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_dir, atomic_file, copy_files
+from ..io import atomic_dir, atomic_file, copy_files, torch_load
 
 # state key -> signed (like the parameter) / unsigned / untouched
 STATE_TABLE: dict[str, str] = {
@@ -98,14 +98,19 @@ def transport_state_dict(sd: dict[str, Any], names: list[str], family: Family,
 
 
 def _load_optimizer(path: Path) -> dict[str, Any]:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise GaugefixError(f"{path}: not an optimizer state readable with weights_only=True "
-                            f"({exc})") from None
+    sd = torch_load(path, "optimizer state")
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise GaugefixError(f"{path}: not an optimizer state dict (needs state and "
                             "param_groups)")
+    groups, state = sd["param_groups"], sd["state"]
+    if not isinstance(groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        raise GaugefixError(f"{path}: param_groups must be a list of groups with 'params'")
+    ids = [i for g in groups for i in g["params"]]
+    if not isinstance(state, dict) or not set(state) <= set(ids) or not all(
+            isinstance(v, dict) for v in state.values()):
+        raise GaugefixError(f"{path}: the optimizer state names parameters that no group "
+                            "holds")
     return sd
 
 

@@ -17,12 +17,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_dir, copy_files
+from ..io import atomic_dir, copy_files, json_type, load_safetensors, read_json
 from .base import H0, H1, UNTOUCHED, rules, transport_tensors
 
 LATENT = r"b_enc|threshold|log_threshold|b_gate|b_mag|r_mag"
@@ -53,9 +52,16 @@ RESIDUAL_HOOK = re.compile(
 def hook_names(cfg: dict[str, Any]) -> list[str]:
     """The hooks an SAELens (v6 or pre-6) or sparsify config reads and writes."""
     meta = cfg.get("metadata") or {}
-    names = [meta.get("hook_name"), meta.get("hook_name_out"), cfg.get("hook_name"),
-             cfg.get("hook_point"), cfg.get("hook_name_out"), cfg.get("hookpoint")]
-    return [n for n in dict.fromkeys(names) if n]
+    if not isinstance(meta, dict):
+        raise GaugefixError(f"sae: cfg.json's metadata must be an object, got {json_type(meta)}")
+    fields = {"metadata.hook_name": meta.get("hook_name"),
+              "metadata.hook_name_out": meta.get("hook_name_out"),
+              **{k: cfg.get(k) for k in ("hook_name", "hook_point", "hook_name_out", "hookpoint")}}
+    for key, value in fields.items():
+        if value is not None and not isinstance(value, str):
+            raise GaugefixError(f"sae: cfg.json's {key} must be a hook name (text), got "
+                                f"{value!r}")
+    return [n for n in dict.fromkeys(fields.values()) if n]
 
 
 def check_residual(cfg: dict[str, Any], gauge: SignedPerm, where: Path) -> None:
@@ -96,18 +102,13 @@ def transport_sae(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
     else:
         raise GaugefixError(f"sae: {src} has neither sae_weights.safetensors (SAELens) nor "
                             "sae.safetensors (sparsify); unknown layout")
-    try:
-        cfg = json.loads((src / "cfg.json").read_text())
-    except FileNotFoundError:
-        raise GaugefixError(f"sae: {src} has no cfg.json") from None
-    except json.JSONDecodeError as exc:
-        raise GaugefixError(f"{src / 'cfg.json'}: not valid JSON ({exc})") from None
+    if not (src / "cfg.json").is_file():
+        raise GaugefixError(f"sae: {src} has no cfg.json")
+    cfg = read_json(src / "cfg.json", "SAE config")
     if layout == "sparsify" and "hookpoint" not in cfg and re.search(r"(layers|h)\.\d", src.name):
         cfg = {**cfg, "hookpoint": src.name}  # sparsify names the folder after the hookpoint
     check_residual(cfg, gauge, src)
-    with safe_open(str(src / weights), "pt") as f:
-        meta = dict(f.metadata() or {})
-    tensors = load_file(str(src / weights))
+    tensors, meta = load_safetensors(src / weights, "SAE weights file")
     for key, width in _widths(tensors, layout):
         if width != gauge.d:
             raise GaugefixError(f"width mismatch: {key} has residual size {width}, the gauge "

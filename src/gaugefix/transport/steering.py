@@ -15,6 +15,7 @@ Every vector's last axis is the residual axis: H(-1), signed.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 from ..arch import Op
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_file
+from ..io import atomic_file, load_npy, load_safetensors, note_input, torch_load
 
 RESIDUAL = Op("H", -1)
 SUFFIXES = (".pt", ".pth", ".safetensors", ".npy", ".gguf")
@@ -48,16 +49,9 @@ def _steering_vector_class() -> Any:
 
 
 def _load_pt(path: Path) -> Any:
+    """A tensor, a dict of tensors, or a SteeringVector (the one class allowed)."""
     sv_cls = _steering_vector_class()
-    allowed = [sv_cls] if sv_cls is not None else []
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        hint = "" if sv_cls is not None else (
-            " (a pickled SteeringVector needs the steering-vectors package installed)")
-        raise GaugefixError(f"{path}: not a steering vector file readable with "
-                            f"weights_only=True{hint}") from exc
+    return torch_load(path, "steering vector file", allowed=[sv_cls] if sv_cls else [])
 
 
 def _transport_pt(obj: Any, gauge: SignedPerm) -> Any:
@@ -91,24 +85,15 @@ def transport_steering(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
         with atomic_file(dst, overwrite=overwrite, inputs=(src,)) as tmp, open(tmp, "wb") as f:
             torch.save(out, f)
     elif src.suffix == ".npy":
-        try:
-            arr = np.load(src, allow_pickle=False)
-        except ValueError as exc:
-            raise GaugefixError(f"{src}: not a numeric .npy array ({exc})") from None
+        arr = load_npy(src, "steering vector")
         out_arr = _move(arr, gauge, "array")
         n = 1 if arr.ndim == 1 else int(np.prod(arr.shape[:-1]))
         with atomic_file(dst, overwrite=overwrite, inputs=(src,)) as tmp, open(tmp, "wb") as f:
             np.save(f, out_arr)
     elif src.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
-        try:
-            with safe_open(str(src), "pt") as f:
-                meta = dict(f.metadata() or {})
-            tensors = load_file(str(src))
-        except Exception as exc:
-            raise GaugefixError(f"{src}: not a safetensors file ({exc})") from None
+        tensors, meta = load_safetensors(src, "steering vector file")
         out_t = {k: _move(v, gauge, repr(k)).contiguous() for k, v in tensors.items()}
         n = len(out_t)
         meta["gaugefix"] = json.dumps(record)
@@ -123,9 +108,10 @@ def read_control_vector(path: str | Path) -> tuple[dict[int, np.ndarray], dict[s
     """A repeng/llama.cpp control vector: ``{layer: direction}`` and its metadata."""
     import gguf
 
+    note_input(path)
     try:
         reader = gguf.GGUFReader(str(path))
-    except Exception as exc:
+    except (ValueError, OSError, IndexError, KeyError, EOFError, struct.error) as exc:
         raise GaugefixError(f"{path}: not a GGUF file ({exc})") from None
 
     def field(name: str) -> Any:
@@ -143,7 +129,10 @@ def read_control_vector(path: str | Path) -> tuple[dict[int, np.ndarray], dict[s
     for t in reader.tensors:
         if not t.name.startswith("direction."):
             raise GaugefixError(f"{path}: unexpected tensor {t.name!r} in a control vector")
-        directions[int(t.name.split(".", 1)[1])] = np.array(t.data, dtype=np.float32).reshape(-1)
+        layer = t.name.split(".", 1)[1]
+        if not layer.isdigit():
+            raise GaugefixError(f"{path}: control-vector tensor {t.name!r} names no layer")
+        directions[int(layer)] = np.array(t.data, dtype=np.float32).reshape(-1)
     meta = {"model_hint": field("controlvector.model_hint"),
             "layer_count": field("controlvector.layer_count"),
             "gaugefix": field("gaugefix.transport")}
