@@ -20,7 +20,7 @@ from .arch import Family, Op, detect_family, get_family, hidden_size_of
 from .checkpoint import Checkpoint, load_shard
 from .errors import GaugefixError
 from .group import SignedPerm
-from .io import atomic_dir, copy_files, open_safetensors, sha256_files
+from .io import atomic_dir, copy_files, no_bar, open_safetensors, sha256_files
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
@@ -140,7 +140,8 @@ def write_gauged_weights(ckpt: Checkpoint, out_dir: Path, gauge: SignedPerm,
     report.n_transformed = sum(1 for op in plan.values() if op.residual_axis is not None)
     if ckpt.index_file is not None:
         shutil.copy2(ckpt.index_file, out_dir / ckpt.index_file.name)
-    for shard in tqdm(ckpt.shards, desc="applying gauge", unit="shard", disable=not progress):
+    for shard in tqdm(ckpt.shards, desc="applying gauge", unit="shard",
+                      disable=no_bar(progress)):
         _gauge_shard(shard, out_dir / shard.name, gauge, plan)
         report.bytes_written += (out_dir / shard.name).stat().st_size
     report.sha256 = sha256_files([out_dir / s.name for s in ckpt.shards])

@@ -22,12 +22,16 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
+
+try:  # typer vendors click from 0.2x on; before, it used click itself
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover - older typer
+    from click.exceptions import ClickException, NoArgsIsHelpError
 
 from .errors import GaugefixError, GaugefixWarning
 
@@ -49,15 +53,15 @@ class _OneLineGroup(TyperGroup):
              **extra: Any) -> Any:
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.NoArgsIsHelpError as exc:
+        except NoArgsIsHelpError as exc:
             exc.show()
             code = exc.exit_code
-        except click.ClickException as exc:
+        except ClickException as exc:
             ctx = getattr(exc, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             _error_line(exc.format_message() + hint)
             code = exc.exit_code
-        except click.Abort:
+        except typer.Abort:
             _error_line("aborted")
             code = 1
         code = code if isinstance(code, int) else 0
@@ -152,12 +156,12 @@ def command(*, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> C
                                               for p in _existing_paths(kwargs.get(n))]
                                              ) if outputs else contextlib.nullcontext()
                     with tx_or_none as tx:
-                        for name in outputs:
-                            if kwargs.get(name) is not None:
-                                tx.check(Path(kwargs[name]), bool(kwargs.get("overwrite")))
+                        named = [Path(kwargs[n]) for n in outputs if kwargs.get(n) is not None]
+                        for k, path in enumerate(named):  # refused before any work
+                            tx.check(path, bool(kwargs.get("overwrite")), named[:k])
                         try:
                             fn(*args, **kwargs)
-                        except click.exceptions.Exit as exc:  # the command's own verdict
+                        except typer.Exit as exc:  # the command's own verdict
                             code = exc.exit_code
                     for line in _after_commit.get():
                         out.print(line)
@@ -195,10 +199,22 @@ def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
-def _finite(value: float | None) -> float | None:
-    if value is not None and not math.isfinite(value):
-        raise typer.BadParameter(f"{value} is not a finite number")
-    return value
+def _range(lo: float | None = None, hi: float | None = None) -> Callable[[Any], Any]:
+    """An option callback refusing non-finite values and values outside [lo, hi], with a
+    message that names the value and the rule."""
+
+    def check(value: Any) -> Any:
+        if value is None:
+            return value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise typer.BadParameter(f"{value} is not a finite number")
+        if lo is not None and value < lo:
+            raise typer.BadParameter(f"{value} is below the minimum {lo}")
+        if hi is not None and value > hi:
+            raise typer.BadParameter(f"{value} is above the maximum {hi}")
+        return value
+
+    return check
 
 
 # ---------------------------------------------------------------------------- inspect
@@ -235,13 +251,13 @@ def apply(
     model: Annotated[str, typer.Argument(help="checkpoint directory (chart A) or hub id")],
     output: Annotated[Path, typer.Argument(help="output directory (chart B)")],
     gauge: Annotated[Path | None, typer.Option(help="gauge file to apply")] = None,
-    random: Annotated[int | None, typer.Option("--random", min=0, help="apply a random gauge "
+    random: Annotated[int | None, typer.Option("--random", callback=_range(0), help="apply a "
+                      "random gauge "
                       "drawn with this seed (B_d for RMSNorm, S_d×{±1} for LayerNorm)")] = None,
     kind: Annotated[str | None, typer.Option(help="random gauge kind: signed, perm or "
                     "global (default: the family's full group)")] = None,
     positive_fraction: Annotated[float | None, typer.Option(
-        min=0.0, max=1.0, callback=_finite,
-        help="random signed gauge: fraction of +1 signs")] = None,
+        callback=_range(0, 1), help="random signed gauge: fraction of +1 signs")] = None,
     gauge_out: Annotated[Path | None, typer.Option(help="write the applied gauge here")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace existing outputs")] = False,
 ) -> None:
@@ -283,11 +299,11 @@ def verify(
     model_a: Annotated[str, typer.Argument(help="checkpoint in chart A")],
     model_b: Annotated[str, typer.Argument(help="checkpoint in chart B")],
     gauge: Annotated[Path, typer.Option(help="gauge A → B")],
-    tokens: Annotated[int, typer.Option(min=1, help="number of probe tokens")] = 256,
-    tol: Annotated[float, typer.Option(min=0.0, callback=_finite,
-                                       help="maximum relative error")] = 1e-4,
+    tokens: Annotated[int, typer.Option(callback=_range(1), help="number of probe tokens")] = 256,
+    tol: Annotated[float, typer.Option(callback=_range(0), help="maximum relative error")
+                   ] = 1e-4,
     dtype: Annotated[str, typer.Option(help="float32, float64, bfloat16, float16")] = "float32",
-    seed: Annotated[int, typer.Option(min=0, help="probe-token seed")] = 0,
+    seed: Annotated[int, typer.Option(callback=_range(0), help="probe-token seed")] = 0,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Check that MODEL_B computes MODEL_A's function in chart B (logits, all hidden states)."""
@@ -317,9 +333,9 @@ def verify(
 TokensFrom = Annotated[str | None, typer.Option(
     "--tokens-from", help="token source: a text file or directory (tokenised with MODEL_A's "
     "tokenizer), token ids in .npy/.pt, or 'synthetic' (default)")]
-NTokens = Annotated[int, typer.Option("--tokens", min=1, help="number of tokens")]
-SeqLen = Annotated[int, typer.Option(min=1, help="sequence length")]
-BatchSize = Annotated[int, typer.Option(min=1, help="sequences per forward pass")]
+NTokens = Annotated[int, typer.Option("--tokens", callback=_range(1), help="number of tokens")]
+SeqLen = Annotated[int, typer.Option(callback=_range(1), help="sequence length")]
+BatchSize = Annotated[int, typer.Option(callback=_range(1), help="sequences per forward pass")]
 Device = Annotated[str, typer.Option(help="cpu or cuda")]
 DType = Annotated[str, typer.Option(help="model dtype: float32, bfloat16, float16, float64")]
 Layers = Annotated[str | None, typer.Option(
@@ -327,7 +343,7 @@ Layers = Annotated[str | None, typer.Option(
     "default: all)")]
 PerLayer = Annotated[bool, typer.Option(help="also keep per-position statistics and report "
                                         "per-position agreement")]
-Seed = Annotated[int, typer.Option(min=0, help="seed of the synthetic token stream")]
+Seed = Annotated[int, typer.Option(callback=_range(0), help="seed of the synthetic token stream")]
 MethodOpt = Annotated[str, typer.Option(help="signmarg (default), signed, or perm")]
 SourceOpt = Annotated[str, typer.Option(help="activations (default) or weights (data-free)")]
 SolverOpt = Annotated[str, typer.Option(help="assignment solver: lapjvs (lapx) or scipy")]
@@ -397,7 +413,7 @@ def match(
     layers: Layers = None, per_layer: PerLayer = False, seed: Seed = 0,
     solver: SolverOpt = "lapjvs",
     gain_weight: Annotated[float, typer.Option(
-        min=0.0, max=1.0, callback=_finite, help="weights source: blend of the unsigned "
+        callback=_range(0, 1), help="weights source: blend of the unsigned "
         "gain-fingerprint similarity into the sign-blind score")] = 0.0,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
@@ -587,7 +603,7 @@ def merge(
     gauge: Annotated[Path | None, typer.Option(help="gauge A → B (B is moved by its "
                      "inverse); omit only with --unaligned")] = None,
     method: Annotated[str, typer.Option(help="linear, slerp or task-arithmetic")] = "linear",
-    weight: Annotated[float, typer.Option(callback=_finite, help="weight of B (0..1 for "
+    weight: Annotated[float, typer.Option(callback=_range(), help="weight of B (0..1 for "
                                           "linear and slerp)")] = 0.5,
     base: Annotated[Path | None, typer.Option(help="task-arithmetic: the common base, in "
                     "A's chart")] = None,
@@ -618,9 +634,10 @@ def audit(
     models: Annotated[list[str], typer.Argument(help="checkpoints to audit the claim on")],
     source: Annotated[str | None, typer.Option(help="the claim's source checkpoint (default: "
                       "the claim's 'source' field)")] = None,
-    gauges: Annotated[int, typer.Option(min=0, help="random B_d and S_d re-gaugings per "
+    gauges: Annotated[int, typer.Option(callback=_range(0), help="random B_d and S_d "
+                                        "re-gaugings per "
                                         "model")] = 4,
-    seed: Annotated[int, typer.Option(min=0, help="seed of the random gauges")] = 0,
+    seed: Annotated[int, typer.Option(callback=_range(0), help="seed of the random gauges")] = 0,
     tokens_from: TokensFrom = None, tokens: NTokens = 16384,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="write the report "
                       "(JSON) here")] = None,
@@ -691,7 +708,7 @@ def demo(
     quick: Annotated[bool, typer.Option(help="a smaller, faster version (used by the tests)")
                      ] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    seed: Annotated[int, typer.Option(min=0, help="random seed")] = 0,
+    seed: Annotated[int, typer.Option(callback=_range(0), help="random seed")] = 0,
 ) -> None:
     """Reproduce the seed paper's headline results on tiny models trained here."""
     from .demo import DemoConfig, run_demo

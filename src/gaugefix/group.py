@@ -333,6 +333,9 @@ class SignedPerm:
                 raise GaugefixError(f"{source}: missing field {key!r}")
         if not isinstance(doc["d"], int) or isinstance(doc["d"], bool):
             raise GaugefixError(f"{source}: d must be an integer")
+        if doc["d"] < 1:
+            raise GaugefixError(f"{source}: a gauge needs at least one coordinate (d = "
+                                f"{doc['d']})")
         if not isinstance(doc["perm"], list) or not isinstance(doc["sign"], list):
             raise GaugefixError(f"{source}: perm and sign must be JSON lists")
         if len(doc["perm"]) != doc["d"] or len(doc["sign"]) != doc["d"]:

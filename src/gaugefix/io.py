@@ -181,13 +181,15 @@ class Transaction:
             if os.path.lexists(p) and p not in self.inputs:
                 self.inputs.append(p)
 
-    def check(self, path: Path, overwrite: bool) -> None:
-        check_output(path, overwrite, self.inputs)
-        for o in self.outputs:
-            rel = _relation(path, o.path)
+    def check(self, path: Path, overwrite: bool, others: Iterable[Path] = ()) -> None:
+        """Refuse ``path`` as an output (see :func:`check_output`), also if it overlaps
+        another output of this command (reserved ones, or ``others``)."""
+        for other in (*others, *(o.path for o in self.outputs)):
+            rel = _relation(path, other)
             if rel is not None:
                 raise GaugefixError(f"output {path} {rel} another output of this command, "
-                                    f"{o.path}")
+                                    f"{other}")
+        check_output(path, overwrite, self.inputs)
 
     def reserve(self, path: Path, overwrite: bool, *, is_dir: bool) -> _Output:
         self.check(path, overwrite)
@@ -207,22 +209,25 @@ class Transaction:
         self.outputs.clear()
 
     def commit(self) -> None:
-        for o in self.outputs:  # inputs read after an output was reserved count too
-            for inp in self.inputs:
-                rel = _relation(o.path, inp)
-                if rel is not None:
-                    raise GaugefixError(f"output {o.path} {rel} the input {inp}; inputs are "
-                                        "never modified (not even with --overwrite)")
-            if not o.ready or not os.path.lexists(o.tmp):
-                raise GaugefixError(f"internal error: {o.path} was never completed")
+        """Publish every output, or (on any failure) none: temporaries removed, outputs
+        already published rolled back."""
         done: list[_Output] = []
         try:
+            for o in self.outputs:  # inputs read after an output was reserved count too
+                for inp in self.inputs:
+                    rel = _relation(o.path, inp)
+                    if rel is not None:
+                        raise GaugefixError(f"output {o.path} {rel} the input {inp}; inputs "
+                                            "are never modified (not even with --overwrite)")
+                if not o.ready or not os.path.lexists(o.tmp):
+                    raise GaugefixError(f"internal error: {o.path} was never completed")
             for o in self.outputs:
                 _publish(o)
                 done.append(o)
         except BaseException:
             for o in reversed(done):
                 _unpublish(o)
+            self.abort()
             raise
         for o in done:
             if o.backup is not None:
@@ -326,6 +331,12 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *, overwrite: boo
     return Path(path)
 
 
+def no_bar(progress: bool) -> bool | None:
+    """tqdm's ``disable``: a progress bar only when asked for and stderr is a terminal (so a
+    captured or piped stderr holds messages, not bars)."""
+    return None if progress else True
+
+
 def copy_files(src_dir: Path, dst_dir: Path, exclude: set[str] | frozenset[str]) -> None:
     """Copy every top-level file of ``src_dir`` except the names in ``exclude`` (the
     files an adapter rewrites): configs, tokenizers and other side files travel along."""
@@ -365,7 +376,7 @@ def read_text(path: str | os.PathLike[str], what: str) -> str:
     except IsADirectoryError:
         raise GaugefixError(f"{p} is a directory; expected a {what}") from None
     except UnicodeDecodeError:
-        raise GaugefixError(f"{p}: not a text file (a {what} is UTF-8 text)") from None
+        raise GaugefixError(f"{p}: not a UTF-8 text file ({what})") from None
     except OSError as exc:
         raise GaugefixError(f"{p}: cannot be read ({exc.strerror})") from None
 
@@ -383,12 +394,12 @@ def read_json(path: str | os.PathLike[str], what: str,
         raise GaugefixError(f"{p}: JSON nested too deeply to be a {what}") from None
     if expect is not None and not isinstance(doc, expect):
         want = expect if isinstance(expect, tuple) else (expect,)
-        raise GaugefixError(f"{p}: a {what} holds {' or '.join(_JSON_TYPES[t] for t in want)}, "
-                            f"found {json_type(doc)}")
+        names = " or ".join(_JSON_TYPES[t].split()[-1] for t in want)
+        raise GaugefixError(f"{p}: expected a JSON {names} ({what}), found {json_type(doc)}")
     return doc
 
 
-_BLOCKED_GLOBAL = re.compile(r"unsupported GLOBAL ([\w.]+)", re.IGNORECASE)
+_BLOCKED_GLOBAL = re.compile(r"\bGLOBAL ([\w.]+)")
 
 
 def torch_load(path: str | os.PathLike[str], what: str, allowed: Iterable[type] = ()) -> Any:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .arch import Family, detect_family
 from .errors import GaugefixError
-from .io import load_npy, note_input, torch_load
+from .io import load_npy, no_bar, note_input, torch_load
 
 STATS_FORMAT = "gaugefix.stats/1"
 
@@ -399,7 +399,7 @@ def collect_stats(
     pos = tap_a.positions
     pooled, per = Moments.empty(d_a), {p: Moments.empty(d_a) for p in pos}
     n_done = 0
-    bar = tqdm(total=len(ids), desc="statistics", unit="tok", disable=not progress)
+    bar = tqdm(total=len(ids), desc="statistics", unit="tok", disable=no_bar(progress))
     try:
         for batch in token_windows(ids, seq_len, batch_size):
             batch = batch.to(device)

@@ -8,6 +8,7 @@ gauged one, so the normed state transforms by Q as well).
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,15 @@ def load_causal_lm(path: Path, dtype: torch.dtype) -> torch.nn.Module:
 
     # transformers' fused-expert kernel (grouped_mm) has no float64; the eager loop does
     extra = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).eval()
+    except pickle.UnpicklingError:
+        raise GaugefixError(f"{path}: refused: its weights need code to unpickle, and gaugefix "
+                            "only reads torch files with weights_only=True") from None
+    except SafetensorError as exc:
+        raise GaugefixError(f"{path}: not a valid weight shard ({exc})") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:  # config or files unusable
         first = str(exc).strip().split("\n", 1)[0]
         raise GaugefixError(f"{path}: transformers could not load the model ({first})") from None

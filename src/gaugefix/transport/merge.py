@@ -22,7 +22,7 @@ from ..apply import plan_checkpoint, write_gauged_weights
 from ..checkpoint import Checkpoint
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_dir, copy_files, open_safetensors, transaction
+from ..io import atomic_dir, copy_files, no_bar, open_safetensors, transaction
 
 MERGE_METHODS = ("linear", "slerp", "task-arithmetic")
 
@@ -139,7 +139,7 @@ def merge_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPer
         get_base = cbase.getter() if cbase is not None else None
         copy_files(ca.path, tmp, {s.name for s in ca.shards})  # the shard index too
         n = 0
-        for shard in tqdm(ca.shards, desc="merging", unit="shard", disable=not progress):
+        for shard in tqdm(ca.shards, desc="merging", unit="shard", disable=no_bar(progress)):
             with open_safetensors(shard, "weight shard") as f:
                 meta = f.metadata() or {"format": "pt"}
                 merged = {k: merge_tensors(f.get_tensor(k), get_b(k), method, weight,

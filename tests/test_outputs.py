@@ -1,0 +1,179 @@
+"""Outputs appear whole or not at all: concurrent writers, signals, killed runs, rollbacks.
+
+The process tests run the installed console script on a checkpoint large enough (≈130 MB)
+that a signal lands while it is writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gaugefix.errors import GaugefixError
+from gaugefix.group import SignedPerm
+from gaugefix.io import atomic_dir, atomic_write_text, transaction
+
+EXE = str(Path(sys.executable).with_name("gaugefix"))
+
+
+def _temporaries(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if ".gaugefix-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> Path:
+    """A Llama-shaped checkpoint of ≈130 MB in 20 MB shards (random weights)."""
+    from gaugefix.tiny import build_tiny
+
+    path = tmp_path_factory.mktemp("big") / "big"
+    build_tiny("llama", hidden_size=512, vocab_size=32000, intermediate_size=1024,
+               num_attention_heads=8, num_key_value_heads=8, generic=True
+               ).save_pretrained(path, max_shard_size="20MB")
+    return path
+
+
+def _start(*args: object) -> subprocess.Popen:
+    return subprocess.Popen([EXE, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+
+
+def _wait_for_temporary(proc: subprocess.Popen, parent: Path, timeout: float = 120) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if _temporaries(parent):
+            return True
+        time.sleep(0.002)
+    return False
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_signal_while_writing_leaves_nothing(big, tmp_path, sig):
+    signum = getattr(signal, sig)
+    for attempt in range(3):  # the write may finish before the signal lands: try again
+        out = tmp_path / f"out{attempt}"
+        proc = _start("apply", big, out, "--random", 1, "--gauge-out", tmp_path / "g.json")
+        if not _wait_for_temporary(proc, tmp_path):
+            proc.communicate()
+            continue
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=120)
+        if proc.returncode == 0:
+            continue
+        assert proc.returncode == 128 + signum, stderr
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        assert lines == [f"error: interrupted by {sig}; nothing was written (temporary "
+                         "outputs removed)"], stderr
+        assert not out.exists() and not (tmp_path / "g.json").exists()
+        assert _temporaries(tmp_path) == []
+        return
+    pytest.fail("the signal never landed while apply was writing")
+
+
+def test_a_killed_run_is_cleaned_up_by_the_next(big, tmp_path, cli):
+    out = tmp_path / "out"
+    proc = _start("apply", big, out, "--random", 1)
+    assert _wait_for_temporary(proc, tmp_path), "apply finished before it could be killed"
+    proc.kill()
+    proc.communicate()
+    left = _temporaries(tmp_path)
+    assert left and not out.exists()  # SIGKILL cannot be caught: the temporary stays
+    res = cli("apply", big, out, "--random", 1)
+    assert f"removed {left[0].name}" in res.stderr and f"(pid {proc.pid})" in res.stderr
+    assert _temporaries(tmp_path) == [] and (out / "config.json").is_file()
+
+
+def test_an_output_set_aside_by_a_killed_overwrite_is_restored(tmp_path, cli, tiny_ckpt):
+    from gaugefix.io import OLD_MARK, _sibling
+
+    a = tiny_ckpt("llama")
+    dead = subprocess.Popen(["true"])  # a pid that no longer runs
+    dead.wait()
+    aside = _sibling(tmp_path / "out", OLD_MARK)
+    aside = aside.with_name(aside.name.replace(f".{os.getpid()}.", f".{dead.pid}."))
+    aside.mkdir()
+    (aside / "mine.txt").write_text("the old output")
+    res = cli("apply", a, tmp_path / "out", "--random", 1, ok=False)
+    assert "warning: restored" in res.stderr and "already exists" in res.stderr
+    assert (tmp_path / "out" / "mine.txt").read_text() == "the old output"
+    assert _temporaries(tmp_path) == []
+
+
+def test_concurrent_writers_to_one_output_have_exactly_one_winner(tmp_path, tiny_ckpt):
+    a = tiny_ckpt("llama", hidden_size=256, vocab_size=8000, intermediate_size=512)
+    src = load_file(a / "model.safetensors")
+    for trial in range(3):
+        out = tmp_path / f"out{trial}"
+        gauges = {s: tmp_path / f"g{trial}-{s}.json" for s in (10, 11)}
+        procs = {s: _start("apply", a, out, "--random", s, "--gauge-out", g)
+                 for s, g in gauges.items()}
+        results = {s: (p.communicate(timeout=300), p.returncode) for s, p in procs.items()}
+        winners = [s for s, (_, code) in results.items() if code == 0]
+        assert len(winners) == 1, results
+        (loser,) = set(results) - set(winners)
+        (_, stderr), code = results[loser]
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: output "), stderr
+        assert "already exists" in lines[0] or "created by another process" in lines[0]
+        assert not gauges[loser].exists()  # the loser's gauge file went with it
+        g = SignedPerm.load(gauges[winners[0]])  # the winner's gauge describes the output
+        written = load_file(out / "model.safetensors")
+        from gaugefix.arch import get_family
+
+        fam = get_family("llama")
+        assert all(torch.equal(written[k], fam.op_for(k)(g, v)) for k, v in src.items())
+        assert _temporaries(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------- the mechanism
+def test_publishing_never_replaces_what_appeared_meanwhile(tmp_path):
+    """Another writer publishes between our check and our publish: ours is dropped, theirs
+    stays, for directories and files alike."""
+    for kind in ("dir", "file"):
+        target = tmp_path / f"out-{kind}"
+        with pytest.raises(GaugefixError, match="created by another process"), transaction():
+            if kind == "dir":
+                with atomic_dir(target) as tmp:
+                    (tmp / "ours.txt").write_text("ours")
+                target.mkdir()
+                (target / "theirs.txt").write_text("theirs")
+            else:
+                atomic_write_text(target, "ours")
+                target.write_text("theirs")
+        theirs = target / "theirs.txt" if kind == "dir" else target
+        assert theirs.read_text() == "theirs"
+    assert _temporaries(tmp_path) == []
+
+
+def test_outputs_of_one_transaction_appear_together(tmp_path):
+    with pytest.raises(RuntimeError, match="late failure"), transaction():
+        atomic_write_text(tmp_path / "first.json", "{}")
+        with atomic_dir(tmp_path / "second") as tmp:
+            (tmp / "x").write_text("x")
+        assert not (tmp_path / "first.json").exists()  # nothing published yet
+        raise RuntimeError("late failure")
+    assert list(tmp_path.iterdir()) == []
+    with transaction():
+        atomic_write_text(tmp_path / "first.json", "{}")
+        atomic_write_text(tmp_path / "second.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.json", "second.json"]
+
+
+def test_an_input_read_after_reserving_the_output_still_protects_it(tmp_path):
+    from gaugefix.io import read_json
+
+    (tmp_path / "doc.json").write_text(json.dumps({"a": 1}))
+    with pytest.raises(GaugefixError, match="is the input"), transaction():
+        with atomic_dir(tmp_path / "doc.json", overwrite=True) as tmp:
+            (tmp / "x").write_text("x")
+        read_json(tmp_path / "doc.json", "document")
+    assert json.loads((tmp_path / "doc.json").read_text()) == {"a": 1}
+    assert _temporaries(tmp_path) == []
