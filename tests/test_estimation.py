@@ -87,9 +87,11 @@ def test_trajectory_composition_beats_endpoint_matching_under_drift(drift_lineag
     endpoint = estimate_gauge(a[-1], b[-1], opts=opts).gauge.compare(truth)
     composed = trajectory([*a[::-1], base, *b], opts=opts)
     acc = composed.gauge.compare(truth)
-    assert acc["full_accuracy"] > endpoint["full_accuracy"]
-    assert acc["full_accuracy"] >= 0.95
-    assert endpoint["full_accuracy"] < 0.99  # the runs really did drift apart
+    # the fixture established drift (native endpoints match below 0.99) and small local steps
+    # (each consecutive native pair matches exactly): composition must then be exact in any
+    # charts, because the estimator is equivariant, while the endpoint keeps its errors
+    assert endpoint["full_accuracy"] == pytest.approx(lin.endpoint_accuracy)
+    assert acc["full_accuracy"] == 1.0
     assert len(composed.steps) == 2 * n
 
 

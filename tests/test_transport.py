@@ -176,22 +176,27 @@ def test_layernorm_normalised_sae_accepts_a_global_sign(tmp_path, cli):
 # ---------------------------------------------------------------------------- steering
 def test_steering_effect_is_preserved_only_with_signs(world, trained_llama, gauge_files,
                                                       tmp_path, cli):
+    """The fixture establishes a sentiment direction v that steers A both ways. Moved with its
+    signs, v steers B exactly as it steers A. Moved by permutation alone under a gauge that
+    flips every sign, it is −v in disguise: it steers B exactly as −v steers A, the wrong way."""
+
     a, _, b, _ = world
-    g_file, perm_file = gauge_files
-    v = 64 * sentiment_direction(a, trained_llama.corpus, 0)
+    g_file, _ = gauge_files
+    corpus = trained_llama.corpus
+    v, eff_a, eff_minus = trained_llama.sentiment  # eff_a > 0.05 > -0.05 > eff_minus
     torch.save(v, tmp_path / "v.pt")
     cli("transport", "steering", tmp_path / "v.pt", "--gauge", g_file, "-o", tmp_path / "vb.pt")
-    cli("transport", "steering", tmp_path / "v.pt", "--gauge", perm_file, "-o",
-        tmp_path / "vp.pt")
     vb = torch.load(tmp_path / "vb.pt", weights_only=True)
+    assert abs(sentiment_effect(b, corpus, 0, vb) / eff_a - 1) < 1e-4
+
+    flip = SignedPerm.random(64, seed=22, positive_fraction=0.0)
+    flip.unsigned().save(tmp_path / "flip-perm-only.json")
+    cli("transport", "steering", tmp_path / "v.pt", "--gauge", tmp_path / "flip-perm-only.json",
+        "-o", tmp_path / "vp.pt")
     vp = torch.load(tmp_path / "vp.pt", weights_only=True)
-    corpus = trained_llama.corpus
-    eff_a = sentiment_effect(a, corpus, 0, v)
-    eff_b = sentiment_effect(b, corpus, 0, vb)
-    eff_p = sentiment_effect(b, corpus, 0, vp)
-    assert eff_a > 0.05  # the direction really steers sentiment (fp noise is ~1e-7)
-    assert abs(eff_b / eff_a - 1) < 1e-4
-    assert eff_p / eff_a < 0.5  # without signs the effect collapses (or reverses)
+    eff_p = sentiment_effect(gauge_model(a, flip), corpus, 0, vp)
+    assert abs(eff_p - eff_minus) < 1e-4 * abs(eff_minus)
+    assert eff_p < -0.05  # the effect reverses
 
 
 def test_steering_vectors_client_and_every_file_layout(world, trained_llama, tmp_path, cli):

@@ -182,16 +182,34 @@ def test_bare_optimizer_file_needs_its_model(tmp_path, cli, trained_llama):
 
 
 # ---------------------------------------------------------------------------- merge
-def test_coordinate_preserving_merge(drift_lineage, tmp_path, cli):
-    lin = drift_lineage
+def test_coordinate_preserving_merge(trained_llama, tmp_path, cli):
+    """B, an ordinary fine-tune of A, saved in another chart, merged back with A.
+
+    The aligned merge equals, bit for bit, the merge of the two in their shared native chart.
+    Under a gauge that flips every sign, permutation-only alignment puts −B where B belongs:
+    each residual read and write averages to about (W_A − W_B)/2, so the merge collapses
+    (by construction: A and B differ little, which is checked, not assumed)."""
+    import math
+
+    from gaugefix.demo.lineage import MIX_B
+    from gaugefix.demo.train import train
+
+    from .conftest import fixture_failed
+
+    lin = trained_llama
+    b_native = copy.deepcopy(lin.base)
+    train(b_native, lin.corpus.stream(50_000, 5, MIX_B), steps=50, lr=2e-3, seed=5)
+    if lin.native_match(lin.base, b_native) < 1.0:
+        fixture_failed("merge fine-tune", "50 steps at lr 2e-3 already moved coordinates")
     lin.base.save_pretrained(tmp_path / "A")
-    lin.runs["B"][3].save_pretrained(tmp_path / "B-native")  # fine-tuned, A's chart
-    g = SignedPerm.random(64, seed=12)
+    b_native.save_pretrained(tmp_path / "B-native")
+    g = SignedPerm.random(64, seed=12, positive_fraction=0.0)
     g.save(tmp_path / "g-true.json")
     cli("apply", tmp_path / "B-native", tmp_path / "B", "--gauge", tmp_path / "g-true.json")
-    np.save(tmp_path / "ids.npy", lin.probe(8192))
+    np.save(tmp_path / "ids.npy", lin.probe(4096))
     cli("match", tmp_path / "A", tmp_path / "B", "-o", tmp_path / "g.json", "--tokens-from",
-        tmp_path / "ids.npy", "--tokens", 8192)
+        tmp_path / "ids.npy", "--tokens", 4096)
+    assert SignedPerm.load(tmp_path / "g.json") == g
 
     cli("merge", tmp_path / "A", tmp_path / "B", "--gauge", tmp_path / "g.json", "-o",
         tmp_path / "aligned", "--export-aligned", tmp_path / "B-in-A")
@@ -207,15 +225,17 @@ def test_coordinate_preserving_merge(drift_lineage, tmp_path, cli):
     native = load_file(tmp_path / "B-native" / "model.safetensors")
     assert all(torch.equal(exported[k], native[k]) for k in native)
 
+    a = load_file(tmp_path / "A" / "model.safetensors")
+    drift = max(float((native[k] - a[k]).norm() / a[k].norm()) for k in a if "norm" not in k)
+    assert drift < 0.5, f"B is not a small step from A ({drift:.2f}); the construction needs it"
     from transformers import AutoModelForCausalLM
 
     tokens = lin.corpus.stream(8192, 31)
     loss = {d: eval_loss(AutoModelForCausalLM.from_pretrained(tmp_path / d), tokens)
-            for d in ("A", "aligned", "unaligned", "perm-aligned")}
-    # measured: A 0.82, aligned 1.00, permutation-only aligned 1.15, unaligned 1.31
+            for d in ("A", "aligned", "perm-aligned")}
     assert loss["aligned"] < loss["A"] + 0.5
-    assert loss["unaligned"] > loss["aligned"] + 0.1
-    assert loss["perm-aligned"] > loss["aligned"] + 0.1
+    assert loss["perm-aligned"] > loss["aligned"] + 1.0, loss
+    assert loss["perm-aligned"] > 0.5 * math.log(lin.corpus.vocab_size), loss
 
     for method, extra in (("slerp", []), ("task-arithmetic", ["--base", tmp_path / "A"])):
         cli("merge", tmp_path / "A", tmp_path / "B", "--gauge", tmp_path / "g.json", "-o",
