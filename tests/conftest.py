@@ -153,39 +153,53 @@ def max_coordinate_correlation(model, tokens) -> float:
     return float(c.max())
 
 
-def sentiment_steering(lin: Lineage) -> tuple[torch.Tensor, float, float]:
-    """(v, effect of +v, effect of −v) for the contrastive sentiment direction after layer 0."""
+def sentiment_steering(lin: Lineage) -> tuple[int, torch.Tensor, float, float]:
+    """(layer, v, effect of +v, effect of −v) for the contrastive sentiment direction after
+    the decoder layer where it steers best both ways (a run may carry sentiment to the last
+    token in layer 0 or only in layer 1)."""
     from gaugefix.demo.steer import sentiment_direction, sentiment_effect
 
-    v = 64 * sentiment_direction(lin.base, lin.corpus, 0)
-    return (v, sentiment_effect(lin.base, lin.corpus, 0, v),
-            sentiment_effect(lin.base, lin.corpus, 0, -v))
+    best = None
+    for layer in range(lin.base.config.num_hidden_layers):
+        v = 64 * sentiment_direction(lin.base, lin.corpus, layer)
+        up = sentiment_effect(lin.base, lin.corpus, layer, v)
+        down = sentiment_effect(lin.base, lin.corpus, layer, -v)
+        if best is None or min(up, -down) > min(best[2], -best[3]):
+            best = (layer, v, up, down)
+    assert best is not None
+    return best
+
+
+# the tests assert that an exact copy B = Q·A matches with no coordinate below the
+# low-confidence threshold 0.05, i.e. every other coordinate correlates below 0.95
+MAX_CORRELATION = 1 - 0.05
 
 
 def _distinguishable(name: str, lin: Lineage) -> None:
     rho = max_coordinate_correlation(lin.base, lin.probe())
-    if rho > 0.9:
-        fixture_failed(name, f"two residual coordinates correlate at {rho:.3f} (> 0.9), so "
-                       "planted gauges are not recoverable with a clear margin")
+    if rho >= MAX_CORRELATION:
+        fixture_failed(name, f"two residual coordinates correlate at {rho:.3f} (≥ "
+                       f"{MAX_CORRELATION}), so planted gauges are not recovered with the "
+                       "margin the tests assert")
 
 
 @pytest.fixture(scope="session")
 def trained_llama():
     """A Llama-family model trained on the generated corpus, established to have
-    (1) distinguishable residual coordinates and (2) a sentiment direction after layer 0
-    that steers both ways: +v raises the positive-verb log-odds, −v lowers them."""
+    (1) a sentiment direction after layer 0 that steers both ways: +v raises the
+    positive-verb log-odds, −v lowers them, and (2) distinguishable residual coordinates."""
     lin = Lineage("llama", base_steps=400, base_lr=1e-2)
     for _ in range(4):
         lin.sentiment = sentiment_steering(lin)
-        if lin.sentiment[1] > 0.05 and lin.sentiment[2] < -0.05:
-            break
+        _, _, up, down = lin.sentiment
+        rho = max_coordinate_correlation(lin.base, lin.probe())
+        if up > 0.05 and down < -0.05 and rho < MAX_CORRELATION:
+            return lin
         lin.train_base(200)
-    else:
-        fixture_failed("trained_llama", f"after {lin.base_steps} steps the sentiment direction "
-                       f"steers by {lin.sentiment[1]:+.3f} / {lin.sentiment[2]:+.3f} (needs "
-                       "> +0.05 along +v and < -0.05 along -v)")
-    _distinguishable("trained_llama", lin)
-    return lin
+    fixture_failed("trained_llama", f"after {lin.base_steps} steps the best sentiment direction "
+                   f"steers by {up:+.3f} / {down:+.3f} (needs > +0.05 along +v and < -0.05 "
+                   f"along -v) and two coordinates correlate at {rho:.3f} (needs < "
+                   f"{MAX_CORRELATION})")
 
 
 @pytest.fixture(scope="session")

@@ -54,11 +54,20 @@ def test_sae_transport_preserves_reconstruction_and_saelens_loads_it(world, trai
                                                                       gauge_files, tmp_path, cli):
     from sae_lens import SAE
 
-    a, _, b, _ = world
+    from .conftest import fixture_failed
+
+    a, g, b, _ = world
     g_file, perm_file = gauge_files
     ids = _ids(trained_llama)
     xa, xb = _acts(a, ids, 1), _acts(b, ids, 1)
     sae = train_sae(xa, 256, steps=400)
+    # dropping the signs hands the SAE B's activations with the negative-sign coordinates
+    # flipped: D·x_A in A's own chart, D[j] = sign of the B coordinate that j lands on
+    d = torch.from_numpy(g.sign[g.inverse().perm].astype(np.float32))
+    e_a, e_flipped = (nmse(x, sae_reconstruct(sae, x)) for x in (xa, xa * d))
+    if not (e_a < 0.3 and e_flipped > 2 * e_a):
+        fixture_failed("SAE", f"the trained SAE reconstructs with NMSE {e_a:.3f} and with the "
+                       f"flips {e_flipped:.3f} (needs < 0.3, and more than twice that)")
     src = save_saelens(tmp_path / "sae-A", sae, hook_name="model.layers.0")
     cli("transport", "sae", src, "--gauge", g_file, "-o", tmp_path / "sae-B")
     cli("transport", "sae", src, "--gauge", perm_file, "-o", tmp_path / "sae-perm")
@@ -67,13 +76,12 @@ def test_sae_transport_preserves_reconstruction_and_saelens_loads_it(world, trai
     moved = SAE.load_from_disk(str(tmp_path / "sae-B"))
     wrong = SAE.load_from_disk(str(tmp_path / "sae-perm"))
     with torch.no_grad():
-        e_a = nmse(xa, orig(xa))
+        e_orig = nmse(xa, orig(xa))
         e_b = nmse(xb, moved(xb))
         e_perm = nmse(xb, wrong(xb))
-    assert e_a < 0.3  # the SAE is a real one
-    assert abs(e_b - e_a) < 1e-5
-    assert e_perm > 0.5  # dropping the signs breaks it (order 1)
-    assert abs(nmse(xa, sae_reconstruct(sae, xa)) - e_a) < 1e-6  # our SAE = SAELens' reading
+    assert abs(e_orig - e_a) < 1e-6  # our SAE = SAELens' reading of it
+    assert abs(e_b - e_a) < 1e-5  # moved with its signs: the same reconstruction on B
+    assert abs(e_perm - e_flipped) < 1e-5  # without them: the flipped inputs' error
     # the transport is recorded in the safetensors metadata
     from safetensors import safe_open
 
@@ -183,18 +191,18 @@ def test_steering_effect_is_preserved_only_with_signs(world, trained_llama, gaug
     a, _, b, _ = world
     g_file, _ = gauge_files
     corpus = trained_llama.corpus
-    v, eff_a, eff_minus = trained_llama.sentiment  # eff_a > 0.05 > -0.05 > eff_minus
+    layer, v, eff_a, eff_minus = trained_llama.sentiment  # eff_a > 0.05 > -0.05 > eff_minus
     torch.save(v, tmp_path / "v.pt")
     cli("transport", "steering", tmp_path / "v.pt", "--gauge", g_file, "-o", tmp_path / "vb.pt")
     vb = torch.load(tmp_path / "vb.pt", weights_only=True)
-    assert abs(sentiment_effect(b, corpus, 0, vb) / eff_a - 1) < 1e-4
+    assert abs(sentiment_effect(b, corpus, layer, vb) / eff_a - 1) < 1e-4
 
     flip = SignedPerm.random(64, seed=22, positive_fraction=0.0)
     flip.unsigned().save(tmp_path / "flip-perm-only.json")
     cli("transport", "steering", tmp_path / "v.pt", "--gauge", tmp_path / "flip-perm-only.json",
         "-o", tmp_path / "vp.pt")
     vp = torch.load(tmp_path / "vp.pt", weights_only=True)
-    eff_p = sentiment_effect(gauge_model(a, flip), corpus, 0, vp)
+    eff_p = sentiment_effect(gauge_model(a, flip), corpus, layer, vp)
     assert abs(eff_p - eff_minus) < 1e-4 * abs(eff_minus)
     assert eff_p < -0.05  # the effect reverses
 

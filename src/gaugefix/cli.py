@@ -169,8 +169,8 @@ def command(*, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> C
                 _error_line(exc)
                 raise typer.Exit(2) from None
             except Interrupted as exc:
-                _error_line(f"interrupted by {signal.Signals(exc.signum).name}; nothing was "
-                            "written (temporary outputs removed)")
+                cleaned = "; nothing was written (temporary outputs removed)" if outputs else ""
+                _error_line(f"interrupted by {signal.Signals(exc.signum).name}{cleaned}")
                 raise typer.Exit(128 + exc.signum) from None
             except OSError as exc:
                 where = f"{exc.filename}: " if exc.filename else ""

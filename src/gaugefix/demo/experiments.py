@@ -122,20 +122,27 @@ class Matcher:
                                for x, y in itertools.pairwise(path)])
 
 
-def trajectories(lin: Lineage, matcher: Matcher) -> dict[str, Any]:
-    """Cross-run recovery (A_k's chart → B_k's) by endpoint, via the base, and composed."""
+def trajectories(lin: Lineage, matcher: Matcher, *, last_only: bool = False
+                 ) -> dict[str, Any]:
+    """Cross-run recovery (A_k's chart → B_k's) by endpoint, via the base, and composed.
+    ``last_only``: the last step with signmarg alone (what the summary reports)."""
     curve = []
     for k, step in enumerate(lin.steps, start=1):
+        last = k == len(lin.steps)
+        if last_only and not last:
+            continue
         a_k, b_k = lin.run_a[k - 1], lin.run_b[k - 1]
         truth = lin.true_gauge(a_k, b_k)
         row: dict[str, Any] = {"step": step}
-        for method in (("signmarg",) if k < len(lin.steps) else METHODS):
+        for method in (METHODS if last and not last_only else ("signmarg",)):
             endpoint = matcher.match(a_k, b_k, method).gauge
             via = matcher.chain([a_k, lin.base, b_k], method)
             composed = matcher.chain([*lin.run_a[:k][::-1], lin.base, *lin.run_b[:k]], method)
             row[method] = {name: g.compare(truth)["full_accuracy"] for name, g in
                            (("endpoint", endpoint), ("via_base", via), ("composed", composed))}
         curve.append(row)
+    if last_only:
+        return {"curve": curve}
     last_a, last_b = lin.run_a[-1], lin.run_b[-1]
     weights = match_weights(last_a, last_b).gauge.compare(lin.true_gauge(last_a, last_b))
     local = [matcher.match(x, y).summary()

@@ -85,10 +85,40 @@ def write_report(r: dict[str, Any], out: Path, plots: list[Path]) -> Path:
       "used only to score the estimators.\n")
 
     w("## Summary\n")
+    runs = r["runs"]
+    n_runs = len(runs["seeds"])
+    if n_runs > 1:
+        w(f"Figures from the main training run (seed {runs['seeds'][0]}); in brackets the range "
+          f"over {n_runs} independent training runs (seeds {', '.join(map(str, runs['seeds']))})"
+          ". Exact results (the ceiling, gauge groups, optimizer state, the audit through the "
+          "gauge) do not depend on the run.\n")
     w("| experiment | B_d / correct | S_d / baseline | seed paper |\n|---|---|---|---|")
     for row in summary_rows(r):
         w("| " + " | ".join(row) + " |")
     w("")
+    w("### How much these figures can move\n")
+    w("Tiny models trained on a CPU are not reproducible across machines: floating-point "
+      "kernels differ between CPUs (and thread counts), so the same seed trains a different "
+      "model elsewhere, just as another seed does here. The figures that depend on training "
+      "(how far the runs drift, how well an SAE trains, how strongly a direction steers) move "
+      "accordingly; what must hold everywhere are the relations between columns, not the "
+      "digits.")
+    if n_runs > 1:
+        w(" Over the independent training runs of this report:\n")
+        w("| figure | " + " | ".join(f"seed {s}" for s in runs["seeds"]) +
+          " | mean | range |\n|---|" + "---|" * (n_runs + 2))
+        from .run import HEADLINE
+
+        for key, label, spec in HEADLINE:
+            f = runs["figures"][key]
+            w(f"| {label} | " + " | ".join(format(v, spec) for v in f["values"]) +
+              f" | {format(f['mean'], spec)} | {format(f['min'], spec)} – "
+              f"{format(f['max'], spec)} |")
+        w("\nExpect a figure measured on another machine to fall within about these ranges, "
+          "not to equal the main run's value.\n")
+    else:
+        w(" This quick run trains once; the full demo (`gaugefix demo`) repeats the "
+          "run-dependent figures on three training runs and reports their range.\n")
 
     w("## 1. Gauge groups\n")
     w("Relative logit error (max |Δlogits| / max |logits|) after pushing a candidate map "

@@ -61,18 +61,30 @@ class DemoConfig:
     def fractions(self) -> list[float]:
         return [0.0, 0.25, 0.5, 0.75, 1.0] if self.quick else [i / 8 for i in range(9)]
 
-    def spec(self, family: str) -> LineageSpec:
+    @property
+    def runs(self) -> list[int]:
+        """Seeds of the independent training runs the headline figures are repeated on. A
+        different CPU trains a different model, as a different seed does: the spread over
+        runs is how far the figures can move between machines."""
+        return [self.seed] if self.quick else [self.seed, self.seed + 1, self.seed + 2]
+
+    def spec(self, family: str, seed: int | None = None) -> LineageSpec:
         """Trajectories: a lightly trained base (lr 3e-3) fine-tuned hard (lr 2e-2, no warm-up),
         so that two tiny runs drift apart within a few hundred steps. (With a warm-up, even at
         lr 4e-2, these tiny runs keep their coordinates for 400 steps: no drift to measure.)"""
         return LineageSpec(family, self.hidden, 2, self.base_steps, self.ft_steps, self.every,
-                           2e-2, self.seed, base_lr=3e-3)
+                           2e-2, self.seed if seed is None else seed, base_lr=3e-3)
 
-    def gentle_spec(self, family: str) -> LineageSpec:
+    def gentle_spec(self, family: str, seed: int | None = None) -> LineageSpec:
         """Transport: a well-trained base (lr 1e-2; it learns the sentiment coupling) and
         ordinary fine-tuning (lr 3e-3), one saved checkpoint per run."""
         return LineageSpec(family, self.hidden, 2, 400 if self.quick else 600, self.ft_steps,
-                           self.ft_steps, 3e-3, self.seed, base_lr=1e-2)
+                           self.ft_steps, 3e-3, self.seed if seed is None else seed,
+                           base_lr=1e-2)
+
+    @property
+    def sae_steps(self) -> int:
+        return 300 if self.quick else 800
 
 
 def run_demo(out_dir: Path, cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
@@ -115,17 +127,13 @@ def run_demo(out_dir: Path, cfg: DemoConfig, console: Console | None = None) -> 
     gentle = step("models: llama, two ordinary fine-tuning runs", build_lineage, cache,
                   cfg.gentle_spec("llama"), corpus)
     gentle_m = ex.Matcher(gentle, probe)
-    a_last, b_last = gentle.run_a[-1], gentle.run_b[-1]
-    estimated = gentle_m.chain([a_last, gentle.base, b_last])
-    truth = gentle.true_gauge(a_last, b_last)
-    results["cross_run_gauge"] = {"method": "signmarg, A → base → B", "steps":
-                                  cfg.ft_steps, **estimated.compare(truth)}
-    model_a, model_b = gentle_m.model(a_last), gentle_m.model(b_last)
-    results["sae"] = step("SAE transfer", ex.sae_transfer, model_a, model_b, estimated, truth,
-                          corpus, cfg.seed, 300 if cfg.quick else 800)
-    results["steering"] = step("steering transfer", ex.steering_transfer, model_a, model_b,
-                               estimated, corpus, 64.0)
-    results["merge"] = step("merges", ex.merges, gentle, estimated, corpus, out_dir / "work")
+    results.update(transport_experiments(gentle, gentle_m, corpus, cfg, cfg.seed,
+                                         out_dir / "work", step))
+    runs = [headline(results)]
+    for seed in cfg.runs[1:]:
+        runs.append(step(f"headline figures on training run {seed}", headline_of_run, cache,
+                         corpus, cfg, seed, probe, out_dir / "work"))
+    results["runs"] = {"seeds": cfg.runs, "figures": spread(runs)}
     results["optimizer"] = step("optimizer state", ex.optimizer_transport, base, corpus,
                                 cfg.seed, 20 if cfg.quick else 50)
     results["audit"] = step("audit", ex.audit_claim, gentle, gentle_m, corpus,
@@ -141,9 +149,94 @@ def run_demo(out_dir: Path, cfg: DemoConfig, console: Console | None = None) -> 
     return results
 
 
+def transport_experiments(lin: Any, matcher: Any, corpus: Corpus, cfg: DemoConfig, seed: int,
+                          work: Path, step: Any = None) -> dict[str, Any]:
+    """SAE, steering and merges from run A's last checkpoint to run B's, with the gauge
+    estimated along A → base → B (the same code for the main run and the repeats)."""
+    from . import experiments as ex
+
+    def run(name: str, fn: Any, *args: Any) -> Any:
+        return step(name, fn, *args) if step is not None else fn(*args)
+
+    a_last, b_last = lin.run_a[-1], lin.run_b[-1]
+    estimated = matcher.chain([a_last, lin.base, b_last])
+    truth = lin.true_gauge(a_last, b_last)
+    model_a, model_b = matcher.model(a_last), matcher.model(b_last)
+    return {
+        "cross_run_gauge": {"method": "signmarg, A → base → B", "steps": cfg.ft_steps,
+                            **estimated.compare(truth)},
+        "sae": run("SAE transfer", ex.sae_transfer, model_a, model_b, estimated, truth, corpus,
+                   seed, cfg.sae_steps),
+        "steering": run("steering transfer", ex.steering_transfer, model_a, model_b, estimated,
+                        corpus, 64.0),
+        "merge": run("merges", ex.merges, lin, estimated, corpus, work / f"run-{seed}"),
+    }
+
+
+def headline_of_run(cache: Path, corpus: Corpus, cfg: DemoConfig, seed: int, probe: Any,
+                    work: Path) -> dict[str, float]:
+    """The summary's run-dependent figures for another independent training run."""
+    from . import experiments as ex
+
+    drift = build_lineage(cache, cfg.spec("llama", seed), corpus)
+    r: dict[str, Any] = {"trajectories": {"llama": ex.trajectories(
+        drift, ex.Matcher(drift, probe), last_only=True)}}
+    gentle = build_lineage(cache, cfg.gentle_spec("llama", seed), corpus)
+    r.update(transport_experiments(gentle, ex.Matcher(gentle, probe), corpus, cfg, seed, work))
+    return headline(r)
+
+
+# the run-dependent figures of the summary: (key, description, format)
+HEADLINE = (
+    ("composed", "Llama cross-run coordinates, composed", ".1%"),
+    ("endpoint", "Llama cross-run coordinates, endpoint", ".1%"),
+    ("via_base", "Llama cross-run coordinates, via the base", ".1%"),
+    ("sae_B_d", "SAE NMSE on B, B_d", ".3f"),
+    ("sae_S_d", "SAE NMSE on B, S_d", ".3f"),
+    ("sentiment_B_d", "sentiment steering kept, B_d (%)", ".1f"),
+    ("sentiment_S_d", "sentiment steering kept, S_d (%)", ".1f"),
+    ("refusal_B_d", "refusal steering kept, B_d (%)", ".1f"),
+    ("refusal_S_d", "refusal steering kept, S_d (%)", ".1f"),
+    ("merge_B_d", "merge loss, coordinate-preserving", ".3f"),
+    ("merge_S_d", "merge loss, permutation-only", ".3f"),
+    ("merge_unaligned", "merge loss, unaligned", ".3f"),
+)
+
+
+def headline(r: dict[str, Any]) -> dict[str, float]:
+    traj = r["trajectories"]["llama"]["curve"][-1]["signmarg"]
+    st, m = r["steering"], r["merge"]
+    return {"composed": traj["composed"], "endpoint": traj["endpoint"],
+            "via_base": traj["via_base"], "sae_B_d": r["sae"]["B_d_estimated"],
+            "sae_S_d": r["sae"]["S_d_estimated"],
+            "sentiment_B_d": st["sentiment"]["B_d_percent"],
+            "sentiment_S_d": st["sentiment"]["S_d_percent"],
+            "refusal_B_d": st["refusal"]["B_d_percent"],
+            "refusal_S_d": st["refusal"]["S_d_percent"],
+            "merge_B_d": m["coordinate_preserving"], "merge_S_d": m["permutation_only"],
+            "merge_unaligned": m["unaligned"]}
+
+
+def spread(runs: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """Per figure: the value on each run, mean, min and max."""
+    import numpy as np
+
+    return {k: {"values": [r[k] for r in runs], "mean": float(np.mean([r[k] for r in runs])),
+                "min": float(min(r[k] for r in runs)), "max": float(max(r[k] for r in runs))}
+            for k in runs[0]}
+
+
+def _ranged(r: dict[str, Any], key: str, fmt: str) -> str:
+    """The main run's value, with the range over the repeated runs when there are several."""
+    f = r["runs"]["figures"][key]
+    value = format(f["values"][0], fmt)
+    if len(f["values"]) < 2:
+        return value
+    return f"{value} [{format(f['min'], fmt)}–{format(f['max'], fmt)}]"
+
+
 def summary_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(experiment, B_d / signed, S_d / permutation-only, seed paper)."""
-    traj = r["trajectories"]["llama"]["curve"][-1]["signmarg"]
     steps = r["trajectories"]["llama"]["curve"][-1]["step"]
     half = next(x for x in r["ceiling"] if abs(x["positive_fraction"] - 0.5) < 1e-9)
     return [
@@ -151,18 +244,15 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
          f"{half['signmarg']['perm_accuracy']:.1%}", f"{half['signed']['perm_accuracy']:.1%}",
          "capped at p"),
         (f"Llama cross-run coordinates at {steps} steps (composed vs endpoint)",
-         f"{traj['composed']:.1%}", f"{traj['endpoint']:.1%}", "91.1% vs 60.3%"),
-        ("SAE NMSE on B (B_d vs S_d)", f"{r['sae']['B_d_estimated']:.3f}",
-         f"{r['sae']['S_d_estimated']:.3f}", "0.004 vs 1.08"),
-        ("sentiment steering effect kept (B_d vs S_d)",
-         f"{r['steering']['sentiment']['B_d_percent']:.1f}%",
-         f"{r['steering']['sentiment']['S_d_percent']:.1f}%", "95.8% vs 17.2%"),
-        ("refusal steering effect kept (B_d vs S_d)",
-         f"{r['steering']['refusal']['B_d_percent']:.1f}%",
-         f"{r['steering']['refusal']['S_d_percent']:.1f}%", "reverses under S_d"),
-        ("merge loss (aligned vs permutation-only; unaligned)",
-         f"{r['merge']['coordinate_preserving']:.3f}",
-         f"{r['merge']['permutation_only']:.3f}; {r['merge']['unaligned']:.3f}", "—"),
+         _ranged(r, "composed", ".1%"), _ranged(r, "endpoint", ".1%"), "91.1% vs 60.3%"),
+        ("SAE NMSE on B (B_d vs S_d)", _ranged(r, "sae_B_d", ".3f"),
+         _ranged(r, "sae_S_d", ".3f"), "0.004 vs 1.08"),
+        ("sentiment steering effect kept, % (B_d vs S_d)", _ranged(r, "sentiment_B_d", ".1f"),
+         _ranged(r, "sentiment_S_d", ".1f"), "95.8% vs 17.2%"),
+        ("refusal steering effect kept, % (B_d vs S_d)", _ranged(r, "refusal_B_d", ".1f"),
+         _ranged(r, "refusal_S_d", ".1f"), "reverses under S_d"),
+        ("merge loss (aligned vs permutation-only; unaligned)", _ranged(r, "merge_B_d", ".3f"),
+         f"{_ranged(r, 'merge_S_d', '.3f')}; {_ranged(r, 'merge_unaligned', '.3f')}", "—"),
         ("resumed AdamW deviation (signed vs permutation-only)",
          f"{r['optimizer']['signed']:.1e}", f"{r['optimizer']['permutation_only']:.1e}", "—"),
         ("audit: A's claim on re-gauged A (through gauge vs raw index)",
