@@ -15,17 +15,24 @@ from gaugefix.group import SignedPerm
 from gaugefix.stats import Moments, collect_stats
 from gaugefix.verify import compare_models, probe_tokens
 
+from .conftest import self_confidence
+
 
 def _opts(lineage, n=4096):
     return StatsOptions(tokens=lineage.probe(n), n_tokens=n)
 
 
 def test_signmarg_recovers_an_exact_planted_gauge_rmsnorm(trained_llama):
+    """B = Q·A: the matched score is 1, every alternative is a correlation between two of A's
+    own coordinates, so the gauge is exact and each coordinate's confidence is 1 minus its
+    largest correlation with another coordinate (low exactly where A itself is nearly
+    degenerate, which depends on the run)."""
     g = SignedPerm.random(64, seed=1)
     b = gauge_model(trained_llama.base, g)
     r = estimate_gauge(trained_llama.base, b, opts=_opts(trained_llama))
     assert r.gauge == g
-    assert r.summary()["n_low_confidence"] == 0
+    own = self_confidence(trained_llama.base, trained_llama.probe())
+    assert np.allclose(r.confidence, own[g.perm], atol=1e-5)  # B's i is A's perm[i]
 
 
 def test_signmarg_recovers_perm_and_global_sign_layernorm(trained_gpt2):
@@ -212,7 +219,7 @@ def test_text_and_torch_token_sources(saved_pair, tmp_path, cli, trained_llama):
     assert SignedPerm.load(tmp_path / "p.json") == SignedPerm.load(tmp_path / "true.json")
 
 
-def test_trajectory_compose_invert_cli(saved_pair, tmp_path, cli):
+def test_trajectory_compose_invert_cli(saved_pair, trained_llama, tmp_path, cli):
     a = saved_pair
     cli("apply", a, tmp_path / "B", "--random", 1, "--gauge-out", tmp_path / "g1.json")
     cli("apply", tmp_path / "B", tmp_path / "C", "--random", 2, "--gauge-out",
@@ -220,7 +227,8 @@ def test_trajectory_compose_invert_cli(saved_pair, tmp_path, cli):
     res = cli("trajectory", a, tmp_path / "B", tmp_path / "C", "-o", tmp_path / "t.json",
               "--tokens-from", tmp_path / "ids.npy", "--json")
     steps = json.loads(res.stdout)
-    assert len(steps) == 2 and all(s["n_low_confidence"] == 0 for s in steps)
+    degenerate = int((self_confidence(trained_llama.base, trained_llama.probe()) < 0.05).sum())
+    assert len(steps) == 2 and all(s["n_low_confidence"] == degenerate for s in steps)
     cli("compose", tmp_path / "g1.json", tmp_path / "g2.json", "-o", tmp_path / "c.json")
     assert SignedPerm.load(tmp_path / "t.json") == SignedPerm.load(tmp_path / "c.json")
     cli("invert", tmp_path / "c.json", "-o", tmp_path / "ci.json")
