@@ -20,7 +20,7 @@ from .arch import Family, Op, detect_family, get_family, hidden_size_of
 from .checkpoint import Checkpoint, load_shard
 from .errors import GaugefixError
 from .group import SignedPerm
-from .io import atomic_dir, copy_files, no_bar, open_safetensors, sha256_files
+from .io import atomic_dir, copy_files, no_bar, sha256_files
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
@@ -96,7 +96,10 @@ class ApplyReport:
     ops: dict[str, int] = field(default_factory=dict)
     shards: int = 0
     bytes_written: int = 0
-    sha256: str = ""  # of the written weight files, as checkpoint_identity computes it
+    # identities (sha256 of the weight files, as checkpoint_identity computes them), taken
+    # while the files stream through when asked for
+    source_sha256: str | None = None
+    sha256: str | None = None
 
 
 def gauge_checkpoint(
@@ -106,18 +109,21 @@ def gauge_checkpoint(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    identities: bool = False,
 ) -> ApplyReport:
-    """Write checkpoint ``model`` in chart B to ``out``, shard by shard, atomically.
+    """Write checkpoint ``model`` in chart B to ``out``, tensor by tensor, atomically.
 
     Every key is planned and every residual width checked before anything is
     written; non-weight files (config, tokenizer, generation config, ...) are copied.
+    ``identities``: also hash the input's and the output's weight files on the way.
     """
     ckpt = Checkpoint.open(model)
     ckpt.family.check_gauge(gauge, ckpt.hidden_size)
     plan = plan_checkpoint(ckpt, gauge)
     with atomic_dir(out, overwrite=overwrite, inputs=(ckpt.path,)) as tmp:
         copy_files(ckpt.path, tmp, ckpt.weight_files)
-        report = write_gauged_weights(ckpt, tmp, gauge, plan, progress=progress)
+        report = write_gauged_weights(ckpt, tmp, gauge, plan, progress=progress,
+                                      identities=identities)
     report.output = Path(out)
     return report
 
@@ -131,8 +137,12 @@ def plan_checkpoint(ckpt: Checkpoint, gauge: SignedPerm) -> dict[str, Op]:
 
 
 def write_gauged_weights(ckpt: Checkpoint, out_dir: Path, gauge: SignedPerm,
-                         plan: Mapping[str, Op], *, progress: bool = True) -> ApplyReport:
-    """The weight shards (and shard index) of ``ckpt`` in chart B, into ``out_dir``."""
+                         plan: Mapping[str, Op], *, progress: bool = True,
+                         identities: bool = False) -> ApplyReport:
+    """The weight shards (and shard index) of ``ckpt`` in chart B, into ``out_dir``:
+    safetensors streamed tensor by tensor (:mod:`gaugefix.shards`), torch files whole."""
+    from .shards import Hashes, gauge_moves, read_layout, rewrite
+
     report = ApplyReport(ckpt.path, out_dir, ckpt.family.name, gauge.d, shards=len(ckpt.shards))
     for op in plan.values():
         report.ops[str(op)] = report.ops.get(str(op), 0) + 1
@@ -140,28 +150,27 @@ def write_gauged_weights(ckpt: Checkpoint, out_dir: Path, gauge: SignedPerm,
     report.n_transformed = sum(1 for op in plan.values() if op.residual_axis is not None)
     if ckpt.index_file is not None:
         shutil.copy2(ckpt.index_file, out_dir / ckpt.index_file.name)
-    for shard in tqdm(ckpt.shards, desc="applying gauge", unit="shard",
-                      disable=no_bar(progress)):
-        _gauge_shard(shard, out_dir / shard.name, gauge, plan)
-        report.bytes_written += (out_dir / shard.name).stat().st_size
-    report.sha256 = sha256_files([out_dir / s.name for s in ckpt.shards])
+    hashes = Hashes(identities, identities)  # one stream over the shards, in order
+    try:
+        for shard in tqdm(ckpt.shards, desc="applying gauge", unit="shard",
+                          disable=no_bar(progress)):
+            dst = out_dir / shard.name
+            if shard.suffix == ".safetensors":
+                report.bytes_written += rewrite(shard, dst, gauge_moves(
+                    plan, gauge, read_layout(shard)), hashes=hashes)
+            else:  # a pickle-free torch file: loaded whole, saved whole
+                torch.save({k: plan[k](gauge, t).contiguous()
+                            for k, t in load_shard(shard).items()}, dst)
+                hashes.feed(shard.read_bytes(), dst.read_bytes())
+                report.bytes_written += dst.stat().st_size
+        report.source_sha256, report.sha256 = hashes.hexdigests()
+    finally:
+        hashes.close()
     return report
 
 
-def _gauge_shard(src: Path, dst: Path, gauge: SignedPerm, plan: Mapping[str, Op]) -> None:
-    """One shard; peak memory is the output shard plus one input tensor."""
-    if src.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        with open_safetensors(src, "weight shard") as f:
-            metadata = f.metadata()
-            new = {k: plan[k](gauge, f.get_tensor(k)).contiguous() for k in f.keys()}  # noqa: SIM118
-        save_file(new, dst, metadata=metadata or {"format": "pt"})
-    else:
-        torch.save({k: plan[k](gauge, t).contiguous() for k, t in load_shard(src).items()}, dst)
-
-
-def checkpoint_identity(model: str | Path) -> dict[str, str]:
-    """Name and content hash of a checkpoint's weights, for gauge-file metadata."""
+def checkpoint_identity(model: str | Path, sha256: str | None = None) -> dict[str, str]:
+    """Name and content hash of a checkpoint's weights (sha256 of its weight files in shard
+    order), for gauge-file metadata; ``sha256`` when already computed on the way."""
     ckpt = Checkpoint.open(model)
-    return {"name": str(model), "sha256": sha256_files(ckpt.shards)}
+    return {"name": str(model), "sha256": sha256 or sha256_files(ckpt.shards)}

@@ -280,14 +280,15 @@ def apply(
                               positive_fraction=positive_fraction)
         method = f"random(seed={random}, kind={k})"
     ckpt.family.check_gauge(g, ckpt.hidden_size)
-    rep = gauge_checkpoint(ckpt.path, output, g, overwrite=overwrite)
+    rep = gauge_checkpoint(ckpt.path, output, g, overwrite=overwrite,
+                           identities=gauge_out is not None)
     written(
         f"{rep.family}: d={rep.d}, {rep.n_transformed}/{rep.n_tensors} tensors transformed "
         f"({', '.join(f'{k}×{n}' for k, n in sorted(rep.ops.items()))}) in {rep.shards} "
         f"shard(s), {rep.bytes_written / 1e6:.1f} MB → {output}"
     )
     if gauge_out is not None:
-        meta = {"source": checkpoint_identity(ckpt.path),
+        meta = {"source": checkpoint_identity(ckpt.path, rep.source_sha256),
                 "target": {"name": str(output), "sha256": rep.sha256}, "method": method}
         g.save(gauge_out, meta, overwrite=overwrite)
         written(f"gauge written to {gauge_out}")

@@ -59,6 +59,30 @@ def transport_tensors(tensors: Mapping[str, Any], table: Sequence[TensorRule],
             for k, v in tensors.items()}
 
 
+def table_moves(layout: Any, plan: Mapping[str, tuple[Op, ...]], gauge: SignedPerm,
+                what: str) -> dict[str, Any]:
+    """The streaming rewrite's moves (:func:`gaugefix.shards.rewrite`) for a planned table:
+    one residual axis moves in blocks; several (a skip matrix) move the whole tensor."""
+    moves: dict[str, Any] = {}
+    for e in layout.entries:
+        ops = plan[e.name]
+        axes = [op.residual_axis for op in ops if op.residual_axis is not None]
+        for op, axis in zip(ops, axes, strict=False):
+            if axis >= len(e.shape) or e.shape[axis] != gauge.d:
+                raise GaugefixError(f"width mismatch: {what} tensor {e.name} has shape "
+                                    f"{list(e.shape)}, expected {gauge.d} on axis {axis} ({op})")
+        if not axes:
+            moves[e.name] = None
+        elif len(ops) == 1:
+            axis = axes[0] if axes[0] >= 0 else axes[0] + len(e.shape)
+            signed = ops[0].signed
+            moves[e.name] = (axis, lambda t, ax, signed=signed: gauge.apply(t, ax, signed))
+        else:
+            moves[e.name] = (0, lambda t, ax, shape=e.shape, ops=ops: move(
+                t.reshape(shape), ops, gauge))
+    return moves
+
+
 def transport_record(gauge: SignedPerm, inverse: bool, gauge_file: str | None) -> dict[str, Any]:
     """What a transported object records about the gauge it was moved with."""
     return {"tool": "gaugefix", "gauge_file": gauge_file, "direction": "B->A" if inverse

@@ -21,13 +21,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
 from ..arch import Family, Op
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_dir, copy_files, load_safetensors, read_json
-from .base import GAIN, H0, H1, UNTOUCHED, move
+from ..io import atomic_dir, copy_files, read_json
+from ..shards import read_layout, rewrite
+from .base import GAIN, H0, H1, UNTOUCHED, table_moves
 
 PREFIX = "base_model.model."
 LORA_KEY = re.compile(
@@ -104,19 +103,12 @@ def transport_lora(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
                             "adapters are supported")
     fam = resolve_family(cfg, model, family)
     fam.check_gauge(gauge)
-    tensors, meta = load_safetensors(weights, "adapter weights file")
-    plan = {k: lora_ops(k, fam) for k in tensors}
-    moved = {}
-    for k, t in tensors.items():
-        for op in plan[k]:
-            axis = op.residual_axis
-            if axis is not None and t.shape[axis] != gauge.d:
-                raise GaugefixError(f"width mismatch: {k} has size {t.shape[axis]} on axis "
-                                    f"{axis}, the gauge has d={gauge.d}")
-        moved[k] = move(t, plan[k], gauge).contiguous() if plan[k] else t
-    meta["gaugefix"] = json.dumps(record)
+    files = read_layout(weights, "adapter weights file")
+    plan = {e.name: lora_ops(e.name, fam) for e in files.entries}
+    moves = table_moves(files, plan, gauge, "lora")
     with atomic_dir(dst, overwrite=overwrite, inputs=(src,)) as tmp:
         copy_files(src, tmp, {weights.name})
-        save_file(moved, str(tmp / weights.name), metadata=meta)
-    return {"family": fam.name, "tensors": len(moved),
+        rewrite(weights, tmp / weights.name, moves,
+                metadata={**files.metadata, "gaugefix": json.dumps(record)})
+    return {"family": fam.name, "tensors": len(plan),
             "transformed": sum(1 for v in plan.values() if v)}

@@ -4,6 +4,10 @@
 inverse. Methods: ``linear`` ((1−w)·A + w·B), ``slerp`` (per tensor, weight w) and
 ``task-arithmetic`` (base + (A − base) + w·(B − base), with the base in A's chart).
 The result is a loadable HF checkpoint with A's config, tokenizer and layout.
+
+Streamed: each tensor is merged in element blocks (slerp in two passes: norms and dot
+product, then the blend), reading B and the base by offset, so memory stays at a few blocks
+whatever the checkpoint's size.
 """
 
 from __future__ import annotations
@@ -22,45 +26,10 @@ from ..apply import plan_checkpoint, write_gauged_weights
 from ..checkpoint import Checkpoint
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_dir, copy_files, no_bar, open_safetensors, transaction
+from ..io import atomic_dir, copy_files, no_bar, transaction
+from ..shards import DTYPES, ElementReader, Entry, element_blocks, read_layout
 
 MERGE_METHODS = ("linear", "slerp", "task-arithmetic")
-
-
-def slerp(a: torch.Tensor, b: torch.Tensor, w: float, eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation of two tensors viewed as vectors (linear when nearly parallel)."""
-    a64, b64 = a.double().reshape(-1), b.double().reshape(-1)
-    na, nb = a64.norm(), b64.norm()
-    if na < eps or nb < eps:
-        return ((1 - w) * a64 + w * b64).reshape(a.shape)
-    cos = torch.clamp(torch.dot(a64 / na, b64 / nb), -1.0, 1.0)
-    theta = torch.arccos(cos)
-    if theta.abs() < 1e-4:
-        out = (1 - w) * a64 + w * b64
-    else:
-        s = torch.sin(theta)
-        out = (torch.sin((1 - w) * theta) / s) * a64 + (torch.sin(w * theta) / s) * b64
-    return out.reshape(a.shape)
-
-
-def merge_tensors(a: torch.Tensor, b: torch.Tensor, method: str, w: float,
-                  base: torch.Tensor | None = None) -> torch.Tensor:
-    if a.shape != b.shape:
-        raise GaugefixError(f"merge: shapes differ ({list(a.shape)} vs {list(b.shape)})")
-    if not a.is_floating_point():
-        return a
-    if method == "linear":
-        out = (1 - w) * a.double() + w * b.double()
-    elif method == "slerp":
-        out = slerp(a, b, w)
-    elif method == "task-arithmetic":
-        if base is None:
-            raise GaugefixError("task-arithmetic needs --base")
-        out = base.double() + (a.double() - base.double()) + w * (b.double() - base.double())
-    else:
-        raise GaugefixError(f"unknown merge method {method!r}; choose from "
-                            f"{', '.join(MERGE_METHODS)}")
-    return out.to(a.dtype)
 
 
 def check_weight(method: str, weight: float) -> None:
@@ -104,8 +73,6 @@ def merge_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPer
     weight, every tensor's name and shape), and the merge and ``export_aligned`` appear
     together or not at all.
     """
-    from safetensors.torch import save_file
-
     if method not in MERGE_METHODS:
         raise GaugefixError(f"unknown merge method {method!r}; choose from "
                             f"{', '.join(MERGE_METHODS)}")
@@ -135,21 +102,84 @@ def merge_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPer
                 copy_files(cb.path, aligned, cb.weight_files)
                 write_gauged_weights(cb, aligned, gauge.inverse(), plan, progress=progress)
             b_dir = aligned  # read from where it was written (published with the merge)
-        get_b = Checkpoint.open(b_dir).getter()
-        get_base = cbase.getter() if cbase is not None else None
         copy_files(ca.path, tmp, {s.name for s in ca.shards})  # the shard index too
+        readers = [ElementReader(Checkpoint.open(b_dir).shards)]
+        if cbase is not None:
+            readers.append(ElementReader(cbase.shards))
         n = 0
-        for shard in tqdm(ca.shards, desc="merging", unit="shard", disable=no_bar(progress)):
-            with open_safetensors(shard, "weight shard") as f:
-                meta = f.metadata() or {"format": "pt"}
-                merged = {k: merge_tensors(f.get_tensor(k), get_b(k), method, weight,
-                                           None if get_base is None else get_base(k))
-                          for k in f.keys()}  # noqa: SIM118
-            save_file(merged, str(tmp / shard.name), metadata=meta)
-            n += len(merged)
+        try:
+            for shard in tqdm(ca.shards, desc="merging", unit="shard",
+                              disable=no_bar(progress)):
+                n += _merge_shard(shard, tmp / shard.name, method, weight, *readers)
+        finally:
+            for r in readers:
+                r.close()
         if gauge is not None and export_aligned is None:
             shutil.rmtree(tmp / ".aligned-B")
     return {"tensors": n, "method": method, "weight": weight, "aligned": gauge is not None}
+
+
+def _merge_shard(shard: Path, dst: Path, method: str, w: float, b: ElementReader,
+                 base: ElementReader | None = None) -> int:
+    """One shard of A merged with B (and the base), tensor by tensor in element blocks; the
+    output keeps A's header and layout. Non-float tensors are A's."""
+    layout = read_layout(shard)
+    a = ElementReader([shard])
+    try:
+        with open(dst, "wb") as fo:
+            fo.write(layout.header)
+            pos = len(layout.header)
+            for e in layout.entries:
+                if e.begin != pos:
+                    raise GaugefixError(f"{shard}: bytes between tensors; not a safetensors "
+                                        "file written by safetensors")
+                dtype = DTYPES[e.dtype]
+                coef = _slerp_coefficients(e, a, b, w) if method == "slerp" else None
+                for start, count in element_blocks(e):
+                    xa = a.read(e.name, start, count)
+                    if not dtype.is_floating_point:
+                        out = xa
+                    elif coef is not None:
+                        out = coef[0] * xa.double() + coef[1] * b.read(e.name, start,
+                                                                       count).double()
+                    else:
+                        xb = b.read(e.name, start, count).double()
+                        xbase = None if base is None else base.read(e.name, start, count)
+                        out = _elementwise(xa.double(), xb, method, w, xbase)
+                    fo.write(out.to(dtype).view(torch.uint8).numpy())
+                pos = e.end
+    finally:
+        a.close()
+    return len(layout.entries)
+
+
+def _elementwise(a: torch.Tensor, b: torch.Tensor, method: str, w: float,
+                 base: torch.Tensor | None) -> torch.Tensor:
+    """linear ((1−w)·A + w·B) and task-arithmetic (base + (A − base) + w·(B − base)), on
+    float64 blocks, cast to A's dtype by the caller."""
+    if method == "linear":
+        return (1 - w) * a + w * b
+    assert base is not None
+    base = base.double()
+    return base + (a - base) + w * (b - base)
+
+
+def _slerp_coefficients(e: Entry, a: ElementReader, b: ElementReader, w: float,
+                        eps: float = 1e-8) -> tuple[float, float]:
+    """slerp's weights on A and B for one tensor, from norms and dot product accumulated
+    over blocks (a first pass; the blend is the second)."""
+    na2 = nb2 = dot = 0.0
+    for start, count in element_blocks(e):
+        xa, xb = a.read(e.name, start, count).double(), b.read(e.name, start, count).double()
+        na2, nb2, dot = na2 + float(xa @ xa), nb2 + float(xb @ xb), dot + float(xa @ xb)
+    na, nb = math.sqrt(na2), math.sqrt(nb2)
+    if na < eps or nb < eps:
+        return 1 - w, w
+    theta = math.acos(max(-1.0, min(1.0, dot / (na * nb))))
+    if abs(theta) < 1e-4:
+        return 1 - w, w
+    s = math.sin(theta)
+    return math.sin((1 - w) * theta) / s, math.sin(w * theta) / s
 
 
 @contextlib.contextmanager

@@ -17,12 +17,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
-
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_dir, copy_files, json_type, load_safetensors, read_json
-from .base import H0, H1, UNTOUCHED, rules, transport_tensors
+from ..io import atomic_dir, copy_files, json_type, read_json
+from ..shards import read_layout, rewrite
+from .base import H0, H1, UNTOUCHED, ops_for, rules, table_moves
 
 LATENT = r"b_enc|threshold|log_threshold|b_gate|b_mag|r_mag"
 SAELENS_RULES = rules([
@@ -81,14 +80,6 @@ def check_residual(cfg: dict[str, Any], gauge: SignedPerm, where: Path) -> None:
                             "gauge has per-coordinate signs")
 
 
-def _widths(tensors: dict[str, Any], layout: str) -> list[tuple[str, int]]:
-    if layout == "saelens":
-        out = [("W_enc", 0), ("W_dec", 1)]
-    else:
-        out = [("encoder.weight", 1), ("W_dec", 1)]
-    return [(k, int(tensors[k].shape[a])) for k, a in out if k in tensors]
-
-
 def transport_sae(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
                   record: dict[str, Any], overwrite: bool = False) -> dict[str, Any]:
     src, dst = Path(src), Path(dst)
@@ -108,15 +99,13 @@ def transport_sae(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
     if layout == "sparsify" and "hookpoint" not in cfg and re.search(r"(layers|h)\.\d", src.name):
         cfg = {**cfg, "hookpoint": src.name}  # sparsify names the folder after the hookpoint
     check_residual(cfg, gauge, src)
-    tensors, meta = load_safetensors(src / weights, "SAE weights file")
-    for key, width in _widths(tensors, layout):
-        if width != gauge.d:
-            raise GaugefixError(f"width mismatch: {key} has residual size {width}, the gauge "
-                                f"has d={gauge.d}")
-    moved = transport_tensors(tensors, table, gauge, f"sae ({layout})")
-    meta["gaugefix"] = json.dumps(record)
+    what = f"sae ({layout})"
+    files = read_layout(src / weights, "SAE weights file")
+    moves = table_moves(files, {e.name: ops_for(e.name, table, what) for e in files.entries},
+                        gauge, what)
     with atomic_dir(dst, overwrite=overwrite, inputs=(src,)) as tmp:
         copy_files(src, tmp, {weights})
-        save_file(moved, str(tmp / weights), metadata=meta)
+        rewrite(src / weights, tmp / weights, moves,
+                metadata={**files.metadata, "gaugefix": json.dumps(record)})
     return {"layout": layout, "architecture": cfg.get("architecture", "standard"),
-            "tensors": len(moved), "hooks": hook_names(cfg)}
+            "tensors": len(files.entries), "hooks": hook_names(cfg)}
