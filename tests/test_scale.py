@@ -130,3 +130,200 @@ def test_streamed_merge_matches_whole_tensor_merges(method, tmp_path, monkeypatc
                     assert torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-6), k
                 else:
                     assert torch.equal(out, ref), k
+
+
+# ---------------------------------------------------------------------------- budgets
+def _weights_bytes(path):
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "mixtral", "gpt_neox", "mamba"])
+def test_statistics_within_a_budget_smaller_than_one_model(family, tmp_path):
+    """Layer by layer, within a budget smaller than either model: the statistics equal the
+    in-memory ones at every position (the same batches, so to the last bit here; to float
+    rounding in general)."""
+    import numpy as np
+
+    from gaugefix.apply import gauge_model
+    from gaugefix.estimate import StatsOptions, activation_stats
+
+    sizes = {"gpt2": {"n_inner": 1024}, "gpt_neox": {"intermediate_size": 1024},
+             "mamba": {"expand": 8}}.get(family, {"intermediate_size": 1024})
+    a = build_tiny(family, seed=1, num_hidden_layers=6, **sizes)
+    fam = get_family(family)
+    g = SignedPerm.random(64, seed=2, kind="signed" if fam.allows_signs else "global")
+    a.save_pretrained(tmp_path / "A")
+    gauge_model(a, g).save_pretrained(tmp_path / "B")
+    budget = int(0.9 * _weights_bytes(tmp_path / "A"))  # not even one model fits
+    ids = np.random.default_rng(0).integers(0, 128, 512)
+    opts = {"tokens": ids, "n_tokens": 512, "seq_len": 32, "batch_size": 2,
+            "per_position": True}
+    mem = activation_stats(tmp_path / "A", tmp_path / "B", StatsOptions(**opts))
+    lw = activation_stats(tmp_path / "A", tmp_path / "B",
+                          StatsOptions(**opts, max_memory=budget))
+    assert lw.positions == mem.positions and lw.n_tokens == mem.n_tokens == 512
+    for p in mem.positions:
+        for k in ("mean_a", "mean_b", "m2_a", "m2_b", "cross"):
+            x, y = getattr(mem.per_position[p], k), getattr(lw.per_position[p], k)
+            assert torch.allclose(x, y, rtol=1e-5, atol=1e-6 * float(x.abs().max())), (p, k)
+
+
+def test_budget_from_the_command_line_and_its_refusals(tmp_path, cli):
+    import json
+
+    import numpy as np
+
+    a = build_tiny("llama", seed=1, num_hidden_layers=6, intermediate_size=1024)
+    a.save_pretrained(tmp_path / "A")
+    from gaugefix.apply import gauge_model
+
+    g = SignedPerm.random(64, seed=3)
+    gauge_model(a, g).save_pretrained(tmp_path / "B")
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 128, 1024))
+    common = ["--tokens-from", tmp_path / "ids.npy", "--tokens", 1024, "--seq-len", 32,
+              "--batch-size", 2]
+    cli("match", tmp_path / "A", tmp_path / "B", "-o", tmp_path / "g.json", "--max-memory",
+        "3MB", *common)
+    assert SignedPerm.load(tmp_path / "g.json") == g
+    cli("stats", tmp_path / "A", tmp_path / "B", "-o", tmp_path / "s.safetensors",
+        "--max-memory", "2.9MiB", *common)
+    res = cli("trajectory", tmp_path / "A", tmp_path / "B", tmp_path / "A", "-o",
+              tmp_path / "t.json", "--max-memory", "3MB", "--json", *common)
+    assert len(json.loads(res.stdout)) == 2
+    assert SignedPerm.load(tmp_path / "t.json") == SignedPerm.identity(64)
+
+    res = cli("match", tmp_path / "A", tmp_path / "B", "-o", tmp_path / "x.json",
+              "--max-memory", "1MB", *common, ok=False)
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1
+    assert "--max-memory 1.0 MB is too small: decoder layer 0 takes 0.8 MB" in res.stderr
+    for bad, message in (("lots", "is not a size"), ("0MB", "must be positive")):
+        res = cli("match", tmp_path / "A", tmp_path / "B", "-o", tmp_path / "x.json",
+                  "--max-memory", bad, ok=False)
+        assert res.exit_code == 2 and message in res.stderr, res.stderr
+    res = cli("match", tmp_path / "A", tmp_path / "B", "-o", tmp_path / "x.json",
+              "--max-memory", "3MB", "--device-map", "auto", ok=False)
+    assert res.exit_code == 2 and "not both" in res.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_device_map_auto_gives_the_in_memory_statistics(tmp_path):
+    import numpy as np
+
+    from gaugefix.estimate import StatsOptions, activation_stats
+
+    build_tiny("qwen2", seed=1).save_pretrained(tmp_path / "A")
+    build_tiny("qwen2", seed=2).save_pretrained(tmp_path / "B")
+    ids = np.random.default_rng(0).integers(0, 128, 512)
+    mem = activation_stats(tmp_path / "A", tmp_path / "B", StatsOptions(tokens=ids,
+                                                                        n_tokens=512))
+    auto = activation_stats(tmp_path / "A", tmp_path / "B", StatsOptions(
+        tokens=ids, n_tokens=512, device_map="auto"))
+    assert torch.allclose(mem.pooled.cross, auto.pooled.cross, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- torchrun
+def _torchrun(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.Popen([str(exe), "--standalone", "--nproc-per-node", "2", "-m",
+                             "gaugefix", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    import numpy as np
+
+    from gaugefix.apply import gauge_model
+
+    a = build_tiny("llama", seed=1)
+    a.save_pretrained(tmp_path / "A")
+    gauge_model(a, SignedPerm.random(64, seed=2)).save_pretrained(tmp_path / "B")
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 128, 33 * 32))
+    return tmp_path
+
+
+def test_torchrun_statistics_equal_a_single_process(pair, cli):
+    """Two gloo processes on localhost, 33 windows split 16/17: the same statistics file."""
+    from safetensors.torch import load_file
+
+    common = ["--tokens-from", pair / "ids.npy", "--tokens", 33 * 32, "--seq-len", 32,
+              "--per-layer"]
+    cli("stats", pair / "A", pair / "B", "-o", pair / "one.safetensors", *common)
+    proc = _torchrun("stats", pair / "A", pair / "B", "-o", pair / "two.safetensors", *common)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    one, two = load_file(pair / "one.safetensors"), load_file(pair / "two.safetensors")
+    assert one.keys() == two.keys()
+    for k in one:
+        scale = float(one[k].abs().max()) or 1.0
+        assert float((one[k] - two[k]).abs().max()) <= 1e-6 * scale, k
+    from gaugefix.stats import CrossStats
+
+    st = CrossStats.load(pair / "two.safetensors")
+    assert st.n_tokens == 33 * 32 and st.meta["world_size"] == 2
+    proc = _torchrun("match", pair / "A", pair / "B", "-o", pair / "g.json", *common)
+    proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    assert SignedPerm.load(pair / "g.json") == SignedPerm.random(64, seed=2)
+
+
+def test_torchrun_refuses_more_ranks_than_windows(pair):
+    proc = _torchrun("stats", pair / "A", pair / "B", "-o", pair / "s.safetensors",
+                     "--tokens-from", pair / "ids.npy", "--tokens", 128, "--seq-len", 128)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "2 processes but only 1 token windows" in err
+    assert not list(pair.glob("s.safetensors*")) and not list(pair.glob(".s.safetensors*"))
+
+
+def test_a_killed_rank_leaves_nothing_written(pair):
+    import signal
+    import time
+
+    import numpy as np
+    import psutil
+
+    np.save(pair / "many.npy", np.random.default_rng(1).integers(0, 128, 400_000))
+    proc = _torchrun("stats", pair / "A", pair / "B", "-o", pair / "s.safetensors",
+                     "--tokens-from", pair / "many.npy", "--tokens", 400_000, "--seq-len", 64)
+    deadline = time.monotonic() + 120
+    workers: list = []
+    while time.monotonic() < deadline and len(workers) < 2 and proc.poll() is None:
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "gaugefix" in " ".join(p.cmdline())]
+        time.sleep(0.1)
+    assert len(workers) == 2, "torchrun did not start two workers"
+    time.sleep(6)  # into the statistics (start-up takes a few seconds)
+    workers[-1].send_signal(signal.SIGKILL)
+    proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert not (pair / "s.safetensors").exists()
+    assert not [p for p in pair.iterdir() if ".gaugefix-" in p.name]
+
+
+def test_audit_within_a_budget_gives_the_in_memory_report(tmp_path, cli):
+    import json
+
+    import numpy as np
+
+    from gaugefix.apply import gauge_model
+
+    a = build_tiny("llama", seed=1, num_hidden_layers=6, intermediate_size=1024)
+    a.save_pretrained(tmp_path / "A")
+    gauge_model(a, SignedPerm.random(64, seed=3)).save_pretrained(tmp_path / "B")
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 128, 1024))
+    claim = {"format": "gaugefix.claim/1", "layer": 3, "source": str(tmp_path / "A"),
+             "concept": {"positive": [[5, 6, 7, 8]], "negative": [[5, 6, 9, 8]]},
+             "coordinates": [{"index": 3, "sign": 1}, {"index": 9, "sign": -1}]}
+    (tmp_path / "claim.json").write_text(json.dumps(claim))
+    common = ["--gauges", 2, "--tokens-from", tmp_path / "ids.npy", "--tokens", 1024, "--json"]
+    mem = json.loads(cli("audit", tmp_path / "claim.json", tmp_path / "B", *common).stdout)
+    lw = json.loads(cli("audit", tmp_path / "claim.json", tmp_path / "B", "--max-memory",
+                        "40MB", *common).stdout)  # layers on disk, batches of 8 × 128 tokens
+    assert lw["rows"] == mem["rows"] and lw["summary"] == mem["summary"]

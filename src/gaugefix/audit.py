@@ -260,10 +260,12 @@ def audit_models(claim: Claim, models: list[tuple[str, torch.nn.Module, SignedPe
     """Audit ``claim`` on ``(name, model, gauge source→model)`` triples.
 
     Each model is audited as it is (with its estimated gauge) and under ``n_gauges``
-    random B_d and random S_d×{±1} re-gaugings R (explicit gauge: estimated, then R).
+    random B_d and random S_d×{±1} re-gaugings R (explicit gauge: estimated, then R). The
+    concept is derived once per model: a re-gauged copy R·M computes R times M's residuals
+    exactly (test_families checks it for every family), so what it would re-derive is R
+    applied to M's direction, and no copy of the model is made (nor loaded: the models may
+    be offloaded to disk).
     """
-    from .apply import gauge_model
-
     report = AuditReport(claim.k, claim.layer)
     rng = np.random.default_rng(seed)
     for name, model, est in models:
@@ -274,14 +276,13 @@ def audit_models(claim: Claim, models: list[tuple[str, torch.nn.Module, SignedPe
             if fam.allows_signs:
                 variants.append((f"random B_d #{n}", SignedPerm.random(est.d, s)))
             variants.append((f"random S_d #{n}", SignedPerm.random(est.d, s, kind="global")))
+        if claim.direction is not None:  # a direction in the source chart, moved along
+            own, moved = torch.from_numpy(claim.direction), est
+        else:  # the concept as the model itself carries it
+            own, moved = concept_direction(model, claim, tokenizer), SignedPerm.identity(est.d)
         for label, r in variants:
-            m = model if label == "estimated" else gauge_model(model, r)
             explicit = est.then(r)
-            if claim.direction is not None:
-                derived = top_coordinates(explicit.apply(torch.from_numpy(claim.direction)),
-                                          claim.k)
-            else:
-                derived = top_coordinates(concept_direction(m, claim, tokenizer), claim.k)
+            derived = top_coordinates(moved.then(r).apply(own), claim.k)
             report.rows.append(AuditRow(name, label, reproduction(claim.coordinates, derived),
                                         reproduction(carry(claim.coordinates, explicit),
                                                      derived)))

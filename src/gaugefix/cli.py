@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -128,6 +129,23 @@ def _signals_unwind() -> Iterator[None]:
             signal.signal(n, h)
 
 
+@contextlib.contextmanager
+def _quiet_unless_main_rank() -> Iterator[None]:
+    """Under torchrun every rank computes the same result: rank 0 alone reports it."""
+    from .io import is_main_rank
+
+    if is_main_rank():
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        file = out.file
+        out.file = devnull
+        try:
+            yield
+        finally:
+            out.file = file
+
+
 def _existing_paths(value: Any) -> list[Path]:
     items = value if isinstance(value, list | tuple) else [value]
     return [Path(v) for v in items if isinstance(v, str | Path) and os.path.lexists(v)]
@@ -142,7 +160,8 @@ def command(*, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> C
     def register(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            from .io import transaction
+            from .distributed import barrier
+            from .io import is_main_rank, transaction
 
             code = 0
             try:
@@ -160,11 +179,14 @@ def command(*, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> C
                         for k, path in enumerate(named):  # refused before any work
                             tx.check(path, bool(kwargs.get("overwrite")), named[:k])
                         try:
-                            fn(*args, **kwargs)
+                            with _quiet_unless_main_rank():
+                                fn(*args, **kwargs)
                         except typer.Exit as exc:  # the command's own verdict
                             code = exc.exit_code
-                    for line in _after_commit.get():
-                        out.print(line)
+                        barrier()  # under torchrun: publish only if every rank got here
+                    if is_main_rank():
+                        for line in _after_commit.get():
+                            out.print(line)
             except GaugefixError as exc:
                 _error_line(exc)
                 raise typer.Exit(2) from None
@@ -348,11 +370,18 @@ Seed = Annotated[int, typer.Option(callback=_range(0), help="seed of the synthet
 MethodOpt = Annotated[str, typer.Option(help="signmarg (default), signed, or perm")]
 SourceOpt = Annotated[str, typer.Option(help="activations (default) or weights (data-free)")]
 SolverOpt = Annotated[str, typer.Option(help="assignment solver: lapjvs (lapx) or scipy")]
+MaxMemory = Annotated[str | None, typer.Option(
+    "--max-memory", help="run within this much memory (e.g. 200MB, 4GB): both models layer by "
+    "layer, weights read from disk as needed (CPU)")]
+DeviceMap = Annotated[str | None, typer.Option(
+    "--device-map", help="'auto': spread each model over the GPUs (and CPU) with accelerate")]
 
 
 def _stats_options(tokens_from: str | None, n_tokens: int, seq_len: int, batch_size: int,
-                   device: str, dtype: str, layers: str | None, per_layer: bool, seed: int):
+                   device: str, dtype: str, layers: str | None, per_layer: bool, seed: int,
+                   max_memory: str | None = None, device_map: str | None = None):
     from .estimate import StatsOptions
+    from .layerwise import parse_size
 
     positions = None
     if layers is not None:
@@ -363,7 +392,9 @@ def _stats_options(tokens_from: str | None, n_tokens: int, seq_len: int, batch_s
                                 ) from None
     return StatsOptions(tokens=tokens_from, n_tokens=n_tokens, seq_len=seq_len,
                         batch_size=batch_size, device=device, dtype=dtype, positions=positions,
-                        per_position=per_layer, seed=seed, progress=True)
+                        per_position=per_layer, seed=seed, progress=True,
+                        max_memory=None if max_memory is None else parse_size(max_memory),
+                        device_map=device_map)
 
 
 def _print_match(result: Any, title: str) -> None:
@@ -387,13 +418,14 @@ def stats(
     tokens_from: TokensFrom = None, tokens: NTokens = 16384, seq_len: SeqLen = 128,
     batch_size: BatchSize = 8, device: Device = "cpu", dtype: DType = "float32",
     layers: Layers = None, per_layer: PerLayer = False, seed: Seed = 0,
+    max_memory: MaxMemory = None, device_map: DeviceMap = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Accumulate cross-statistics of two residual streams (shards add up: match --stats)."""
     from .estimate import activation_stats
 
     opts = _stats_options(tokens_from, tokens, seq_len, batch_size, device, dtype, layers,
-                          per_layer, seed)
+                          per_layer, seed, max_memory, device_map)
     st = activation_stats(model_a, model_b, opts)
     st.save(output, overwrite=overwrite)
     written(f"statistics of {st.n_tokens} tokens × {len(st.positions)} positions "
@@ -412,10 +444,13 @@ def match(
     tokens_from: TokensFrom = None, tokens: NTokens = 16384, seq_len: SeqLen = 128,
     batch_size: BatchSize = 8, device: Device = "cpu", dtype: DType = "float32",
     layers: Layers = None, per_layer: PerLayer = False, seed: Seed = 0,
-    solver: SolverOpt = "lapjvs",
+    solver: SolverOpt = "lapjvs", max_memory: MaxMemory = None, device_map: DeviceMap = None,
     gain_weight: Annotated[float, typer.Option(
         callback=_range(0, 1), help="weights source: blend of the unsigned "
         "gain-fingerprint similarity into the sign-blind score")] = 0.0,
+    features: Annotated[int, typer.Option(
+        callback=_range(0), help="weights source: signature entries sampled over all "
+        "residual tensors (0: every entry of every tensor, slow at real widths)")] = 8192,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Estimate the gauge A → B (sign-marginalised Hungarian matching)."""
@@ -436,14 +471,15 @@ def match(
     if source == "weights":
         if stats_files:
             raise GaugefixError("--stats goes with --source activations")
-        result = match_weights(model_a, model_b, method, gain_weight=gain_weight, solver=solver)
+        result = match_weights(model_a, model_b, method, gain_weight=gain_weight, solver=solver,
+                               features=features or None)
     else:
         if stats_files:
             st = sum_stats(CrossStats.load(p) for p in stats_files)
         else:
             st = activation_stats(model_a, model_b, _stats_options(
                 tokens_from, tokens, seq_len, batch_size, device, dtype, layers, per_layer,
-                seed))
+                seed, max_memory, device_map))
         if st.d != d:
             raise GaugefixError(f"width mismatch: statistics have d={st.d}, the models d={d}")
         result = match_stats(st, fam, method, solver)
@@ -475,6 +511,7 @@ def trajectory(
     tokens_from: TokensFrom = None, tokens: NTokens = 16384, seq_len: SeqLen = 128,
     batch_size: BatchSize = 8, device: Device = "cpu", dtype: DType = "float32",
     layers: Layers = None, seed: Seed = 0, solver: SolverOpt = "lapjvs",
+    max_memory: MaxMemory = None, device_map: DeviceMap = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the per-step table as JSON")
                        ] = False,
@@ -484,7 +521,7 @@ def trajectory(
     from .estimate import trajectory as run_trajectory
 
     opts = _stats_options(tokens_from, tokens, seq_len, batch_size, device, dtype, layers,
-                          False, seed)
+                          False, seed, max_memory, device_map)
     opts.progress = False
     res = run_trajectory(checkpoints, source=source, method=method, opts=opts, solver=solver)
     table = res.step_table()
@@ -639,7 +676,7 @@ def audit(
                                         "re-gaugings per "
                                         "model")] = 4,
     seed: Annotated[int, typer.Option(callback=_range(0), help="seed of the random gauges")] = 0,
-    tokens_from: TokensFrom = None, tokens: NTokens = 16384,
+    tokens_from: TokensFrom = None, tokens: NTokens = 16384, max_memory: MaxMemory = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="write the report "
                       "(JSON) here")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -653,6 +690,7 @@ def audit(
     from .estimate import StatsOptions, estimate_gauge
     from .group import SignedPerm
     from .io import atomic_write_text
+    from .layerwise import open_offloaded, parse_size
     from .stats import load_tokenizer
     from .verify import load_causal_lm
 
@@ -672,16 +710,25 @@ def audit(
     tokenizer = None
     if any(isinstance(p, str) for p in (c.positive or []) + (c.negative or [])):
         tokenizer = load_tokenizer(src_ckpt.path, why="the claim has text prompts")
-    opts = StatsOptions(tokens=tokens_from, n_tokens=tokens, seed=seed)
-    source_model = load_causal_lm(src_ckpt.path, torch.float32)
-    triples = []
-    for m, ck in zip(models, ckpts, strict=True):
-        model = load_causal_lm(ck.path, torch.float32)
-        same = ck.path.resolve() == src_ckpt.path.resolve()
-        est = SignedPerm.identity(ck.hidden_size) if same else estimate_gauge(
-            src, m, opts=opts, _models=(source_model, model)).gauge
-        triples.append((m, model, est))
-    rep = audit_models(c, triples, n_gauges=gauges, seed=seed, tokenizer=tokenizer)
+    budget = None if max_memory is None else parse_size(max_memory)
+    opts = StatsOptions(tokens=tokens_from, n_tokens=tokens, seed=seed, max_memory=budget)
+    with tempfile.TemporaryDirectory(prefix="gaugefix-offload-") as off:
+
+        def load(ck: Any) -> Any:  # whole, or every decoder layer left on disk
+            if budget is None:
+                return load_causal_lm(ck.path, torch.float32)
+            return open_offloaded(ck, torch.float32, Path(off) / str(len(os.listdir(off)))
+                                  ).model
+
+        source_model = load(src_ckpt)
+        triples = []
+        for m, ck in zip(models, ckpts, strict=True):
+            model = load(ck)
+            same = ck.path.resolve() == src_ckpt.path.resolve()
+            est = SignedPerm.identity(ck.hidden_size) if same else estimate_gauge(
+                src, m, opts=opts, _models=None if budget else (source_model, model)).gauge
+            triples.append((m, model, est))
+        rep = audit_models(c, triples, n_gauges=gauges, seed=seed, tokenizer=tokenizer)
     doc = {**rep.to_dict(), "summary": rep.summary(), "claim": str(claim), "source": src}
     if output is not None:
         atomic_write_text(output, json.dumps(doc, indent=2) + "\n", overwrite=overwrite)

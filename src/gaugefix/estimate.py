@@ -13,8 +13,10 @@ sources of evidence:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,12 +74,16 @@ def _check_tokens(n: int, d: int) -> None:
             f"least {min_tokens(d)} ({MIN_TOKENS_PER_DIM}·d), and more gives sharper matches")
 
 
-def _load(ref: ModelRef, dtype: str, device: str) -> torch.nn.Module:
+def _load(ref: ModelRef, dtype: str, device: str, device_map: str | None = None
+          ) -> torch.nn.Module:
     if isinstance(ref, torch.nn.Module):
         return ref
     if dtype not in DTYPES:
         raise GaugefixError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    return load_causal_lm(Checkpoint.open(ref).path, DTYPES[dtype]).to(device)
+    path = Checkpoint.open(ref).path
+    if device_map is not None:  # accelerate places the layers; inputs go to the first device
+        return load_causal_lm(path, DTYPES[dtype], device_map=device_map)
+    return load_causal_lm(path, DTYPES[dtype]).to(device)
 
 
 def check_device(device: str) -> None:
@@ -111,8 +117,22 @@ class StatsOptions:
     per_position: bool = False
     seed: int = 0
     progress: bool = False
+    max_memory: int | None = None  # bytes: run layer by layer within this budget
+    device_map: str | None = None  # "auto": accelerate spreads each model over the devices
 
     def __post_init__(self) -> None:
+        if self.max_memory is not None and (isinstance(self.max_memory, bool) or not isinstance(
+                self.max_memory, int) or self.max_memory < 1):
+            raise GaugefixError(f"max_memory must be a positive number of bytes, got "
+                                f"{self.max_memory!r}")
+        if self.max_memory is not None and self.device != "cpu":
+            raise GaugefixError("a memory budget (--max-memory) runs on the CPU; on GPUs use "
+                                "--device-map auto")
+        if self.device_map not in (None, "auto"):
+            raise GaugefixError(f"unknown device map {self.device_map!r}; the one choice is "
+                                "'auto'")
+        if self.device_map is not None and self.max_memory is not None:
+            raise GaugefixError("give --max-memory or --device-map, not both")
         for name in ("n_tokens", "seq_len", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -123,30 +143,45 @@ class StatsOptions:
             raise GaugefixError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         check_device(self.device)
 
-    def token_ids(self, model: torch.nn.Module, ref: ModelRef, d: int) -> np.ndarray:
+    def token_ids(self, vocab_size: int, ref: ModelRef, d: int) -> np.ndarray:
         _check_tokens(self.n_tokens, d)
         tok_dir = None if isinstance(ref, torch.nn.Module) else Checkpoint.open(ref).path
-        ids = load_token_source(self.tokens, vocab_size=model.config.vocab_size,
-                                n_tokens=self.n_tokens, tokenizer_dir=tok_dir, seed=self.seed)
+        ids = load_token_source(self.tokens, vocab_size=vocab_size, n_tokens=self.n_tokens,
+                                tokenizer_dir=tok_dir, seed=self.seed)
         _check_tokens(len(ids), d)
         return ids
+
+
+def _vocab_size(ref: ModelRef) -> int:
+    return int(ref.config.vocab_size) if isinstance(ref, torch.nn.Module) else \
+        Checkpoint.open(ref).vocab_size
 
 
 def activation_stats(a: ModelRef, b: ModelRef, opts: StatsOptions | None = None,
                      *, _models: tuple[torch.nn.Module, torch.nn.Module] | None = None
                      ) -> CrossStats:
+    """Cross-statistics of A's and B's residual streams on the options' tokens: both models
+    in memory, or within ``opts.max_memory`` layer by layer (:mod:`gaugefix.layerwise`)."""
     opts = opts or StatsOptions()
     _, d = check_pair(a, b)
     for ref in (a, b):  # positions refused before any model is loaded
         if not isinstance(ref, torch.nn.Module):
             resolve_positions(opts.positions, Checkpoint.open(ref).n_layers)
-    ma, mb = _models or (_load(a, opts.dtype, opts.device), _load(b, opts.dtype, opts.device))
-    vocab = min(ma.config.vocab_size, mb.config.vocab_size)
-    ids = opts.token_ids(ma, a, d)
-    if ids.size and ids.max() >= vocab:
-        raise GaugefixError(f"token ids exceed the shared vocabulary ({vocab})")
+    vocab = min(_vocab_size(a), _vocab_size(b))
+    ids = opts.token_ids(vocab, a, d)
     meta = {"model_a": _name(a), "model_b": _name(b), "n_tokens": len(ids),
             "seq_len": opts.seq_len}
+    if opts.max_memory is not None:
+        if isinstance(a, torch.nn.Module) or isinstance(b, torch.nn.Module):
+            raise GaugefixError("a memory budget needs checkpoints on disk, not loaded models")
+        from .layerwise import collect_stats_layerwise
+
+        return collect_stats_layerwise(
+            Checkpoint.open(a), Checkpoint.open(b), ids, budget=opts.max_memory,
+            positions=opts.positions, per_position=opts.per_position, seq_len=opts.seq_len,
+            batch_size=opts.batch_size, dtype=DTYPES[opts.dtype], meta=meta)
+    ma, mb = _models or (_load(a, opts.dtype, opts.device, opts.device_map),
+                         _load(b, opts.dtype, opts.device, opts.device_map))
     return collect_stats(ma, mb, ids, positions=opts.positions, per_position=opts.per_position,
                          seq_len=opts.seq_len, batch_size=opts.batch_size, device=opts.device,
                          progress=opts.progress, meta=meta)
@@ -165,24 +200,67 @@ def match_stats(stats: CrossStats, family: Family, method: str = "signmarg",
 
 
 # ---------------------------------------------------------------------------- weights
-def _state(ref: ModelRef) -> tuple[Callable[[], Iterator[tuple[str, torch.Tensor]]],
-                                   Callable[[str], torch.Tensor]]:
-    """(iterate all tensors, fetch one tensor by key) for a module or a checkpoint."""
-    if isinstance(ref, torch.nn.Module):
-        sd = {k: v.detach() for k, v in ref.state_dict().items()}
-        return lambda: iter(sd.items()), sd.__getitem__
-    ck = Checkpoint.open(ref)
-    return ck.iter_tensors, ck.getter()
+DEFAULT_FEATURES = 8192
 
 
-def _common_slice(ta: torch.Tensor, tb: torch.Tensor, axis: int, key: str
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Restrict non-residual axes to their shared extent (e.g. the shared vocabulary)."""
-    if ta.ndim != tb.ndim:
-        raise GaugefixError(f"{key}: shapes {list(ta.shape)} and {list(tb.shape)} differ in rank")
-    idx = [slice(0, min(x, y)) for x, y in zip(ta.shape, tb.shape, strict=True)]
-    idx[axis] = slice(None)
-    return ta[tuple(idx)], tb[tuple(idx)]
+class _Slices:
+    """Every tensor's shape, and slices of any tensor read on demand: for safetensors only
+    the slice's bytes (safetensors' lazy slices), for a loaded model its own tensors."""
+
+    def __init__(self, ref: ModelRef) -> None:
+        self._handles: dict[Path, Any] = {}
+        self._stack = contextlib.ExitStack()
+        if isinstance(ref, torch.nn.Module):
+            sd = {k: v.detach() for k, v in ref.state_dict().items()}
+            self.shapes = {k: tuple(v.shape) for k, v in sd.items()}
+            self._get = lambda k, idx: sd[k][idx]
+            return
+        ck = Checkpoint.open(ref)
+        where = {k: (shard, shape) for shard, k, shape in ck.entries()}
+        self.shapes = {k: shape for k, (_, shape) in where.items()}
+        if not ck.is_safetensors:
+            get = ck.getter()
+            self._get = lambda k, idx: get(k)[idx]
+            return
+        from .io import open_safetensors
+
+        def get_slice(k: str, idx: tuple[slice, ...]) -> torch.Tensor:
+            shard = where[k][0]
+            if shard not in self._handles:
+                self._handles[shard] = self._stack.enter_context(
+                    open_safetensors(shard, "weight shard"))
+            return self._handles[shard].get_slice(k)[idx]
+
+        self._get = get_slice
+
+    def get(self, key: str, idx: tuple[slice, ...]) -> torch.Tensor:
+        return self._get(key, idx)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def _sample(shape: tuple[int, ...], axis: int, per_tensor: int | None,
+            rng: np.random.Generator, blocks: int = 4) -> list[tuple[slice, ...]]:
+    """Slices covering the residual axis whole and, on the other axes, ``blocks`` random
+    contiguous runs of the last non-residual axis (all of it when ``per_tensor`` is None or
+    the tensor is small). Contiguous runs read as few, long byte ranges."""
+    full = tuple(slice(0, n) for n in shape)
+    others = [i for i in range(len(shape)) if i != axis]
+    if not others or per_tensor is None or math.prod(shape[i] for i in others) <= per_tensor:
+        return [full]
+    run_axis = others[-1]
+    m = max(1, min(shape[run_axis], per_tensor // blocks))
+    out = []
+    for _ in range(blocks):
+        idx = list(full)
+        for i in others[:-1]:
+            j = int(rng.integers(shape[i]))
+            idx[i] = slice(j, j + 1)
+        s0 = int(rng.integers(shape[run_axis] - m + 1))
+        idx[run_axis] = slice(s0, s0 + m)
+        out.append(tuple(idx))
+    return out
 
 
 @dataclass
@@ -191,51 +269,78 @@ class WeightEvidence:
     unsigned: torch.Tensor | None  # [d, d] cosine of centred gain fingerprints
     n_signed_blocks: int = 0
     n_gain_vectors: int = 0
+    n_features: int = 0
     keys: list[str] = field(default_factory=list)
 
 
-def weight_evidence(a: ModelRef, b: ModelRef, *, max_columns: int | None = 65536,
+def weight_evidence(a: ModelRef, b: ModelRef, *, features: int | None = DEFAULT_FEATURES,
                     seed: int = 0) -> WeightEvidence:
-    """Per-coordinate weight signatures of A and B, correlated (streams tensor by tensor)."""
+    """Per-coordinate weight signatures of A and B, correlated.
+
+    A coordinate's signed signature is its slice of every residual-touching tensor
+    (embedding and head rows, reader columns, writer rows, LayerNorm biases), each tensor
+    weighing the same; its unsigned one, the norm gains. ``features``: about that many
+    signature entries in all, sampled as contiguous runs spread over every tensor and read
+    lazily (only the sampled bytes), then one d×features product; None: every entry of every
+    tensor, accumulated tensor by tensor (d×d products per tensor; slow at real widths).
+    Non-residual axes are restricted to their shared extent (e.g. the shared vocabulary)."""
     fam, d = check_pair(a, b)
-    iter_a, _ = _state(a)
-    _, get_b = _state(b)
-    dot = torch.zeros(d, d, dtype=torch.float64)
-    na = torch.zeros(d, dtype=torch.float64)
-    nb = torch.zeros(d, dtype=torch.float64)
-    gains_a: list[torch.Tensor] = []
-    gains_b: list[torch.Tensor] = []
-    gen = torch.Generator().manual_seed(seed)
-    ev = WeightEvidence(dot, None)
-    seen: set[str] = set()
-    for key, ta in iter_a():
-        op = fam.op_for(key)
-        if op.residual_axis is None or key in seen:
-            continue
-        seen.add(key)
-        tb = get_b(key)
-        if op.kind == "G":
-            gains_a.append(ta.double().reshape(-1) + fam.gain_offset)
-            gains_b.append(tb.double().reshape(-1) + fam.gain_offset)
-            continue
-        axis = op.residual_axis
-        ta, tb = _common_slice(ta, tb, axis, key)
-        xa = torch.movedim(ta, axis, 0).reshape(d, -1).float()
-        xb = torch.movedim(tb, axis, 0).reshape(d, -1).float()
-        if max_columns is not None and xa.shape[1] > max_columns:
-            cols = torch.randperm(xa.shape[1], generator=gen)[:max_columns]
-            xa, xb = xa[:, cols], xb[:, cols]
-        scale = float(xa.norm() * xb.norm())
-        if scale == 0:
-            continue
-        w = d / scale  # every block weighs the same on average per coordinate
-        dot += (xa @ xb.T).double() * w
-        na += (xa * xa).sum(1).double() * w
-        nb += (xb * xb).sum(1).double() * w
-        ev.n_signed_blocks += 1
-        ev.keys.append(key)
+    sa, sb = _Slices(a), _Slices(b)
+    try:
+        keys = [k for k in sorted(sa.shapes) if fam.op_for(k).residual_axis is not None]
+        missing = [k for k in keys if k not in sb.shapes]
+        if missing:
+            raise GaugefixError(f"{_name(b)} lacks {', '.join(missing[:5])}")
+        signed_keys = [k for k in keys if fam.op_for(k).kind != "G"]
+        per_tensor = None if features is None else max(1, features // max(1, len(signed_keys)))
+        ev = WeightEvidence(torch.zeros(d, d, dtype=torch.float64), None)
+        gains_a, gains_b, cols_a, cols_b = [], [], [], []
+        for key in keys:
+            op = fam.op_for(key)
+            ra, rb = sa.shapes[key], sb.shapes[key]
+            if len(ra) != len(rb):
+                raise GaugefixError(f"{key}: shapes {list(ra)} and {list(rb)} differ in rank")
+            shape = tuple(min(x, y) for x, y in zip(ra, rb, strict=True))
+            if op.kind == "G":
+                gains_a.append(sa.get(key, (slice(0, d),)).double().reshape(-1) +
+                               fam.gain_offset)
+                gains_b.append(sb.get(key, (slice(0, d),)).double().reshape(-1) +
+                               fam.gain_offset)
+                continue
+            axis = op.residual_axis
+            rng = np.random.default_rng([seed, *key.encode()])
+            xa = torch.cat([torch.movedim(sa.get(key, idx), axis, 0).reshape(d, -1).float()
+                            for idx in _sample(shape, axis, per_tensor, rng)], 1)
+            rng = np.random.default_rng([seed, *key.encode()])
+            xb = torch.cat([torch.movedim(sb.get(key, idx), axis, 0).reshape(d, -1).float()
+                            for idx in _sample(shape, axis, per_tensor, rng)], 1)
+            scale = float(xa.norm() * xb.norm())
+            if scale == 0:
+                continue
+            w = math.sqrt(d / scale)  # every tensor weighs the same on average per coordinate
+            xa, xb = xa * w, xb * w
+            if features is None:  # accumulate: d×d per tensor, never all columns at once
+                ev.signed += (xa @ xb.T).double()
+                cols_a.append((xa * xa).sum(1).double())
+                cols_b.append((xb * xb).sum(1).double())
+            else:
+                cols_a.append(xa)
+                cols_b.append(xb)
+            ev.n_signed_blocks += 1
+            ev.n_features += xa.shape[1]
+            ev.keys.append(key)
+    finally:
+        sa.close()
+        sb.close()
     if ev.n_signed_blocks == 0:
         raise GaugefixError("no residual-axis tensors to build weight signatures from")
+    if features is None:
+        na, nb = torch.stack(cols_a).sum(0), torch.stack(cols_b).sum(0)
+        dot = ev.signed
+    else:
+        xa, xb = torch.cat(cols_a, 1), torch.cat(cols_b, 1)
+        dot = (xa @ xb.T).double()
+        na, nb = (xa * xa).sum(1).double(), (xb * xb).sum(1).double()
     denom = torch.outer(na.sqrt(), nb.sqrt())
     ev.signed = torch.where(denom > 0, dot / denom.clamp_min(1e-300), 0.0)
     if gains_a:
@@ -250,14 +355,15 @@ def weight_evidence(a: ModelRef, b: ModelRef, *, max_columns: int | None = 65536
 
 def match_weights(a: ModelRef, b: ModelRef, method: str = "signmarg", *,
                   gain_weight: float = 0.0, solver: str = "lapjvs",
-                  max_columns: int | None = 65536) -> MatchResult:
+                  features: int | None = DEFAULT_FEATURES) -> MatchResult:
     """Data-free gauge estimate from the checkpoints alone (no forward pass).
 
     ``gain_weight`` blends the unsigned gain-fingerprint similarity into the
-    sign-blind score: ``(1 - w)|C| + w * C_gain``.
+    sign-blind score: ``(1 - w)|C| + w * C_gain``. ``features``: see
+    :func:`weight_evidence`.
     """
     fam, _ = check_pair(a, b)
-    ev = weight_evidence(a, b, max_columns=max_columns)
+    ev = weight_evidence(a, b, features=features)
     magnitude = None
     if gain_weight > 0 and ev.unsigned is not None:
         magnitude = ((1 - gain_weight) * ev.signed.abs() + gain_weight * ev.unsigned).numpy()
@@ -314,9 +420,10 @@ def trajectory(ckpts: Sequence[ModelRef], *, source: str = "activations",
     opts = opts or StatsOptions()
     steps: list[MatchResult] = []
     total: SignedPerm | None = None
-    prev = _load(ckpts[0], opts.dtype, opts.device) if source == "activations" else None
+    preload = source == "activations" and opts.max_memory is None  # each model loaded once
+    prev = _load(ckpts[0], opts.dtype, opts.device, opts.device_map) if preload else None
     for k in range(len(ckpts) - 1):
-        nxt = _load(ckpts[k + 1], opts.dtype, opts.device) if source == "activations" else None
+        nxt = _load(ckpts[k + 1], opts.dtype, opts.device, opts.device_map) if preload else None
         models = (prev, nxt) if prev is not None and nxt is not None else None
         r = estimate_gauge(ckpts[k], ckpts[k + 1], source=source, method=method, opts=opts,
                            solver=solver, gain_weight=gain_weight, _models=models)

@@ -210,7 +210,11 @@ class Transaction:
 
     def commit(self) -> None:
         """Publish every output, or (on any failure) none: temporaries removed, outputs
-        already published rolled back."""
+        already published rolled back. Under torchrun only rank 0 publishes (every rank
+        computed the same result)."""
+        if not is_main_rank():
+            self.abort()
+            return
         done: list[_Output] = []
         try:
             for o in self.outputs:  # inputs read after an output was reserved count too
@@ -259,6 +263,11 @@ def _unpublish(o: _Output) -> None:
     if o.backup is not None:
         os.rename(o.backup, o.path)
         o.backup = None
+
+
+def is_main_rank() -> bool:
+    """False in the processes of a torchrun job other than rank 0."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 _CURRENT: ContextVar[Transaction | None] = ContextVar("gaugefix_transaction", default=None)

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import Family, detect_family
+from .distributed import World, all_reduce_count, all_reduce_moments, share, world
 from .errors import GaugefixError
 from .io import load_npy, no_bar, note_input, torch_load
 
@@ -399,11 +400,16 @@ def collect_stats(
     pos = tap_a.positions
     pooled, per = Moments.empty(d_a), {p: Moments.empty(d_a) for p in pos}
     n_done = 0
-    bar = tqdm(total=len(ids), desc="statistics", unit="tok", disable=no_bar(progress))
+    w = world(device)  # under torchrun: this rank's share of the windows, reduced at the end
+    windows = my_windows(ids, seq_len, w)
+    bar = tqdm(total=windows.numel(), desc="statistics", unit="tok",
+               disable=no_bar(progress and (w is None or w.is_main)))
     try:
-        for batch in token_windows(ids, seq_len, batch_size):
+        for batch in windows.split(batch_size):
             batch = batch.to(device)
-            ra, rb = residuals(model_a, batch, tap_a), residuals(model_b, batch, tap_b)
+            # with a device map the layers, and so the positions, may sit on several devices
+            ra, rb = ({p: t.to(device) for p, t in residuals(m, batch, tap).items()}
+                      for m, tap in ((model_a, tap_a), (model_b, tap_b)))
             if per_position:
                 for p in pos:
                     per[p] = per[p] + Moments.of_chunk(ra[p], rb[p], compute_dtype)
@@ -416,10 +422,32 @@ def collect_stats(
         bar.close()
         tap_a.remove()
         tap_b.remove()
-    if per_position:
-        for p in pos:
+    return finish_stats(pooled, per if per_position else None, n_done, pos, meta, w, device)
+
+
+def my_windows(ids: np.ndarray, seq_len: int, w: World | None) -> torch.Tensor:
+    """This process's token windows: all of them, or its share under torchrun."""
+    windows = next(token_windows(ids, seq_len, max(1, len(ids))))
+    return windows[share(len(windows), w)]
+
+
+def finish_stats(pooled: Moments, per: dict[int, Moments] | None, n_done: int,
+                 positions: list[int], meta: dict[str, Any] | None, w: World | None,
+                 device: str = "cpu", *, keep_per_position: bool = True) -> CrossStats:
+    """The statistics of this process's windows, reduced over every rank under torchrun.
+    ``per``: per-position moments (pooled here), else ``pooled`` is already pooled."""
+    if w is not None:
+        if per is not None:
+            per = {p: all_reduce_moments(m, device) for p, m in per.items()}
+        else:
+            pooled = all_reduce_moments(pooled, device)
+        n_done = all_reduce_count(n_done, device)
+    if per is not None:
+        pooled = Moments.empty(pooled.d)
+        for p in positions:
             pooled = pooled + per[p]
-    stats = CrossStats(pooled, n_done, pos, per if per_position else {}, dict(meta or {}))
+    stats = CrossStats(pooled, n_done, positions, (per or {}) if keep_per_position else {},
+                       {**(meta or {}), **({"world_size": w.size} if w else {})})
     stats.check_finite()
     return stats
 

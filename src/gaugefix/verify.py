@@ -71,11 +71,14 @@ def compare_models(model_a: torch.nn.Module, model_b: torch.nn.Module, gauge: Si
     return VerifyReport(int(input_ids.numel()), rel_err(out_b.logits, out_a.logits), hidden, tol)
 
 
-def load_causal_lm(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+def load_causal_lm(path: Path, dtype: torch.dtype, **options: Any) -> torch.nn.Module:
+    """A checkpoint through transformers' own loading (``options`` go to from_pretrained,
+    e.g. a device map), with every way it can refuse a bad checkpoint in one line."""
     from transformers import AutoModelForCausalLM
 
     # transformers' fused-expert kernel (grouped_mm) has no float64; the eager loop does
     extra = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
+    extra.update(options)
     from safetensors import SafetensorError
 
     try:

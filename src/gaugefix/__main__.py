@@ -1,0 +1,5 @@
+"""``python -m gaugefix`` (and ``torchrun ... -m gaugefix``): the command-line interface."""
+
+from .cli import main
+
+main()
