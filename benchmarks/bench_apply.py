@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -71,16 +70,28 @@ def generate(path: Path, *, hidden: int, layers: int, vocab: int, shard_gb: floa
     return total / 1e9, largest
 
 
+# A small launcher forks the command and reports its child's peak RSS: measured from this
+# (large) process, a child's maxrss would include this process's pages up to its exec.
+LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write(f"\\nMAXRSS {usage.ru_maxrss}\\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run(cmd: list[str]) -> tuple[float, int]:
     """(seconds, peak RSS in bytes) of one child process."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    res = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *cmd], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - t
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {err}")
-    return seconds, usage.ru_maxrss * 1024
+    if res.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {res.stderr[-2000:]}")
+    rss_kb = int(res.stderr.rsplit("MAXRSS", 1)[1].split()[0])
+    return seconds, rss_kb * 1024
 
 
 def bench(src: Path, work: Path, gb: float, largest: int, repeat: int) -> dict:

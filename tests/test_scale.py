@@ -75,7 +75,7 @@ def test_hashes_match_hashlib_over_many_blocks(tmp_path, monkeypatch):
     h = shards.Hashes(True, True)
     g = SignedPerm.random(64, seed=1)
     layout = shards.read_layout(tmp_path / "x.safetensors")
-    moves = {"w": (1, lambda x, ax: g.apply(x, ax)), "v": None}
+    moves = {"w": (1, lambda x, ax, out: g.apply(x, ax, out=out)), "v": None}
     shards.rewrite(tmp_path / "x.safetensors", tmp_path / "y.safetensors", moves, hashes=h)
     src, dst = h.hexdigests()
     h.close()
@@ -289,9 +289,12 @@ def test_a_killed_rank_leaves_nothing_written(pair):
     import numpy as np
     import psutil
 
-    np.save(pair / "many.npy", np.random.default_rng(1).integers(0, 128, 400_000))
+    # long enough (tens of seconds per rank) that the kill lands while the ranks compute;
+    # a rank dying after the final barrier would find the result complete, and rightly kept
+    n = 4_000_000
+    np.save(pair / "many.npy", np.random.default_rng(1).integers(0, 128, n))
     proc = _torchrun("stats", pair / "A", pair / "B", "-o", pair / "s.safetensors",
-                     "--tokens-from", pair / "many.npy", "--tokens", 400_000, "--seq-len", 64)
+                     "--tokens-from", pair / "many.npy", "--tokens", n, "--seq-len", 64)
     deadline = time.monotonic() + 120
     workers: list = []
     while time.monotonic() < deadline and len(workers) < 2 and proc.poll() is None:
@@ -300,6 +303,7 @@ def test_a_killed_rank_leaves_nothing_written(pair):
         time.sleep(0.1)
     assert len(workers) == 2, "torchrun did not start two workers"
     time.sleep(6)  # into the statistics (start-up takes a few seconds)
+    assert proc.poll() is None, "the ranks finished before one could be killed"
     workers[-1].send_signal(signal.SIGKILL)
     proc.communicate(timeout=300)
     assert proc.returncode != 0

@@ -13,6 +13,7 @@ optimizer moments. It is a gather and a sign flip, hence bit-exact in any dtype.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ _BITS: dict[torch.dtype, tuple[torch.dtype, type[np.integer]]] = {
     torch.float32: (torch.int32, np.int32),
     torch.float16: (torch.int16, np.int16),
     torch.bfloat16: (torch.int16, np.int16),
+    **{getattr(torch, f8): (torch.int8, np.int8)  # fp8 checkpoints: the sign is bit 7 too
+       for f8 in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, f8)},
 }
 
 
@@ -215,16 +218,20 @@ class SignedPerm:
             self._cache[key] = torch.tensor(self.sign, device=device).to(dtype)
         return self._cache[key]
 
-    def apply(self, tensor: Any, axis: int = 0, signed: bool = True) -> Any:
+    def apply(self, tensor: Any, axis: int = 0, signed: bool = True, *,
+              out: torch.Tensor | None = None) -> Any:
         """Move ``tensor`` from chart A to chart B along its residual ``axis``.
 
         ``out.select(axis, i) = sign[i] * tensor.select(axis, perm[i])``; with
         ``signed=False`` only the gather (the rule for norm gains and second
         moments). Works for torch tensors of any dtype and for numpy arrays; the
-        result has the input's type, dtype and device. Bit-exact.
+        result has the input's type, dtype and device. Bit-exact. ``out``: a
+        contiguous tensor of the result's shape and dtype to write into (streaming
+        reuses its buffers: fresh memory costs a page fault per 4 KiB).
         """
         if isinstance(tensor, np.ndarray):
-            return self.apply(torch.from_numpy(np.ascontiguousarray(tensor)), axis, signed).numpy()
+            return self.apply(torch.from_numpy(np.ascontiguousarray(tensor)), axis, signed,
+                              out=out).numpy()
         if not isinstance(tensor, torch.Tensor):
             raise GaugefixError(f"apply expects a torch tensor or numpy array, got {type(tensor)}")
         if tensor.ndim == 0:
@@ -237,33 +244,45 @@ class SignedPerm:
                 f"width mismatch: tensor has size {tensor.shape[ax]} on axis {axis}, "
                 f"the gauge has d={self.d}"
             )
+        if out is not None and (out.shape != tensor.shape or out.dtype != tensor.dtype
+                                or not out.is_contiguous()):
+            raise GaugefixError(f"out must be a contiguous {tensor.dtype} tensor of shape "
+                                f"{list(tensor.shape)}")
         if (tensor.device.type == "cpu" and tensor.dtype in _BITS
                 and not tensor.requires_grad):
-            return self._apply_bits(tensor, ax, signed)
-        out = tensor.index_select(ax, self._index(tensor.device))
+            return self._apply_bits(tensor, ax, signed, out)
+        moved = tensor.index_select(ax, self._index(tensor.device), out=out) \
+            if out is not None else tensor.index_select(ax, self._index(tensor.device))
         if not signed or (self.sign > 0).all():
-            return out
+            return moved
         if tensor.dtype == torch.bool:
             raise GaugefixError("cannot apply signs to a boolean tensor; use signed=False")
         shape = [1] * tensor.ndim
         shape[ax] = self.d
-        return out.mul_(self._signs(tensor.dtype, tensor.device).view(shape))
+        return moved.mul_(self._signs(tensor.dtype, tensor.device).view(shape))
 
-    def _apply_bits(self, tensor: torch.Tensor, ax: int, signed: bool) -> torch.Tensor:
+    def _apply_bits(self, tensor: torch.Tensor, ax: int, signed: bool,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
         """CPU floats: gather the raw bits and flip the IEEE sign bit (no arithmetic).
 
         Same result as index_select-and-multiply, bit for bit (NaN payloads and -0.0
         included), and several times faster for gathers along a trailing axis.
         """
         int_dtype, np_int = _BITS[tensor.dtype]
-        raw = tensor.detach().view(int_dtype).numpy()
-        out = np.take(raw, self.perm, axis=ax)
+        raw = tensor.detach().view(int_dtype)
+        moved = out.view(int_dtype) if out is not None else torch.empty_like(raw)
+        if math.prod(raw.shape[ax + 1:]) == 1:  # elements scattered within rows:
+            rows = raw.reshape(*raw.shape[:ax], self.d)  # a broadcast-index gather
+            index = self._index(raw.device).expand(rows.shape)
+            torch.gather(rows, ax, index, out=moved.view(rows.shape))
+        else:  # whole rows (or slabs) copied in a new order
+            np.take(raw.numpy(), self.perm, axis=ax, out=moved.numpy())
         if signed and not (self.sign > 0).all():
             shape = [1] * tensor.ndim
             shape[ax] = self.d
             mask = np.where(self.sign < 0, np.iinfo(np_int).min, 0).astype(np_int)
-            np.bitwise_xor(out, mask.reshape(shape), out=out)
-        return torch.from_numpy(out).view(tensor.dtype)
+            moved.bitwise_xor_(torch.from_numpy(mask).view(shape))
+        return moved.view(tensor.dtype) if out is None else out
 
     # ------------------------------------------------------------------ coordinates
     def index_map(self, indices: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,10 @@ import concurrent.futures
 import hashlib
 import json
 import math
+import os
+import queue
 import struct
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,65 +94,65 @@ def with_metadata(layout: Layout, metadata: Mapping[str, str]) -> bytes:
 
 
 class Hashes:
-    """sha256 of the input and of the output stream, updated on a worker thread (hashlib
-    releases the GIL), in submission order; at most ``depth`` blocks in flight."""
+    """sha256 of the input and of the output stream, each on its own worker thread (hashlib
+    releases the GIL, so both run beside the I/O), in submission order."""
 
-    def __init__(self, src: bool, dst: bool, depth: int = 2) -> None:
+    def __init__(self, src: bool, dst: bool) -> None:
         self.src = hashlib.sha256() if src else None
         self.dst = hashlib.sha256() if dst else None
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if (
-            src or dst) else None
-        self._pending: list[concurrent.futures.Future[None]] = []
-        self._depth = depth
+        self._pools = [concurrent.futures.ThreadPoolExecutor(max_workers=1)
+                       for h in (self.src, self.dst) if h is not None]
 
-    def feed(self, src: Any | None, dst: Any | None) -> None:
-        jobs = [(h, b) for h, b in ((self.src, src), (self.dst, dst))
-                if h is not None and b is not None]
-        if not jobs or self._pool is None:
-            return
-        self._pending.append(self._pool.submit(_update, jobs))
-        while len(self._pending) > self._depth:
-            self._pending.pop(0).result()
+    def feed(self, src: Any | None, dst: Any | None) -> list[concurrent.futures.Future[Any]]:
+        """Queue bytes for each stream; the returned futures say when they were consumed."""
+        jobs = [(h, b) for h, b in ((self.src, src), (self.dst, dst)) if h is not None]
+        return [pool.submit(h.update, b) for pool, (h, b) in zip(self._pools, jobs,
+                                                                  strict=True)]
 
     def hexdigests(self) -> tuple[str | None, str | None]:
-        self.wait()
+        self.close()
         return (None if self.src is None else self.src.hexdigest(),
                 None if self.dst is None else self.dst.hexdigest())
 
-    def wait(self) -> None:
-        for fut in self._pending:
-            fut.result()
-        self._pending.clear()
-
     def close(self) -> None:
-        self.wait()
-        if self._pool is not None:
-            self._pool.shutdown()
+        for pool in self._pools:
+            pool.shutdown(wait=True)
 
 
-def _update(jobs: list[tuple[Any, Any]]) -> None:
-    for h, data in jobs:
-        h.update(data)
+def _readinto(f: BinaryIO, offset: int, view: memoryview) -> None:
+    """Fill ``view`` from ``offset`` (positional reads where the system has them, so
+    concurrent readers of one file do not share a file position)."""
+    got = 0
+    while got < len(view):
+        if hasattr(os, "preadv"):
+            k = os.preadv(f.fileno(), [view[got:]], offset + got)
+        else:  # pragma: no cover - Windows
+            f.seek(offset + got)
+            k = f.readinto(view[got:])
+        if not k:
+            raise GaugefixError(f"{f.name}: file ends early (at byte {offset + got})")
+        got += k
 
 
 def _read(f: BinaryIO, offset: int, n: int) -> bytearray:
     buf = bytearray(n)
-    f.seek(offset)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = f.readinto(view[got:])
-        if not k:
-            raise GaugefixError(f"{f.name}: file ends early (at byte {offset + got})")
-        got += k
+    _readinto(f, offset, memoryview(buf))
     return buf
 
 
-def _copy(fi: BinaryIO, fo: BinaryIO, begin: int, end: int, hashes: Hashes) -> None:
-    for start in range(begin, end, BLOCK_BYTES):
-        buf = _read(fi, start, min(BLOCK_BYTES, end - start))
-        fo.write(buf)
-        hashes.feed(buf, buf)
+MoveFn = Callable[[torch.Tensor, int, torch.Tensor], Any]
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One block of the output, in file order: ``n`` bytes read at ``offset`` and written
+    as they are, or moved (``move(block, 1, out)`` on a 3-D block of ``shape``)."""
+
+    offset: int
+    n: int
+    move: MoveFn | None = None
+    dtype: torch.dtype | None = None
+    shape: tuple[int, ...] = ()
 
 
 def _blocks(e: Entry, axis: int) -> Iterator[tuple[int, int, tuple[int, ...]]]:
@@ -167,52 +170,139 @@ def _blocks(e: Entry, axis: int) -> Iterator[tuple[int, int, tuple[int, ...]]]:
         yield e.begin + o * rest * itemsize, k * rest * itemsize, (k, e.shape[axis], inner)
 
 
-MoveFn = Callable[[torch.Tensor, int], torch.Tensor]
+def _jobs(layout: Layout, moves: Mapping[str, tuple[int, MoveFn] | None], where: str
+          ) -> list[_Job]:
+    jobs: list[_Job] = []
+
+    def copy(begin: int, end: int) -> None:
+        jobs.extend(_Job(o, min(BLOCK_BYTES, end - o)) for o in range(begin, end, BLOCK_BYTES))
+
+    pos = len(layout.header)
+    for e in layout.entries:
+        copy(pos, e.begin)  # bytes between tensors, if any, kept as they are
+        spec = moves.get(e.name)
+        if spec is None:
+            copy(e.begin, e.end)
+        else:
+            if e.dtype not in DTYPES:
+                raise GaugefixError(f"{where}: tensor {e.name!r} has dtype {e.dtype}, which "
+                                    "this torch cannot represent")
+            jobs.extend(_Job(o, n, spec[1], DTYPES[e.dtype], shape)
+                        for o, n, shape in _blocks(e, spec[0]) if n)
+        pos = e.end
+    copy(pos, layout.size)
+    return jobs
 
 
-def _move(fi: BinaryIO, fo: BinaryIO, e: Entry, axis: int, move: MoveFn,
-          hashes: Hashes) -> None:
-    """Read, move along ``axis`` block by block, write, hash."""
-    if e.dtype not in DTYPES:
-        raise GaugefixError(f"{fi.name}: tensor {e.name!r} has dtype {e.dtype}, which this "
-                            "torch cannot represent")
-    for offset, n, shape3 in _blocks(e, axis):
-        buf = _read(fi, offset, n)
-        block = torch.frombuffer(buf, dtype=DTYPES[e.dtype]).reshape(shape3)
-        out = move(block, 1).contiguous()
-        raw = out.view(torch.uint8).numpy() if out.numel() else b""
-        fo.write(raw)
-        hashes.feed(buf, raw)
+_DONE = object()
+
+
+def _run(fi: BinaryIO, fo: BinaryIO, jobs: list[_Job], hashes: Hashes, depth: int = 3
+         ) -> None:
+    """Read → move → write as a pipeline: a reader thread fills reused buffers, this thread
+    moves blocks through the primitive, a writer thread writes them and feeds the hashes.
+    The heavy calls (pread, numpy's gather, write, sha256) release the GIL, so the stages
+    overlap. Buffers are recycled once written and hashed (fresh memory costs a page fault
+    per 4 KiB). Any failure stops every stage and is raised here."""
+    free: queue.Queue[list[bytearray]] = queue.Queue()
+    for _ in range(depth + 2):
+        free.put([bytearray(), bytearray()])
+    to_move: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    to_write: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def put(q: queue.Queue[Any], item: Any) -> None:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def get(q: queue.Queue[Any]) -> Any:
+        while not stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return _DONE
+
+    def reader() -> None:
+        try:
+            for job in jobs:
+                bufs = get(free)
+                if bufs is _DONE:
+                    return
+                for k in (0, 1) if job.move else (0,):
+                    if len(bufs[k]) < job.n:
+                        bufs[k] = bytearray(job.n)
+                _readinto(fi, job.offset, memoryview(bufs[0])[:job.n])
+                put(to_move, (job, bufs))
+            put(to_move, _DONE)
+        except BaseException as exc:  # handed to the main thread, which re-raises it
+            errors.append(exc)
+            stop.set()
+
+    def writer() -> None:
+        try:
+            while (item := get(to_write)) is not _DONE:
+                bufs, data, src = item
+                fo.write(data)
+                for fut in hashes.feed(src, data):
+                    fut.result()
+                free.put(bufs)
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=reader, daemon=True),
+               threading.Thread(target=writer, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        while (item := get(to_move)) is not _DONE:
+            job, bufs = item
+            src = memoryview(bufs[0])[:job.n]
+            if job.move is None:
+                put(to_write, (bufs, src, src))
+                continue
+            dst = memoryview(bufs[1])[:job.n]
+            job.move(torch.frombuffer(src, dtype=job.dtype).reshape(job.shape), 1,
+                     torch.frombuffer(dst, dtype=job.dtype).reshape(job.shape))
+            put(to_write, (bufs, dst, src))
+        put(to_write, _DONE)
+        threads[1].join()
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
 
 
 def rewrite(src: Path, dst: Path, moves: Mapping[str, tuple[int, MoveFn] | None], *,
             hashes: Hashes | None = None, metadata: Mapping[str, str] | None = None) -> int:
     """Write ``src`` to ``dst`` with each tensor named in ``moves`` moved along its residual
-    axis (``(axis, fn)``: ``fn(tensor, axis)`` returns the moved tensor; ``None``: copied as
-    bytes). ``metadata`` replaces the header's metadata. Returns the bytes written."""
+    axis (``(axis, fn)``: ``fn(block, axis, out)`` writes the moved block into ``out``;
+    ``None``: copied as bytes). ``metadata`` replaces the header's metadata. Returns the
+    bytes written."""
     layout = read_layout(src)
     hashes = hashes or Hashes(False, False)
+    jobs = _jobs(layout, moves, str(src))
     header = layout.header if metadata is None else with_metadata(layout, metadata)
-    shift = len(header) - len(layout.header)
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
+    with open(src, "rb", buffering=0) as fi, open(dst, "wb", buffering=0) as fo:
         fo.write(header)
-        hashes.feed(layout.header, header)
-        pos = len(layout.header)
-        for e in layout.entries:
-            if e.begin > pos:  # bytes between tensors, kept as they are
-                _copy(fi, fo, pos, e.begin, hashes)
-            spec = moves.get(e.name)
-            if spec is None:
-                _copy(fi, fo, e.begin, e.end, hashes)
-            else:
-                _move(fi, fo, e, spec[0], spec[1], hashes)
-            pos = e.end
-        if layout.size > pos:
-            _copy(fi, fo, pos, layout.size, hashes)
+        for fut in hashes.feed(layout.header, header):
+            fut.result()
+        _run(fi, fo, jobs, hashes)
         written = fo.tell()
-    if written != layout.size + shift:
-        raise GaugefixError(f"internal error: {dst} has {written} bytes, expected "
-                            f"{layout.size + shift}")
+    expected = layout.size + len(header) - len(layout.header)
+    if written != expected:
+        raise GaugefixError(f"internal error: {dst} has {written} bytes, expected {expected}")
     return written
 
 
@@ -230,7 +320,8 @@ def gauge_moves(plan: Mapping[str, Any], gauge: SignedPerm, layout: Layout
             continue
         axis = axis if axis >= 0 else axis + len(e.shape)
         signed = op.signed
-        out[e.name] = (axis, lambda t, ax, signed=signed: gauge.apply(t, ax, signed))
+        out[e.name] = (axis, lambda t, ax, dst, signed=signed: gauge.apply(t, ax, signed,
+                                                                           out=dst))
     return out
 
 

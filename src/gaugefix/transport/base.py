@@ -76,10 +76,11 @@ def table_moves(layout: Any, plan: Mapping[str, tuple[Op, ...]], gauge: SignedPe
         elif len(ops) == 1:
             axis = axes[0] if axes[0] >= 0 else axes[0] + len(e.shape)
             signed = ops[0].signed
-            moves[e.name] = (axis, lambda t, ax, signed=signed: gauge.apply(t, ax, signed))
-        else:
-            moves[e.name] = (0, lambda t, ax, shape=e.shape, ops=ops: move(
-                t.reshape(shape), ops, gauge))
+            moves[e.name] = (axis, lambda t, ax, dst, signed=signed: gauge.apply(
+                t, ax, signed, out=dst))
+        else:  # several residual axes (a skip matrix): the whole tensor, op after op
+            moves[e.name] = (0, lambda t, ax, dst, shape=e.shape, ops=ops: dst.copy_(
+                move(t.reshape(shape), ops, gauge).reshape(dst.shape)))
     return moves
 
 
