@@ -70,28 +70,42 @@ def generate(path: Path, *, hidden: int, layers: int, vocab: int, shard_gb: floa
     return total / 1e9, largest
 
 
-# A small launcher forks the command and reports its child's peak RSS: measured from this
-# (large) process, a child's maxrss would include this process's pages up to its exec.
-LAUNCHER = """import os, sys
+# A small launcher forks the command and reports its child's peak RSS (maxrss: measured from
+# this large process, a child's would include this process's pages up to its exec), and the
+# peak of its anonymous memory (sampled from /proc every 10 ms): file-backed pages (shared
+# libraries, mapped checkpoint files) are shared and reclaimable, anonymous ones are not.
+LAUNCHER = """import os, sys, threading, time
 pid = os.fork()
 if pid == 0:
     os.execvp(sys.argv[1], sys.argv[1:])
+peak = [0]
+def sample():
+    while True:
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("RssAnon:"):
+                    peak[0] = max(peak[0], int(line.split()[1]))
+        except OSError:
+            return
+        time.sleep(0.01)
+threading.Thread(target=sample, daemon=True).start()
 _, status, usage = os.wait4(pid, 0)
-sys.stderr.write(f"\\nMAXRSS {usage.ru_maxrss}\\n")
+sys.stderr.write(f"\\nMAXRSS {usage.ru_maxrss} ANON {peak[0]}\\n")
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def run(cmd: list[str]) -> tuple[float, int]:
-    """(seconds, peak RSS in bytes) of one child process."""
+def run(cmd: list[str], anon: bool = False) -> tuple[float, int]:
+    """(seconds, peak RSS in bytes) of one child process; ``anon``: the peak of its
+    anonymous memory instead."""
     t = time.perf_counter()
     res = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *cmd], stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - t
     if res.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {res.stderr[-2000:]}")
-    rss_kb = int(res.stderr.rsplit("MAXRSS", 1)[1].split()[0])
-    return seconds, rss_kb * 1024
+    fields = res.stderr.rsplit("MAXRSS", 1)[1].split()
+    return seconds, int(fields[2] if anon else fields[0]) * 1024
 
 
 def bench(src: Path, work: Path, gb: float, largest: int, repeat: int) -> dict:

@@ -50,14 +50,16 @@ def bench_stats(root: Path) -> dict:
     common = ["--tokens-from", str(ids), "--tokens", "8192", "--seq-len", "128",
               "--batch-size", "8"]
     fp32_model = 2 * gb * 1e9  # bf16 on disk, float32 in memory
-    budget = int(0.4 * fp32_model)
+    budget = int(0.9 * fp32_model)  # less than one model; the two together are 2.2× that
     rows = {}
-    rows["start-up (inspect)"] = run([EXE, "inspect", str(a), "--json"])
+    # anonymous memory: the budget's business (shared libraries and mapped checkpoint pages
+    # are file-backed, shared and reclaimable)
+    rows["start-up (inspect)"] = run([EXE, "inspect", str(a), "--json"], anon=True)
     rows["in memory"] = run([EXE, "stats", str(a), str(root / "B"), "-o",
-                             str(root / "mem.safetensors"), *common])
+                             str(root / "mem.safetensors"), *common], anon=True)
     rows[f"--max-memory {budget / 1e6:.0f}MB"] = run(
         [EXE, "stats", str(a), str(root / "B"), "-o", str(root / "lw.safetensors"),
-         "--max-memory", f"{budget / 1e6:.0f}MB", *common])
+         "--max-memory", f"{budget / 1e6:.0f}MB", *common], anon=True)
     from safetensors.torch import load_file
 
     x, y = load_file(root / "mem.safetensors"), load_file(root / "lw.safetensors")
@@ -65,7 +67,7 @@ def bench_stats(root: Path) -> dict:
     base = rows["start-up (inspect)"][1]
     return {"checkpoint_GB_bf16": round(gb, 2), "one_model_fp32_GB": round(fp32_model / 1e9, 2),
             "budget_GB": round(budget / 1e9, 2), "max_relative_difference": rel,
-            "rows": {k: {"seconds": round(t, 1), "peak_rss_GB": round(r / 1e9, 2),
+            "rows": {k: {"seconds": round(t, 1), "peak_anonymous_GB": round(r / 1e9, 2),
                          "above_start_up_GB": round((r - base) / 1e9, 2)}
                      for k, (t, r) in rows.items()}}
 

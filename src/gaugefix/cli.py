@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import signal
@@ -104,6 +105,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # "offloaded to the disk" notes
     if "transformers" in sys.modules:  # already imported (an in-process caller)
         transformers = sys.modules["transformers"]
         transformers.logging.set_verbosity_error()

@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
@@ -266,8 +267,11 @@ def _unpublish(o: _Output) -> None:
 
 
 def is_main_rank() -> bool:
-    """False in the processes of a torchrun job other than rank 0."""
-    return os.environ.get("RANK", "0") == "0"
+    """False in a process that belongs to an initialised torch.distributed group (gaugefix's
+    own under torchrun, or a caller's) with a rank other than 0: every rank computed the
+    same result, and one writes it."""
+    dist = sys.modules.get("torch.distributed")  # never imported just to ask
+    return dist is None or not dist.is_initialized() or dist.get_rank() == 0
 
 
 _CURRENT: ContextVar[Transaction | None] = ContextVar("gaugefix_transaction", default=None)

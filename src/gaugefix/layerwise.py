@@ -52,6 +52,27 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def bound_malloc() -> None:
+    """Make glibc hand freed large blocks back to the system. Each offloaded layer is
+    allocated anew at every call; by default glibc raises its mmap threshold after the first
+    such block is freed and serves the next ones from a heap it keeps, so the process would
+    grow well past the budget. A fixed 1 MiB threshold (and trim threshold) stops that. A
+    process-wide setting, made only for budgeted runs; no effect outside glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 20)
+
+
 def _fmt(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
@@ -156,7 +177,9 @@ def plan_groups(n_windows: int, seq_len: int, batch_size: int, d: int, budget: i
     inside one layer: attention projections and scores, the MLP's hidden activations."""
     fixed = a.resident_bytes + b.resident_bytes
     biggest = max(range(len(a.layer_bytes)), key=lambda i: a.layer_bytes[i] + b.layer_bytes[i])
-    layers = a.layer_bytes[biggest] + b.layer_bytes[biggest]
+    # twice: a layer read from disk in the file's dtype is converted to the compute dtype,
+    # and both copies exist for a moment
+    layers = 2 * (a.layer_bytes[biggest] + b.layer_bytes[biggest])
     stats = 4 * 8 * d * d  # float64 cross moments, pooled and per chunk
     held = 2 * 2 * seq_len * d * 4  # A's and B's hidden states, in and out of a layer
     batch = batch_size * (seq_len * 4 * (6 * d + 3 * intermediate) + 4 * heads * seq_len ** 2)
@@ -181,6 +204,7 @@ def collect_stats_layerwise(ckpt_a: Checkpoint, ckpt_b: Checkpoint, ids: np.ndar
     (see the module docstring); equal to the in-memory ones to float rounding."""
     d = ckpt_a.hidden_size
     pos = resolve_positions(positions, ckpt_a.n_layers)
+    bound_malloc()
     w = world()
     windows = my_windows(ids, seq_len, w)
     with tempfile.TemporaryDirectory(prefix="gaugefix-offload-") as off:

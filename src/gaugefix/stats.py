@@ -422,6 +422,8 @@ def collect_stats(
         bar.close()
         tap_a.remove()
         tap_b.remove()
+    if device.startswith("cuda"):  # what a GPU run needs to know about its memory
+        meta = {**(meta or {}), "cuda_peak_bytes": int(torch.cuda.max_memory_allocated())}
     return finish_stats(pooled, per if per_position else None, n_done, pos, meta, w, device)
 
 
