@@ -97,6 +97,66 @@ def test_numpy_and_int_dtypes_are_supported():
     np.testing.assert_array_equal(g.inverse().apply(y, 1), x)
 
 
+_TORCH_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+              torch.bfloat16: torch.int16}
+
+
+@given(gauges(), st.integers(0, 2), st.sampled_from(
+    [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+     torch.int8, torch.uint8, torch.bool]), st.booleans())
+@settings(max_examples=80)
+def test_numpy_backends_equal_index_select_and_multiply(g, axis, dtype, signed):
+    """The numpy primitive (values, and raw float bits as streaming uses it) equals the
+    arithmetic reference bit for bit: index_select, then multiply by the signs; except that
+    a NaN's sign bit flips too (a negation; x86's multiply returns the NaN as it is)."""
+    shape = [3, 4, 5]
+    shape[axis] = g.d
+    x = (torch.randn(shape, dtype=torch.float64) * 50).to(dtype)
+    if dtype.is_floating_point:  # specials: -0.0, NaN, infinities
+        x.view(-1)[:3] = torch.tensor([-0.0, float("nan"), float("-inf")], dtype=dtype)[
+            :x.numel()]
+    if dtype == torch.bool and signed and (g.sign < 0).any():
+        with pytest.raises(GaugefixError, match="boolean"):
+            g.apply(x.numpy(), axis, signed)
+        return
+    ref = x.index_select(axis, torch.tensor(g.perm))
+    view = [1] * 3
+    view[axis] = g.d
+    if signed and dtype != torch.bool:
+        ref = ref * torch.tensor(g.sign).to(dtype).view(view)
+    if dtype.is_floating_point:  # compare bits: NaN == NaN, -0.0 != 0.0
+        idtype = _TORCH_INT[dtype]
+        ref_bits = ref.view(idtype)
+        if signed:  # NaN: gathered, then its sign bit flipped where the sign is -1
+            nan = torch.isnan(ref)
+            gathered = x.index_select(axis, torch.tensor(g.perm)).view(idtype)
+            flip = torch.tensor(np.where(g.sign < 0, np.iinfo(np.dtype(str(idtype)[6:])).min,
+                                         0)).to(idtype).view(view)
+            ref_bits = torch.where(nan, gathered ^ flip, ref_bits)
+        assert torch.equal(g.apply(x, axis, signed).view(idtype), ref_bits)
+        raw = x.view(idtype).numpy()
+        out = np.empty_like(raw)
+        assert g.apply(raw, axis, signed, out=out, bits=True) is out
+        np.testing.assert_array_equal(out, ref_bits.numpy())
+        if dtype != torch.bfloat16:  # numpy has this float dtype
+            got = g.apply(x.numpy(), axis, signed)
+            np.testing.assert_array_equal(got.view(raw.dtype), ref_bits.numpy())
+    else:
+        got = g.apply(x.numpy(), axis, signed)
+        assert got.dtype == x.numpy().dtype
+        np.testing.assert_array_equal(got, ref.numpy())
+
+
+def test_numpy_apply_refuses_what_it_cannot_do():
+    g = SignedPerm.random(4, seed=0)
+    with pytest.raises(GaugefixError, match="bits=True expects signed integers"):
+        g.apply(np.zeros((2, 4), np.float32), 1, bits=True)
+    with pytest.raises(GaugefixError, match="contiguous"):
+        g.apply(np.zeros((2, 4), np.float32), 1, out=np.zeros((4, 2), np.float32).T)
+    with pytest.raises(GaugefixError, match="width mismatch"):
+        g.apply(np.zeros((2, 5), np.float32), 1)
+
+
 def test_negative_zero_and_nan_round_trip_bitwise():
     g = SignedPerm(np.array([1, 0, 2]), np.array([-1, -1, 1]))
     x = torch.tensor([-0.0, float("nan"), float("inf")])

@@ -11,9 +11,8 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tqdm.auto import tqdm
 
 from .arch import Family, Op, detect_family, get_family, hidden_size_of
@@ -21,6 +20,9 @@ from .checkpoint import Checkpoint, load_shard
 from .errors import GaugefixError
 from .group import SignedPerm
 from .io import atomic_dir, copy_files, no_bar, sha256_files
+
+if TYPE_CHECKING:  # imported where tensors are: a safetensors checkpoint is moved without it
+    import torch
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
@@ -74,6 +76,8 @@ def gauge_model(model: torch.nn.Module, gauge: SignedPerm, *, inplace: bool = Fa
     target = model if inplace else copy.deepcopy(model)
     sd = target.state_dict(keep_vars=True)
     new = gauge_state_dict({k: v.detach() for k, v in sd.items()}, gauge, fam)
+    import torch
+
     seen: set[Any] = set()
     with torch.no_grad():
         for key, tensor in sd.items():
@@ -159,6 +163,8 @@ def write_gauged_weights(ckpt: Checkpoint, out_dir: Path, gauge: SignedPerm,
                 report.bytes_written += rewrite(shard, dst, gauge_moves(
                     plan, gauge, read_layout(shard)), hashes=hashes)
             else:  # a pickle-free torch file: loaded whole, saved whole
+                import torch
+
                 torch.save({k: plan[k](gauge, t).contiguous()
                             for k, t in load_shard(shard).items()}, dst)
                 hashes.feed(shard.read_bytes(), dst.read_bytes())

@@ -9,13 +9,14 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .arch import Family, detect_family, hidden_size_of
 from .errors import GaugefixError
 from .io import load_safetensors, note_input, open_safetensors, read_json, torch_load
+
+if TYPE_CHECKING:
+    import torch
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -101,7 +102,7 @@ class Checkpoint:
         """(shard, key, shape) of every tensor, reading headers only where possible."""
         for shard in self.shards:
             if self.is_safetensors:
-                with open_safetensors(shard, "weight shard") as f:
+                with open_safetensors(shard, "weight shard", framework="numpy") as f:
                     for k in f.keys():  # noqa: SIM118 - safe_open is not a dict
                         yield shard, k, tuple(f.get_slice(k).get_shape())
             else:
@@ -154,6 +155,8 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_safetensors(path, "weight shard")[0]
     sd = torch_load(path, "weight shard")
+    import torch
+
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise GaugefixError(f"{path}: expected a state dict of tensors, found "
                             f"{type(sd).__name__}")

@@ -16,9 +16,8 @@ torchrun's rendezvous unchanged (``--nnodes``, ``--rdzv-endpoint``).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
-
-import torch
 
 from .errors import GaugefixError
 
@@ -39,6 +38,7 @@ def world(device: str = "cpu") -> World | None:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return None
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -62,6 +62,7 @@ def share(n: int, w: World | None) -> slice:
 
 def all_reduce_moments(m, device: str = "cpu"):  # Moments -> Moments
     """The moments of the union of every rank's samples, on every rank."""
+    import torch
     import torch.distributed as dist
 
     from .stats import Moments
@@ -85,6 +86,7 @@ def all_reduce_moments(m, device: str = "cpu"):  # Moments -> Moments
 
 
 def all_reduce_count(n: int, device: str = "cpu") -> int:
+    import torch
     import torch.distributed as dist
 
     dev = torch.device("cuda", torch.cuda.current_device()) if device.startswith(
@@ -95,7 +97,7 @@ def all_reduce_count(n: int, device: str = "cpu") -> int:
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
+    """Wait for every rank, in a torchrun job (never imports torch just to ask)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_initialized():
         dist.barrier()

@@ -13,32 +13,44 @@ optimizer moments. It is a gather and a sign flip, hence bit-exact in any dtype.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 
 from .errors import GaugefixError
+
+if TYPE_CHECKING:
+    import torch
 
 GAUGE_FORMAT = "gaugefix.gauge/1"
 CONVENTION = "x_B[i] = sign[i] * x_A[perm[i]]"
 
 RandomKind = Literal["signed", "perm", "global"]
 
-# Floating dtypes whose sign is one bit: gathered as raw integers on the CPU.
-_BITS: dict[torch.dtype, tuple[torch.dtype, type[np.integer]]] = {
-    torch.float64: (torch.int64, np.int64),
-    torch.float32: (torch.int32, np.int32),
-    torch.float16: (torch.int16, np.int16),
-    torch.bfloat16: (torch.int16, np.int16),
-    **{getattr(torch, f8): (torch.int8, np.int8)  # fp8 checkpoints: the sign is bit 7 too
-       for f8 in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, f8)},
-}
+# torch is imported where a torch tensor is handled, never to move numpy arrays or raw bits:
+# `gaugefix apply` on a safetensors checkpoint runs without it (its import is most of the
+# command's start-up).
+
+
+@cache
+def _torch_bits() -> dict[Any, Any]:
+    """Floating torch dtypes whose sign is one bit -> the integer dtype of their bits."""
+    import torch
+
+    return {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+            torch.bfloat16: torch.int16,
+            **{getattr(torch, f8): torch.int8  # fp8 checkpoints: the sign is bit 7 too
+               for f8 in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, f8)}}
+
+
+# numpy floats -> the integer dtype of their bits
+_NP_BITS = {np.dtype(np.float64): np.int64, np.dtype(np.float32): np.int32,
+            np.dtype(np.float16): np.int16}
 
 
 def _as_int_array(values: Any, name: str) -> np.ndarray:
@@ -59,7 +71,7 @@ class SignedPerm:
 
     perm: np.ndarray
     sign: np.ndarray
-    _cache: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         perm = _as_int_array(self.perm, "perm")
@@ -145,7 +157,7 @@ class SignedPerm:
     @classmethod
     def from_matrix(cls, q: np.ndarray | torch.Tensor) -> SignedPerm:
         """Read a dense signed-permutation matrix (``Q[i, perm[i]] = sign[i]``)."""
-        q = np.asarray(q.detach().cpu() if isinstance(q, torch.Tensor) else q)
+        q = np.asarray(q if isinstance(q, np.ndarray) else q.detach().cpu())
         if q.ndim != 2 or q.shape[0] != q.shape[1]:
             raise GaugefixError(f"expected a square matrix, got shape {q.shape}")
         nz = q != 0
@@ -209,48 +221,59 @@ class SignedPerm:
     def _index(self, device: torch.device) -> torch.Tensor:
         key = ("perm", device)
         if key not in self._cache:
+            import torch
+
             self._cache[key] = torch.tensor(self.perm, device=device)
         return self._cache[key]
 
     def _signs(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = ("sign", dtype, device)
         if key not in self._cache:
+            import torch
+
             self._cache[key] = torch.tensor(self.sign, device=device).to(dtype)
         return self._cache[key]
 
+    def _sign_mask(self, dtype: np.dtype[Any]) -> np.ndarray:
+        """The IEEE sign bit where the sign is -1, in the integer ``dtype`` of the bits."""
+        key = ("mask", dtype)
+        if key not in self._cache:
+            self._cache[key] = np.where(self.sign < 0, np.iinfo(dtype).min, 0).astype(dtype)
+        return self._cache[key]
+
     def apply(self, tensor: Any, axis: int = 0, signed: bool = True, *,
-              out: torch.Tensor | None = None) -> Any:
+              out: Any | None = None, bits: bool = False) -> Any:
         """Move ``tensor`` from chart A to chart B along its residual ``axis``.
 
         ``out.select(axis, i) = sign[i] * tensor.select(axis, perm[i])``; with
         ``signed=False`` only the gather (the rule for norm gains and second
         moments). Works for torch tensors of any dtype and for numpy arrays; the
         result has the input's type, dtype and device. Bit-exact. ``out``: a
-        contiguous tensor of the result's shape and dtype to write into (streaming
-        reuses its buffers: fresh memory costs a page fault per 4 KiB).
+        contiguous tensor (or array) of the result's shape and dtype to write into
+        (streaming reuses its buffers: fresh memory costs a page fault per 4 KiB).
+        ``bits=True``: ``tensor`` is a numpy integer array holding the IEEE bit patterns
+        of floats (bfloat16 and fp8 have no numpy dtype); the sign is the top bit.
         """
         if isinstance(tensor, np.ndarray):
-            return self.apply(torch.from_numpy(np.ascontiguousarray(tensor)), axis, signed,
-                              out=out).numpy()
+            return self._apply_numpy(tensor, axis, signed, out, bits)
+        import torch
+
         if not isinstance(tensor, torch.Tensor):
             raise GaugefixError(f"apply expects a torch tensor or numpy array, got {type(tensor)}")
-        if tensor.ndim == 0:
-            raise GaugefixError("cannot apply a gauge to a 0-d tensor (no residual axis)")
-        ax = axis if axis >= 0 else axis + tensor.ndim
-        if not 0 <= ax < tensor.ndim:
-            raise GaugefixError(f"axis {axis} out of range for a {tensor.ndim}-d tensor")
-        if tensor.shape[ax] != self.d:
-            raise GaugefixError(
-                f"width mismatch: tensor has size {tensor.shape[ax]} on axis {axis}, "
-                f"the gauge has d={self.d}"
-            )
+        ax = self._check_axis(tensor.shape, axis)
         if out is not None and (out.shape != tensor.shape or out.dtype != tensor.dtype
                                 or not out.is_contiguous()):
             raise GaugefixError(f"out must be a contiguous {tensor.dtype} tensor of shape "
                                 f"{list(tensor.shape)}")
-        if (tensor.device.type == "cpu" and tensor.dtype in _BITS
-                and not tensor.requires_grad):
-            return self._apply_bits(tensor, ax, signed, out)
+        int_dtype = _torch_bits().get(tensor.dtype)
+        if tensor.device.type == "cpu" and int_dtype is not None and not tensor.requires_grad:
+            # CPU floats: gather the raw bits and flip the IEEE sign bit (no arithmetic):
+            # a negation, for -0.0 and for NaN too (payload kept; a multiply by -1 would
+            # leave a NaN's sign as it is), and several times faster than index_select.
+            moved = out if out is not None else torch.empty_like(tensor)
+            self._apply_numpy(tensor.detach().view(int_dtype).numpy(), ax, signed,
+                              moved.view(int_dtype).numpy(), True)
+            return moved
         moved = tensor.index_select(ax, self._index(tensor.device), out=out) \
             if out is not None else tensor.index_select(ax, self._index(tensor.device))
         if not signed or (self.sign > 0).all():
@@ -261,28 +284,52 @@ class SignedPerm:
         shape[ax] = self.d
         return moved.mul_(self._signs(tensor.dtype, tensor.device).view(shape))
 
-    def _apply_bits(self, tensor: torch.Tensor, ax: int, signed: bool,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-        """CPU floats: gather the raw bits and flip the IEEE sign bit (no arithmetic).
+    def _check_axis(self, shape: Any, axis: int) -> int:
+        if len(shape) == 0:
+            raise GaugefixError("cannot apply a gauge to a 0-d tensor (no residual axis)")
+        ax = axis if axis >= 0 else axis + len(shape)
+        if not 0 <= ax < len(shape):
+            raise GaugefixError(f"axis {axis} out of range for a {len(shape)}-d tensor")
+        if shape[ax] != self.d:
+            raise GaugefixError(
+                f"width mismatch: tensor has size {shape[ax]} on axis {axis}, "
+                f"the gauge has d={self.d}"
+            )
+        return ax
 
-        Same result as index_select-and-multiply, bit for bit (NaN payloads and -0.0
-        included), and several times faster for gathers along a trailing axis.
-        """
-        int_dtype, np_int = _BITS[tensor.dtype]
-        raw = tensor.detach().view(int_dtype)
-        moved = out.view(int_dtype) if out is not None else torch.empty_like(raw)
-        if math.prod(raw.shape[ax + 1:]) == 1:  # elements scattered within rows:
-            rows = raw.reshape(*raw.shape[:ax], self.d)  # a broadcast-index gather
-            index = self._index(raw.device).expand(rows.shape)
-            torch.gather(rows, ax, index, out=moved.view(rows.shape))
-        else:  # whole rows (or slabs) copied in a new order
-            np.take(raw.numpy(), self.perm, axis=ax, out=moved.numpy())
-        if signed and not (self.sign > 0).all():
-            shape = [1] * tensor.ndim
+    def _apply_numpy(self, arr: np.ndarray, axis: int, signed: bool, out: np.ndarray | None,
+                     bits: bool) -> np.ndarray:
+        """The primitive on numpy arrays: ``np.take`` (mode="clip": a permutation needs no
+        bounds checks, and numpy's checked take is 1.5-4x slower), then the sign: the top
+        bit flipped for floats (``bits``, or a float dtype viewed as its bits), a negation
+        for integers."""
+        ax = self._check_axis(arr.shape, axis)
+        if bits and arr.dtype.kind != "i":
+            raise GaugefixError(f"bits=True expects signed integers holding float bits, got "
+                                f"{arr.dtype}")
+        if out is not None and (out.shape != arr.shape or out.dtype != arr.dtype
+                                or not out.flags.c_contiguous):
+            raise GaugefixError(f"out must be a contiguous {arr.dtype} array of shape "
+                                f"{list(arr.shape)}")
+        flips = signed and not (self.sign > 0).all()
+        if flips and arr.dtype == np.bool_:
+            raise GaugefixError("cannot apply signs to a boolean tensor; use signed=False")
+        if not bits and arr.dtype in _NP_BITS:  # floats: move their bits
+            raw = arr.view(_NP_BITS[arr.dtype]) if arr.flags.c_contiguous else \
+                np.ascontiguousarray(arr).view(_NP_BITS[arr.dtype])
+            moved = np.empty(arr.shape, arr.dtype) if out is None else out
+            self._apply_numpy(raw, ax, signed, moved.view(raw.dtype), True)
+            return moved
+        moved = np.take(arr, self.perm, axis=ax, out=out, mode="clip")
+        if flips:
+            shape = [1] * arr.ndim
             shape[ax] = self.d
-            mask = np.where(self.sign < 0, np.iinfo(np_int).min, 0).astype(np_int)
-            moved.bitwise_xor_(torch.from_numpy(mask).view(shape))
-        return moved.view(tensor.dtype) if out is None else out
+            if bits:
+                np.bitwise_xor(moved, self._sign_mask(arr.dtype).reshape(shape), out=moved)
+            else:  # integers: -x (two's complement, wrapping as torch's multiply by -1 does)
+                neg = (self.sign < 0).reshape(shape)
+                np.negative(moved, out=moved, where=np.broadcast_to(neg, moved.shape))
+        return moved
 
     # ------------------------------------------------------------------ coordinates
     def index_map(self, indices: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -294,8 +341,12 @@ class SignedPerm:
         i = self.inverse().perm[j]
         return i, self.sign[i].astype(np.int64)
 
-    def to_matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """Dense Q with ``Q[i, perm[i]] = sign[i]`` (for tests and small d)."""
+    def to_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense Q with ``Q[i, perm[i]] = sign[i]`` (for tests and small d; float64 by
+        default)."""
+        import torch
+
+        dtype = torch.float64 if dtype is None else dtype
         q = torch.zeros(self.d, self.d, dtype=dtype)
         q[torch.arange(self.d), torch.tensor(self.perm)] = torch.tensor(self.sign, dtype=dtype)
         return q

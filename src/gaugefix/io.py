@@ -445,9 +445,10 @@ def torch_load(path: str | os.PathLike[str], what: str, allowed: Iterable[type] 
 
 
 @contextlib.contextmanager
-def open_safetensors(path: str | os.PathLike[str], what: str = "safetensors file"
-                     ) -> Iterator[Any]:
-    """``safe_open`` with a truncated or forged file reported as one line naming it."""
+def open_safetensors(path: str | os.PathLike[str], what: str = "safetensors file", *,
+                     framework: str = "pt") -> Iterator[Any]:
+    """``safe_open`` with a truncated or forged file reported as one line naming it
+    (``framework="numpy"`` for headers and shapes only: it does not import torch)."""
     from safetensors import SafetensorError, safe_open
 
     p = Path(path)
@@ -455,7 +456,7 @@ def open_safetensors(path: str | os.PathLike[str], what: str = "safetensors file
     if not p.is_file():
         raise GaugefixError(f"{what} not found: {p}")
     try:
-        handle = safe_open(str(p), "pt")
+        handle = safe_open(str(p), framework)
     except (SafetensorError, OSError) as exc:
         raise GaugefixError(f"{p}: not a valid {what} ({exc})") from None
     try:

@@ -2,23 +2,31 @@
 
 A gauge changes no tensor's name, dtype or shape, so a shard keeps its header, and every
 tensor its place in the file. The rewrite reads the input once, in file order: an untouched
-tensor is copied as bytes; a moved tensor goes through the single primitive
-(:meth:`SignedPerm.apply`, via :class:`~gaugefix.arch.Op`) in blocks of whole slices along
-the axes before its residual axis (or whole, when the residual axis is the first), and is
-written where it was. Every byte read and written can be fed to a running hash of each file,
-so a checkpoint's identity (sha256 of its weight files) costs no second read; the hashing
-runs on another thread, overlapping the I/O.
+tensor is written as the bytes it is; a moved tensor goes through the single primitive
+(:meth:`SignedPerm.apply`, on numpy views of its bits: no torch needed) in blocks of whole
+slices along the axes before its residual axis (or whole, when the residual axis is the
+first), and is written where it was. Every byte read and written can be fed to a running
+hash of each file, so a checkpoint's identity (sha256 of its weight files) costs no second
+read; the hashing runs on other threads, overlapping the I/O.
 
-Peak memory: a few blocks of :data:`BLOCK_BYTES`, and two copies of the largest tensor whose
+The input is mapped, not read: the gather reads the page cache directly, and untouched bytes
+go from the mapping to ``write``, one copy each (reading into a buffer first doubled the
+time). Pages already written are unmapped as the rewrite goes (they stay in the page cache),
+so the resident set does not grow with the file.
+
+Peak memory: a few blocks of :data:`BLOCK_BYTES`, and one copy of the largest tensor whose
 residual axis is its first (a writer's output rows are gathered from anywhere in the input).
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import math
+import mmap
 import os
 import queue
 import struct
@@ -26,24 +34,48 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import torch
+import numpy as np
 
 from .errors import GaugefixError
 from .group import SignedPerm
 
+if TYPE_CHECKING:
+    import torch
+
 BLOCK_BYTES = 32 << 20
 
-# safetensors dtype names -> torch dtypes (those this torch build has)
-DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, attr) for name, attr in (
-        ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
-        ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"),
-        ("BOOL", "bool"), ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
-        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
-    if hasattr(torch, attr)
+# safetensors dtype names -> (numpy dtype of the values, or of the bits of a float, is float)
+NP_DTYPES: dict[str, tuple[type[np.generic], bool]] = {
+    "F64": (np.int64, True), "F32": (np.int32, True), "F16": (np.int16, True),
+    "BF16": (np.int16, True), "F8_E4M3": (np.int8, True), "F8_E5M2": (np.int8, True),
+    "I64": (np.int64, False), "I32": (np.int32, False), "I16": (np.int16, False),
+    "I8": (np.int8, False), "U64": (np.uint64, False), "U32": (np.uint32, False),
+    "U16": (np.uint16, False), "U8": (np.uint8, False), "BOOL": (np.bool_, False),
 }
+
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def torch_dtype(name: str, where: str = "") -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (an error naming it if this torch has
+    none)."""
+    import torch
+
+    attr = _TORCH_NAMES.get(name)
+    if attr is None or not hasattr(torch, attr):
+        raise GaugefixError(f"{where}: dtype {name}, which this torch cannot represent")
+    return getattr(torch, attr)
+
+
+def itemsize(name: str) -> int:
+    if name not in NP_DTYPES:
+        raise GaugefixError(f"unknown safetensors dtype {name}")
+    return np.dtype(NP_DTYPES[name][0]).itemsize
 
 
 @dataclass(frozen=True)
@@ -69,7 +101,7 @@ def read_layout(path: Path, what: str = "weight shard") -> Layout:
     """Header and tensor placement of a safetensors file (validated by safetensors first)."""
     from .io import open_safetensors
 
-    with open_safetensors(path, what):
+    with open_safetensors(path, what, framework="numpy"):
         pass  # safetensors itself checks the header, offsets and coverage of the file
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -140,38 +172,46 @@ def _read(f: BinaryIO, offset: int, n: int) -> bytearray:
     return buf
 
 
-MoveFn = Callable[[torch.Tensor, int, torch.Tensor], Any]
+@dataclass(frozen=True)
+class Move:
+    """How one tensor of a rewrite moves: along its residual ``axis`` by ``gauge`` through the
+    primitive, in blocks; or, with several residual axes (a skip matrix), whole, by
+    ``whole`` (a function of the torch tensor that returns its moved value)."""
+
+    gauge: SignedPerm
+    axis: int
+    signed: bool = True
+    whole: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
 class _Job:
-    """One block of the output, in file order: ``n`` bytes read at ``offset`` and written
-    as they are, or moved (``move(block, 1, out)`` on a 3-D block of ``shape``)."""
+    """One block of the output, in file order: ``n`` bytes at ``offset``, written as they
+    are, or moved (a 3-D block of ``shape`` whose axis 1 is the residual one)."""
 
     offset: int
     n: int
-    move: MoveFn | None = None
-    dtype: torch.dtype | None = None
+    move: Move | None = None
+    dtype: str = ""
     shape: tuple[int, ...] = ()
 
 
 def _blocks(e: Entry, axis: int) -> Iterator[tuple[int, int, tuple[int, ...]]]:
     """(byte offset, byte length, 3-D shape) of blocks of whole slices before ``axis``."""
-    itemsize = torch.empty((), dtype=DTYPES[e.dtype]).element_size()
+    size = itemsize(e.dtype)
     outer = math.prod(e.shape[:axis])
     rest = math.prod(e.shape[axis:])
-    if axis == 0 or rest * itemsize >= BLOCK_BYTES:
+    if axis == 0 or rest * size >= BLOCK_BYTES:
         per = 1 if axis else outer
     else:
-        per = max(1, BLOCK_BYTES // (rest * itemsize))
+        per = max(1, BLOCK_BYTES // (rest * size))
     inner = math.prod(e.shape[axis + 1:])
     for o in range(0, outer, per):
         k = min(per, outer - o)
-        yield e.begin + o * rest * itemsize, k * rest * itemsize, (k, e.shape[axis], inner)
+        yield e.begin + o * rest * size, k * rest * size, (k, e.shape[axis], inner)
 
 
-def _jobs(layout: Layout, moves: Mapping[str, tuple[int, MoveFn] | None], where: str
-          ) -> list[_Job]:
+def _jobs(layout: Layout, moves: Mapping[str, Move | None], where: str) -> list[_Job]:
     jobs: list[_Job] = []
 
     def copy(begin: int, end: int) -> None:
@@ -180,34 +220,60 @@ def _jobs(layout: Layout, moves: Mapping[str, tuple[int, MoveFn] | None], where:
     pos = len(layout.header)
     for e in layout.entries:
         copy(pos, e.begin)  # bytes between tensors, if any, kept as they are
-        spec = moves.get(e.name)
-        if spec is None:
+        move = moves.get(e.name)
+        if move is None:
             copy(e.begin, e.end)
         else:
-            if e.dtype not in DTYPES:
+            if e.dtype not in NP_DTYPES:
                 raise GaugefixError(f"{where}: tensor {e.name!r} has dtype {e.dtype}, which "
-                                    "this torch cannot represent")
-            jobs.extend(_Job(o, n, spec[1], DTYPES[e.dtype], shape)
-                        for o, n, shape in _blocks(e, spec[0]) if n)
+                                    "gaugefix cannot move")
+            if move.whole is not None:
+                torch_dtype(e.dtype, f"{where}: tensor {e.name!r}")
+                jobs.append(_Job(e.begin, e.end - e.begin, move, e.dtype, e.shape))
+            else:
+                jobs.extend(_Job(o, n, move, e.dtype, shape)
+                            for o, n, shape in _blocks(e, move.axis) if n)
         pos = e.end
     copy(pos, layout.size)
     return jobs
 
 
+def _move(job: _Job, src: memoryview, dst: memoryview) -> None:
+    """One block through the primitive, from the mapped input into an output buffer."""
+    assert job.move is not None
+    if job.move.whole is not None:  # a tensor with several residual axes, in torch
+        import torch
+
+        dtype = torch_dtype(job.dtype)
+        t = torch.frombuffer(bytearray(src), dtype=dtype).reshape(job.shape)
+        out = torch.frombuffer(dst, dtype=dtype).reshape(job.shape)
+        out.copy_(job.move.whole(t))
+        return
+    np_dtype, is_float = NP_DTYPES[job.dtype]
+    job.move.gauge.apply(np.frombuffer(src, dtype=np_dtype).reshape(job.shape), 1,
+                         job.move.signed, out=np.frombuffer(dst, dtype=np_dtype).reshape(
+                             job.shape), bits=is_float)
+
+
 _DONE = object()
+_PAGE = mmap.PAGESIZE
+_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)  # not on every system
 
 
-def _run(fi: BinaryIO, fo: BinaryIO, jobs: list[_Job], hashes: Hashes, depth: int = 3
-         ) -> None:
-    """Read → move → write as a pipeline: a reader thread fills reused buffers, this thread
-    moves blocks through the primitive, a writer thread writes them and feeds the hashes.
-    The heavy calls (pread, numpy's gather, write, sha256) release the GIL, so the stages
-    overlap. Buffers are recycled once written and hashed (fresh memory costs a page fault
-    per 4 KiB). Any failure stops every stage and is raised here."""
-    free: queue.Queue[list[bytearray]] = queue.Queue()
-    for _ in range(depth + 2):
-        free.put([bytearray(), bytearray()])
-    to_move: queue.Queue[Any] = queue.Queue(maxsize=depth)
+def _run(data: memoryview, mm: mmap.mmap | None, fo: BinaryIO, jobs: list[_Job],
+         hashes: Hashes, depth: int = 4, movers: int | None = None) -> None:
+    """Move → write as a pipeline: ``movers`` threads move blocks from the mapped input
+    ``data`` through the primitive into reused buffers; a writer thread writes them in file
+    order (untouched bytes straight from the mapping), feeds the hashes and unmaps the input
+    pages it is done with. The heavy calls (numpy's gather, write, sha256) release the GIL,
+    so the stages overlap. Block buffers are recycled once written and hashed (fresh memory
+    costs a page fault per 4 KiB); a tensor larger than a block, moved whole, gets its own
+    buffer, one at a time. Any failure stops every stage and is raised here."""
+    movers = movers or max(1, min(4, (os.cpu_count() or 1)))
+    free: queue.Queue[bytearray] = queue.Queue()
+    for _ in range(depth + movers):
+        free.put(bytearray())
+    big = threading.Semaphore(1)
     to_write: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -228,77 +294,123 @@ def _run(fi: BinaryIO, fo: BinaryIO, jobs: list[_Job], hashes: Hashes, depth: in
                 continue
         return _DONE
 
-    def reader() -> None:
-        try:
-            for job in jobs:
-                bufs = get(free)
-                if bufs is _DONE:
-                    return
-                for k in (0, 1) if job.move else (0,):
-                    if len(bufs[k]) < job.n:
-                        bufs[k] = bytearray(job.n)
-                _readinto(fi, job.offset, memoryview(bufs[0])[:job.n])
-                put(to_move, (job, bufs))
-            put(to_move, _DONE)
-        except BaseException as exc:  # handed to the main thread, which re-raises it
-            errors.append(exc)
-            stop.set()
-
     def writer() -> None:
         try:
-            while (item := get(to_write)) is not _DONE:
-                bufs, data, src = item
-                fo.write(data)
-                for fut in hashes.feed(src, data):
-                    fut.result()
-                free.put(bufs)
+            done = 0  # input bytes before this are written and hashed: their pages can go
+            hashing: collections.deque[tuple[Any, list[Any], int]] = collections.deque()
+
+            def retire(block: bool) -> None:  # blocks whose bytes are written and hashed
+                nonlocal done
+                while hashing and (block or all(f.done() for f in hashing[0][1])):
+                    buf, futs, end = hashing.popleft()
+                    for fut in futs:
+                        fut.result()
+                    if buf is not None and len(buf) > BLOCK_BYTES:
+                        big.release()  # dropped: one tensor this large in memory at a time
+                    elif buf is not None:
+                        free.put(buf)
+                    if mm is not None and _DONTNEED is not None and end - done >= BLOCK_BYTES:
+                        upto = end // _PAGE * _PAGE
+                        mm.madvise(_DONTNEED, done, upto - done)
+                        done = upto
+                    block = False
+
+            while True:
+                try:
+                    item = to_write.get(timeout=0.05)
+                except queue.Empty:
+                    if stop.is_set():
+                        return
+                    retire(block=True)  # idle: finish what is written (frees its buffers)
+                    continue
+                if item is _DONE:
+                    break
+                buf, moved, out, src, end = item
+                if moved is not None:
+                    moved.result()
+                fo.write(out)
+                hashing.append((buf, hashes.feed(src, out), end))
+                retire(block=len(hashing) > depth)
+            while hashing:
+                retire(block=True)
         except BaseException as exc:
             errors.append(exc)
             stop.set()
 
-    threads = [threading.Thread(target=reader, daemon=True),
-               threading.Thread(target=writer, daemon=True)]
-    for t in threads:
-        t.start()
+    thread = threading.Thread(target=writer, daemon=True)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=movers)
+    thread.start()
     try:
-        while (item := get(to_move)) is not _DONE:
-            job, bufs = item
-            src = memoryview(bufs[0])[:job.n]
+        for job in jobs:
+            if stop.is_set():
+                break
+            src = data[job.offset:job.offset + job.n]
             if job.move is None:
-                put(to_write, (bufs, src, src))
+                put(to_write, (None, None, src, src, job.offset + job.n))
                 continue
-            dst = memoryview(bufs[1])[:job.n]
-            job.move(torch.frombuffer(src, dtype=job.dtype).reshape(job.shape), 1,
-                     torch.frombuffer(dst, dtype=job.dtype).reshape(job.shape))
-            put(to_write, (bufs, dst, src))
+            if job.n > BLOCK_BYTES:  # a whole tensor moved at once (residual axis first)
+                while not big.acquire(timeout=0.1):
+                    if stop.is_set():
+                        break
+                if stop.is_set():
+                    break
+                buf = bytearray(job.n)
+            else:
+                buf = get(free)
+                if buf is _DONE:
+                    break
+                if len(buf) < job.n:
+                    buf = bytearray(BLOCK_BYTES)
+            dst = memoryview(buf)[:job.n]
+            put(to_write, (buf, pool.submit(_move, job, src, dst), dst, src, job.offset + job.n))
         put(to_write, _DONE)
-        threads[1].join()
+        thread.join()
     except BaseException:
         stop.set()
         raise
     finally:
         stop.set()
-        for t in threads:
-            t.join()
+        thread.join()
+        pool.shutdown(wait=True, cancel_futures=True)
     if errors:
         raise errors[0]
 
 
-def rewrite(src: Path, dst: Path, moves: Mapping[str, tuple[int, MoveFn] | None], *,
+@contextlib.contextmanager
+def _mapped(f: BinaryIO) -> Iterator[tuple[memoryview, mmap.mmap | None]]:
+    """The whole file, mapped read-only (an empty file: empty bytes)."""
+    size = os.fstat(f.fileno()).st_size
+    if size == 0:
+        yield memoryview(b""), None
+        return
+    # no MADV_WILLNEED: on a warm cache it costs seconds per GB here (the kernel's own
+    # readahead on faults serves a cold one)
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        yield memoryview(mm), mm
+    finally:
+        # arrays viewing the mapping may outlive this block by a moment (the writer's last
+        # items); the mapping is released when the last of them goes
+        with contextlib.suppress(BufferError):
+            mm.close()
+
+
+def rewrite(src: Path, dst: Path, moves: Mapping[str, Move | None], *,
             hashes: Hashes | None = None, metadata: Mapping[str, str] | None = None) -> int:
-    """Write ``src`` to ``dst`` with each tensor named in ``moves`` moved along its residual
-    axis (``(axis, fn)``: ``fn(block, axis, out)`` writes the moved block into ``out``;
-    ``None``: copied as bytes). ``metadata`` replaces the header's metadata. Returns the
-    bytes written."""
+    """Write ``src`` to ``dst`` with each tensor named in ``moves`` moved (``None``: copied
+    as bytes). ``metadata`` replaces the header's metadata. Returns the bytes written."""
     layout = read_layout(src)
     hashes = hashes or Hashes(False, False)
     jobs = _jobs(layout, moves, str(src))
     header = layout.header if metadata is None else with_metadata(layout, metadata)
     with open(src, "rb", buffering=0) as fi, open(dst, "wb", buffering=0) as fo:
+        if os.fstat(fi.fileno()).st_size != layout.size:
+            raise GaugefixError(f"{src}: changed while being read")
         fo.write(header)
         for fut in hashes.feed(layout.header, header):
             fut.result()
-        _run(fi, fo, jobs, hashes)
+        with _mapped(fi) as (data, mm):
+            _run(data, mm, fo, jobs, hashes)
         written = fo.tell()
     expected = layout.size + len(header) - len(layout.header)
     if written != expected:
@@ -307,21 +419,17 @@ def rewrite(src: Path, dst: Path, moves: Mapping[str, tuple[int, MoveFn] | None]
 
 
 def gauge_moves(plan: Mapping[str, Any], gauge: SignedPerm, layout: Layout
-                ) -> dict[str, tuple[int, MoveFn] | None]:
-    """Per tensor of ``layout``: its residual axis and the primitive that moves it (through
-    the plan's :class:`~gaugefix.arch.Op`, on a 3-D block whose axis 1 is the residual one),
-    or None for untouched tensors."""
-    out: dict[str, tuple[int, MoveFn] | None] = {}
+                ) -> dict[str, Move | None]:
+    """Per tensor of ``layout``: how the plan's :class:`~gaugefix.arch.Op` moves it (its
+    residual axis, signed or not), or None for untouched tensors."""
+    out: dict[str, Move | None] = {}
     for e in layout.entries:
         op = plan[e.name]
         axis = op.residual_axis
         if axis is None:
             out[e.name] = None
             continue
-        axis = axis if axis >= 0 else axis + len(e.shape)
-        signed = op.signed
-        out[e.name] = (axis, lambda t, ax, dst, signed=signed: gauge.apply(t, ax, signed,
-                                                                           out=dst))
+        out[e.name] = Move(gauge, axis if axis >= 0 else axis + len(e.shape), op.signed)
     return out
 
 
@@ -347,10 +455,12 @@ class ElementReader:
             path, e = self._where[name]
             if path not in self._files:
                 self._files[path] = open(path, "rb")  # noqa: SIM115 - closed in close()
-            item = torch.empty((), dtype=DTYPES[e.dtype]).element_size()
+            import torch
+
+            item = itemsize(e.dtype)
+            dtype = torch_dtype(e.dtype, str(path))
             buf = _read(self._files[path], e.begin + start * item, count * item)
-            return torch.frombuffer(buf, dtype=DTYPES[e.dtype]) if count else torch.empty(
-                0, dtype=DTYPES[e.dtype])
+            return torch.frombuffer(buf, dtype=dtype) if count else torch.empty(0, dtype=dtype)
         if name not in self._loaded:
             from .checkpoint import load_shard
 
@@ -372,7 +482,7 @@ class ElementReader:
 
 def element_blocks(e: Entry) -> Iterator[tuple[int, int]]:
     """(first element, count) of consecutive blocks of at most BLOCK_BYTES."""
-    item = torch.empty((), dtype=DTYPES[e.dtype]).element_size()
+    item = itemsize(e.dtype)
     n = math.prod(e.shape)
     per = max(1, BLOCK_BYTES // item)
     for start in range(0, n, per):

@@ -15,6 +15,7 @@ from typing import Any
 from ..arch import Op
 from ..errors import GaugefixError
 from ..group import SignedPerm
+from ..shards import Move
 
 H0, H1, H2 = Op("H", 0), Op("H", 1), Op("H", 2)
 GAIN = Op("G")  # unsigned gather on axis 0
@@ -76,11 +77,9 @@ def table_moves(layout: Any, plan: Mapping[str, tuple[Op, ...]], gauge: SignedPe
         elif len(ops) == 1:
             axis = axes[0] if axes[0] >= 0 else axes[0] + len(e.shape)
             signed = ops[0].signed
-            moves[e.name] = (axis, lambda t, ax, dst, signed=signed: gauge.apply(
-                t, ax, signed, out=dst))
+            moves[e.name] = Move(gauge, axis, signed)
         else:  # several residual axes (a skip matrix): the whole tensor, op after op
-            moves[e.name] = (0, lambda t, ax, dst, shape=e.shape, ops=ops: dst.copy_(
-                move(t.reshape(shape), ops, gauge).reshape(dst.shape)))
+            moves[e.name] = Move(gauge, 0, whole=lambda t, ops=ops: move(t, ops, gauge))
     return moves
 
 

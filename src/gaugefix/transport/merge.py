@@ -27,7 +27,7 @@ from ..checkpoint import Checkpoint
 from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import atomic_dir, copy_files, no_bar, transaction
-from ..shards import DTYPES, ElementReader, Entry, element_blocks, read_layout
+from ..shards import ElementReader, Entry, element_blocks, read_layout, torch_dtype
 
 MERGE_METHODS = ("linear", "slerp", "task-arithmetic")
 
@@ -133,7 +133,7 @@ def _merge_shard(shard: Path, dst: Path, method: str, w: float, b: ElementReader
                 if e.begin != pos:
                     raise GaugefixError(f"{shard}: bytes between tensors; not a safetensors "
                                         "file written by safetensors")
-                dtype = DTYPES[e.dtype]
+                dtype = torch_dtype(e.dtype, str(shard))
                 coef = _slerp_coefficients(e, a, b, w) if method == "slerp" else None
                 for start, count in element_blocks(e):
                     xa = a.read(e.name, start, count)
