@@ -270,7 +270,7 @@ class SignedPerm:
             # CPU floats: gather the raw bits and flip the IEEE sign bit (no arithmetic):
             # a negation, for -0.0 and for NaN too (payload kept; a multiply by -1 would
             # leave a NaN's sign as it is), and several times faster than index_select.
-            moved = out if out is not None else torch.empty_like(tensor)
+            moved = out if out is not None else torch.empty(tensor.shape, dtype=tensor.dtype)
             self._apply_numpy(tensor.detach().view(int_dtype).numpy(), ax, signed,
                               moved.view(int_dtype).numpy(), True)
             return moved

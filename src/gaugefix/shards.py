@@ -315,7 +315,7 @@ def _run(data: memoryview, mm: mmap.mmap | None, fo: BinaryIO, jobs: list[_Job],
                         done = upto
                     block = False
 
-            while True:
+            while not stop.is_set():
                 try:
                     item = to_write.get(timeout=0.05)
                 except queue.Empty:
