@@ -107,7 +107,8 @@ def _train_and_save(root: Path, spec: LineageSpec, corpus: Corpus,
         tokenizer.save_pretrained(root / name)
 
     save(base, "base")
-    for run, mix, offset in (("A", MIX_A, 1), ("B", MIX_B, 2)):
+    mix_a, mix_b = getattr(corpus, "run_mixes", (MIX_A, MIX_B))  # the corpus's own runs
+    for run, mix, offset in (("A", mix_a, 1), ("B", mix_b, 2)):
         model, opt = copy.deepcopy(base), None
         tokens = corpus.stream(300_000, 100 * spec.seed + offset, mix)
         for k in range(1, spec.n_ckpts + 1):

@@ -1,0 +1,166 @@
+"""Gauge estimation on lineages it was not tuned on (issue 10), separate from the demo.
+
+Each lineage: a base trained from scratch, then two fine-tuning runs from it (each run saves
+a checkpoint every ``every`` steps), every checkpoint written in its own random gauge (B_d
+for RMSNorm families, S_d × {±1} for LayerNorm ones). Lineages vary over families, corpora
+(the demo grammar, and random Markov languages whose two runs speak different dialects),
+seeds and fine-tuning learning rates. They are trained once and cached (``--cache``).
+
+For every lineage and evidence source, the gauge from run A's last checkpoint to run B's is
+estimated three ways, and scored against the planted gauge (full accuracy: position and
+sign right):
+
+* endpoint — the two checkpoints matched directly;
+* via base — A_n → base → B_n;
+* composed — A_n → … → A_1 → base → B_1 → … → B_n, consecutive checkpoints matched.
+
+Confidence: of the coordinates the endpoint estimate gets wrong, the share flagged
+low-confidence (recall of errors), and the share of right coordinates flagged (false alarms).
+Results are printed as one table, and as means and ranges.
+
+    python benchmarks/bench_lineages.py [--quick] [--cache DIR] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gaugefix.demo.corpus import Corpus
+from gaugefix.demo.experiments import Matcher
+from gaugefix.demo.lineage import Lineage, LineageSpec, build_lineage
+from gaugefix.demo.markov import MarkovCorpus
+from gaugefix.estimate import compose_gauges, match_weights
+from gaugefix.group import SignedPerm
+from gaugefix.match import LOW_CONFIDENCE, MatchResult
+
+FAMILIES = ["llama", "qwen3", "gpt_neox"]
+CORPORA = ["grammar", "markov"]
+SEEDS = [0, 1, 2]
+LRS = [5e-3, 2e-2, 6e-2]
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    corpus: str
+    seed: int
+    lr: float
+
+    def corpus_obj(self) -> Corpus:
+        return Corpus() if self.corpus == "grammar" else MarkovCorpus(seed=self.seed)
+
+    def spec(self, quick: bool) -> LineageSpec:
+        return LineageSpec(self.family, 64, 2, base_steps=300, ft_steps=120 if quick else 200,
+                           every=20 if quick else 25, ft_lr=self.lr, seed=self.seed,
+                           base_lr=3e-3)
+
+
+def errors_flagged(r: MatchResult, truth: SignedPerm) -> tuple[int, int, int, int]:
+    """(wrong, wrong and flagged, right, right and flagged) coordinates of one estimate."""
+    wrong = (r.gauge.perm != truth.perm) | (r.gauge.sign != truth.sign)
+    flagged = r.confidence < LOW_CONFIDENCE
+    return (int(wrong.sum()), int((wrong & flagged).sum()), int((~wrong).sum()),
+            int((~wrong & flagged).sum()))
+
+
+def evaluate(lin: Lineage, probe: np.ndarray) -> dict[str, Any]:
+    a_n, b_n = lin.run_a[-1], lin.run_b[-1]
+    truth = lin.true_gauge(a_n, b_n)
+    path = [*lin.run_a[::-1], lin.base, *lin.run_b]
+    matcher = Matcher(lin, probe)
+    weights: dict[tuple[Path, Path], MatchResult] = {}
+
+    def by_weights(x: Path, y: Path) -> MatchResult:
+        if (x, y) not in weights:
+            weights[(x, y)] = match_weights(x, y)
+        return weights[(x, y)]
+
+    sources: dict[str, Callable[[Path, Path], MatchResult]] = {
+        "activations": lambda x, y: matcher.match(x, y), "weights": by_weights}
+    row: dict[str, Any] = {}
+    for name, match in sources.items():
+        def chain(p: list[Path], match: Callable[[Path, Path], MatchResult] = match
+                  ) -> SignedPerm:
+            return compose_gauges([match(x, y).gauge for x, y in itertools.pairwise(p)])
+
+        endpoint = match(a_n, b_n)
+        row[name] = {
+            "endpoint": endpoint.gauge.compare(truth)["full_accuracy"],
+            "via_base": chain([a_n, lin.base, b_n]).compare(truth)["full_accuracy"],
+            "composed": chain(path).compare(truth)["full_accuracy"],
+            "flags": errors_flagged(endpoint, truth),
+            "weakest_step": min(
+                match(x, y).gauge.compare(lin.true_gauge(x, y))["full_accuracy"]
+                for x, y in itertools.pairwise(path)),
+        }
+    return row
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for source in ("activations", "weights"):
+        for route in ("endpoint", "via_base", "composed", "weakest_step"):
+            v = [r[source][route] for r in rows]
+            out[f"{source}/{route}"] = {"mean": float(np.mean(v)), "min": float(np.min(v)),
+                                        "max": float(np.max(v))}
+        wrong, caught, right, alarms = np.sum([r[source]["flags"] for r in rows], axis=0)
+        out[f"{source}/error_recall"] = float(caught / wrong) if wrong else None
+        out[f"{source}/false_alarm_rate"] = float(alarms / right) if right else None
+        out[f"{source}/lineages_endpoint_below_60"] = sum(r[source]["endpoint"] < 0.6
+                                                           for r in rows)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="a reduced grid (what the suite runs)")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "gaugefix" /
+                    "bench-lineages")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--probe-tokens", type=int, default=8192)
+    args = ap.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    grid = ([Case(f, c, 0, 2e-2) for f in ("llama", "gpt_neox") for c in CORPORA]
+            if args.quick else
+            [Case(*k) for k in itertools.product(FAMILIES, CORPORA, SEEDS, LRS)])
+    rows = []
+    for case in grid:
+        t = time.perf_counter()
+        corpus = case.corpus_obj()
+        lin = build_lineage(args.cache / case.corpus, case.spec(args.quick), corpus)
+        trained = time.perf_counter() - t
+        probe = corpus.stream(args.probe_tokens, seed=987_654)
+        row = {"family": case.family, "corpus": case.corpus, "seed": case.seed, "lr": case.lr,
+               **evaluate(lin, probe)}
+        rows.append(row)
+        a, w = row["activations"], row["weights"]
+        print(f"{case.family:9s} {case.corpus:8s} s{case.seed} lr{case.lr:<6g} "
+              f"act {a['endpoint']:6.1%} {a['via_base']:6.1%} {a['composed']:6.1%}  "
+              f"wts {w['endpoint']:6.1%} {w['via_base']:6.1%} {w['composed']:6.1%}  "
+              f"(lineage {trained:5.1f} s, scoring {time.perf_counter() - t - trained:5.1f} s)",
+              flush=True)
+    summary = summarise(rows)
+    print("\nsource/route: mean [min, max] over", len(rows), "lineages")
+    for k, v in summary.items():
+        print(f"  {k:40s} " + (f"{v['mean']:6.1%} [{v['min']:6.1%}, {v['max']:6.1%}]"
+                               if isinstance(v, dict) else
+                               (f"{v:.3f}" if isinstance(v, float) else str(v))))
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
