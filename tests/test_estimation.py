@@ -237,6 +237,50 @@ def test_trajectory_compose_invert_cli(saved_pair, trained_llama, tmp_path, cli)
     assert "full accuracy" in res.stdout
 
 
+def test_strict_exits_1_when_a_coordinate_is_below_the_threshold(saved_pair, tmp_path, cli):
+    """--strict: flagged coordinates are the verdict (one line, exit 1); the gauge file is
+    written either way. Thresholds are placed by construction around the confidences the
+    file itself reports."""
+    a = saved_pair
+    cli("apply", a, tmp_path / "B", "--random", 5, "--gauge-out", tmp_path / "true.json")
+    common = ["--tokens-from", tmp_path / "ids.npy", "--tokens", 4096]
+    cli("match", a, tmp_path / "B", "-o", tmp_path / "g.json", *common)
+    conf = np.sort(json.loads((tmp_path / "g.json").read_text())["confidence"])
+    low, mid = float(conf[0]) / 2, float(conf[len(conf) // 2] + conf[len(conf) // 2 + 1]) / 2
+    assert 0 < low < conf[0] < mid < conf[-1]
+    k = int((conf < mid).sum())
+    cli("match", a, tmp_path / "B", "-o", tmp_path / "ok.json", *common, "--strict",
+        "--min-confidence", low)
+    res = cli("match", a, tmp_path / "B", "-o", tmp_path / "s.json", *common, "--strict",
+              "--min-confidence", mid, ok=False)
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("strict:")]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"strict: {k} of 64 coordinates below confidence {mid:g} (")
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["summary"]["n_low_confidence"] == k
+    assert SignedPerm.load(tmp_path / "s.json") == SignedPerm.load(tmp_path / "true.json")
+    res = cli("trajectory", a, tmp_path / "B", "-o", tmp_path / "t.json", *common,
+              "--strict", "--min-confidence", mid, ok=False)
+    assert res.exit_code == 1 and f"strict: {k} of 64" in res.stderr, res.output
+
+
+def test_trajectory_confidence_follows_each_coordinate_through_the_charts(
+        saved_pair, trained_llama, tmp_path, cli):
+    """A composed coordinate's confidence is the lowest along the path it took. Exact copies
+    A → B → C: every step's confidence is the self-confidence of the A coordinate carried,
+    so the composed one is A's self-confidence at the composed gauge's source coordinate."""
+    a = saved_pair
+    cli("apply", a, tmp_path / "B", "--random", 1)
+    cli("apply", tmp_path / "B", tmp_path / "C", "--random", 2)
+    cli("trajectory", a, tmp_path / "B", tmp_path / "C", "-o", tmp_path / "t.json",
+        "--tokens-from", tmp_path / "ids.npy", "--tokens", 4096)
+    doc = json.loads((tmp_path / "t.json").read_text())
+    total = SignedPerm.load(tmp_path / "t.json")
+    expected = self_confidence(trained_llama.base, trained_llama.probe(4096))[total.perm]
+    np.testing.assert_allclose(doc["confidence"], expected, atol=1e-5)
+
+
 def _one_line_error(res, message):
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]

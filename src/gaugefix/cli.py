@@ -375,6 +375,22 @@ PerLayer = Annotated[bool, typer.Option(help="also keep per-position statistics 
 Seed = Annotated[int, typer.Option(callback=_range(0), help="seed of the synthetic token stream")]
 MethodOpt = Annotated[str, typer.Option(help="signmarg (default), signed, or perm")]
 SourceOpt = Annotated[str, typer.Option(help="activations (default) or weights (data-free)")]
+MinConfidence = Annotated[float, typer.Option(
+    callback=_range(0), help="coordinates whose confidence (matched score minus the best "
+    "alternative) is below this are flagged")]
+Strict = Annotated[bool, typer.Option(
+    help="exit 1 when any coordinate is flagged (the gauge file is still written, with every "
+    "coordinate's confidence)")]
+
+
+def _strict_verdict(confidence: Any, threshold: float, strict: bool) -> None:
+    """With --strict, flagged coordinates are the command's verdict: one line, exit 1."""
+    low = [i for i, c in enumerate(confidence) if c < threshold]
+    if strict and low:
+        shown = ", ".join(map(str, low[:20])) + (" ..." if len(low) > 20 else "")
+        err.print(f"strict: {len(low)} of {len(confidence)} coordinates below confidence "
+                  f"{threshold:g} ({shown})", soft_wrap=True, markup=False)
+        raise typer.Exit(1)
 SolverOpt = Annotated[str, typer.Option(help="assignment solver: lapjvs (lapx) or scipy")]
 MaxMemory = Annotated[str | None, typer.Option(
     "--max-memory", help="run within this much memory (e.g. 200MB, 4GB): both models layer by "
@@ -403,13 +419,13 @@ def _stats_options(tokens_from: str | None, n_tokens: int, seq_len: int, batch_s
                         device_map=device_map)
 
 
-def _print_match(result: Any, title: str) -> None:
-    summ = result.summary()
+def _print_match(result: Any, title: str, threshold: float) -> None:
+    summ = result.summary(threshold)
     out.print(f"{title}: mean matched |corr| {summ['mean_abs_corr']:.3f}, confidence min "
               f"{summ['min_confidence']:.3f} / median {summ['median_confidence']:.3f}; "
               f"{summ['n_low_confidence']} of {result.gauge.d} coordinates below "
               f"{summ['low_confidence_threshold']}")
-    low = result.low_confidence()
+    low = result.low_confidence(threshold)
     if low:
         shown = ", ".join(map(str, low[:20])) + (" ..." if len(low) > 20 else "")
         err.print(f"[yellow]low-confidence B coordinates:[/] {shown}", soft_wrap=True)
@@ -457,6 +473,7 @@ def match(
     features: Annotated[int, typer.Option(
         callback=_range(0), help="weights source: signature entries sampled over all "
         "residual tensors (0: every entry of every tensor, slow at real widths)")] = 8192,
+    min_confidence: MinConfidence = 0.05, strict: Strict = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Estimate the gauge A → B (sign-marginalised Hungarian matching)."""
@@ -503,10 +520,12 @@ def match(
                 t.add_row(str(p), f"{agree[p]:.3f}", f"{r.mean_abs_corr:.3f}")
             out.print(t)
             extra["per_position_agreement"] = {str(k): v for k, v in agree.items()}
-    meta = gauge_metadata(result, model_a, model_b, source=source, extra=extra)
+    meta = gauge_metadata(result, model_a, model_b, source=source, extra=extra,
+                          threshold=min_confidence)
     result.gauge.save(output, meta, overwrite=overwrite)
-    _print_match(result, f"{method} ({source})")
+    _print_match(result, f"{method} ({source})", min_confidence)
     written(f"gauge written to {output}")
+    _strict_verdict(result.confidence, min_confidence, strict)
 
 
 @command(inputs=("checkpoints", "tokens_from"), outputs=("output",))
@@ -518,6 +537,7 @@ def trajectory(
     batch_size: BatchSize = 8, device: Device = "cpu", dtype: DType = "float32",
     layers: Layers = None, seed: Seed = 0, solver: SolverOpt = "lapjvs",
     max_memory: MaxMemory = None, device_map: DeviceMap = None,
+    min_confidence: MinConfidence = 0.05, strict: Strict = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the per-step table as JSON")
                        ] = False,
@@ -530,12 +550,14 @@ def trajectory(
                           False, seed, max_memory, device_map)
     opts.progress = False
     res = run_trajectory(checkpoints, source=source, method=method, opts=opts, solver=solver)
-    table = res.step_table()
-    conf = [float(min(r.confidence[i] for r in res.steps)) for i in range(res.gauge.d)]
+    table = res.step_table(min_confidence)
+    conf = res.confidence()
     meta = gauge_metadata(res.steps[0], checkpoints[0], checkpoints[-1], source=source,
                           extra={"steps": table, "composed_from": len(res.steps)})
-    meta["confidence"] = [round(c, 6) for c in conf]
-    meta["summary"] = {"min_step_confidence": min(conf)}
+    meta["confidence"] = [round(float(c), 6) for c in conf]
+    meta["summary"] = {"min_step_confidence": float(conf.min()),
+                       "n_low_confidence": int((conf < min_confidence).sum()),
+                       "low_confidence_threshold": min_confidence}
     res.gauge.save(output, meta, overwrite=overwrite)
     if as_json:
         _print_json(table)
@@ -551,6 +573,7 @@ def trajectory(
         out.print(t)
         out.print(f"weakest step: {res.weakest_step}")
         written(f"composed gauge written to {output}")
+    _strict_verdict(conf, min_confidence, strict)
 
 
 # ---------------------------------------------------------------------------- algebra

@@ -398,6 +398,16 @@ class TrajectoryResult:
             for k, r in enumerate(self.steps)
         ]
 
+    def confidence(self) -> np.ndarray:
+        """Per coordinate of the composed gauge (indexed by the last chart's coordinates): the
+        lowest confidence of the local matches it was carried through."""
+        conf = self.steps[-1].confidence.astype(np.float64)
+        where = self.steps[-1].gauge.perm  # coordinate of the previous chart, per final one
+        for r in reversed(self.steps[:-1]):
+            conf = np.minimum(conf, r.confidence[where])
+            where = r.gauge.perm[where]
+        return conf
+
     @property
     def weakest_step(self) -> int:
         return int(np.argmin([r.summary()["median_confidence"] for r in self.steps]))
@@ -488,8 +498,8 @@ def compose_documents(paths: Sequence[str | Path], *, force: bool = False
 
 
 def gauge_metadata(result: MatchResult, a: ModelRef, b: ModelRef, *, source: str,
-                   extra: Mapping[str, Any] | None = None, hash_weights: bool = True
-                   ) -> dict[str, Any]:
+                   extra: Mapping[str, Any] | None = None, hash_weights: bool = True,
+                   threshold: float = LOW_CONFIDENCE) -> dict[str, Any]:
     from .apply import checkpoint_identity
 
     def ident(ref: ModelRef) -> dict[str, str]:
@@ -503,6 +513,6 @@ def gauge_metadata(result: MatchResult, a: ModelRef, b: ModelRef, *, source: str
         "method": result.method,
         "evidence": source,
         "confidence": [round(float(c), 6) for c in result.confidence],
-        "summary": result.summary(),
+        "summary": result.summary(threshold),
         **(extra or {}),
     }
