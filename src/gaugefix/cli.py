@@ -383,14 +383,6 @@ Strict = Annotated[bool, typer.Option(
     "coordinate's confidence)")]
 
 
-def _strict_verdict(confidence: Any, threshold: float, strict: bool) -> None:
-    """With --strict, flagged coordinates are the command's verdict: one line, exit 1."""
-    low = [i for i, c in enumerate(confidence) if c < threshold]
-    if strict and low:
-        shown = ", ".join(map(str, low[:20])) + (" ..." if len(low) > 20 else "")
-        err.print(f"strict: {len(low)} of {len(confidence)} coordinates below confidence "
-                  f"{threshold:g} ({shown})", soft_wrap=True, markup=False)
-        raise typer.Exit(1)
 SolverOpt = Annotated[str, typer.Option(help="assignment solver: lapjvs (lapx) or scipy")]
 MaxMemory = Annotated[str | None, typer.Option(
     "--max-memory", help="run within this much memory (e.g. 200MB, 4GB): both models layer by "
@@ -419,6 +411,19 @@ def _stats_options(tokens_from: str | None, n_tokens: int, seq_len: int, batch_s
                         device_map=device_map)
 
 
+def _listed(items: list[int], n: int = 20) -> str:
+    return ", ".join(map(str, items[:n])) + (" ..." if len(items) > n else "")
+
+
+def _strict_verdict(confidence: Any, threshold: float, strict: bool) -> None:
+    """With --strict, flagged coordinates are the command's verdict: one line, exit 1."""
+    low = [i for i, c in enumerate(confidence) if c < threshold]
+    if strict and low:
+        err.print(f"strict: {len(low)} of {len(confidence)} coordinates below confidence "
+                  f"{threshold:g} ({_listed(low)})", soft_wrap=True, markup=False)
+        raise typer.Exit(1)
+
+
 def _print_match(result: Any, title: str, threshold: float) -> None:
     summ = result.summary(threshold)
     out.print(f"{title}: mean matched |corr| {summ['mean_abs_corr']:.3f}, confidence min "
@@ -427,8 +432,7 @@ def _print_match(result: Any, title: str, threshold: float) -> None:
               f"{summ['low_confidence_threshold']}")
     low = result.low_confidence(threshold)
     if low:
-        shown = ", ".join(map(str, low[:20])) + (" ..." if len(low) > 20 else "")
-        err.print(f"[yellow]low-confidence B coordinates:[/] {shown}", soft_wrap=True)
+        err.print(f"[yellow]low-confidence B coordinates:[/] {_listed(low)}", soft_wrap=True)
 
 
 @command(inputs=("model_a", "model_b", "tokens_from"), outputs=("output",))
