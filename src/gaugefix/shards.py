@@ -46,19 +46,28 @@ if TYPE_CHECKING:
 
 BLOCK_BYTES = 32 << 20
 
-# safetensors dtype names -> (numpy dtype of the values, or of the bits of a float, is float)
-NP_DTYPES: dict[str, tuple[type[np.generic], bool]] = {
-    "F64": (np.int64, True), "F32": (np.int32, True), "F16": (np.int16, True),
-    "BF16": (np.int16, True), "F8_E4M3": (np.int8, True), "F8_E5M2": (np.int8, True),
-    "I64": (np.int64, False), "I32": (np.int32, False), "I16": (np.int16, False),
-    "I8": (np.int8, False), "U64": (np.uint64, False), "U32": (np.uint32, False),
-    "U16": (np.uint16, False), "U8": (np.uint8, False), "BOOL": (np.bool_, False),
-}
 
-_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64",
-                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+@dataclass(frozen=True)
+class StDtype:
+    """A safetensors dtype: the numpy dtype of its values (of its bits, for a float, whose
+    sign is the top bit) and the name of its torch dtype."""
+
+    numpy: type[np.generic]
+    is_float: bool
+    torch: str
+
+
+ST_DTYPES: dict[str, StDtype] = {
+    "F64": StDtype(np.int64, True, "float64"), "F32": StDtype(np.int32, True, "float32"),
+    "F16": StDtype(np.int16, True, "float16"), "BF16": StDtype(np.int16, True, "bfloat16"),
+    "F8_E4M3": StDtype(np.int8, True, "float8_e4m3fn"),
+    "F8_E5M2": StDtype(np.int8, True, "float8_e5m2"),
+    "I64": StDtype(np.int64, False, "int64"), "I32": StDtype(np.int32, False, "int32"),
+    "I16": StDtype(np.int16, False, "int16"), "I8": StDtype(np.int8, False, "int8"),
+    "U64": StDtype(np.uint64, False, "uint64"), "U32": StDtype(np.uint32, False, "uint32"),
+    "U16": StDtype(np.uint16, False, "uint16"), "U8": StDtype(np.uint8, False, "uint8"),
+    "BOOL": StDtype(np.bool_, False, "bool"),
+}
 
 
 def torch_dtype(name: str, where: str = "") -> torch.dtype:
@@ -66,16 +75,16 @@ def torch_dtype(name: str, where: str = "") -> torch.dtype:
     none)."""
     import torch
 
-    attr = _TORCH_NAMES.get(name)
+    attr = ST_DTYPES[name].torch if name in ST_DTYPES else None
     if attr is None or not hasattr(torch, attr):
         raise GaugefixError(f"{where}: dtype {name}, which this torch cannot represent")
     return getattr(torch, attr)
 
 
 def itemsize(name: str) -> int:
-    if name not in NP_DTYPES:
+    if name not in ST_DTYPES:
         raise GaugefixError(f"unknown safetensors dtype {name}")
-    return np.dtype(NP_DTYPES[name][0]).itemsize
+    return np.dtype(ST_DTYPES[name].numpy).itemsize
 
 
 @dataclass(frozen=True)
@@ -224,7 +233,7 @@ def _jobs(layout: Layout, moves: Mapping[str, Move | None], where: str) -> list[
         if move is None:
             copy(e.begin, e.end)
         else:
-            if e.dtype not in NP_DTYPES:
+            if e.dtype not in ST_DTYPES:
                 raise GaugefixError(f"{where}: tensor {e.name!r} has dtype {e.dtype}, which "
                                     "gaugefix cannot move")
             if move.whole is not None:
@@ -249,10 +258,10 @@ def _move(job: _Job, src: memoryview, dst: memoryview) -> None:
         out = torch.frombuffer(dst, dtype=dtype).reshape(job.shape)
         out.copy_(job.move.whole(t))
         return
-    np_dtype, is_float = NP_DTYPES[job.dtype]
-    job.move.gauge.apply(np.frombuffer(src, dtype=np_dtype).reshape(job.shape), 1,
-                         job.move.signed, out=np.frombuffer(dst, dtype=np_dtype).reshape(
-                             job.shape), bits=is_float)
+    dt = ST_DTYPES[job.dtype]
+    job.move.gauge.apply(np.frombuffer(src, dtype=dt.numpy).reshape(job.shape), 1,
+                         job.move.signed, out=np.frombuffer(dst, dtype=dt.numpy).reshape(
+                             job.shape), bits=dt.is_float)
 
 
 _DONE = object()
