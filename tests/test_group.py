@@ -147,6 +147,48 @@ def test_numpy_backends_equal_index_select_and_multiply(g, axis, dtype, signed):
         np.testing.assert_array_equal(got, ref.numpy())
 
 
+@given(gauges(), st.integers(0, 2), st.sampled_from([torch.float32, torch.bfloat16, torch.int32,
+                                                      torch.float64]),
+       st.booleans(), st.data())
+@settings(max_examples=60)
+def test_parts_of_the_result_put_together_are_the_result(g, axis, dtype, signed, data):
+    """``part=(lo, hi)`` gives the result's slices lo:hi along the axis (streaming writes a
+    tensor whose residual axis is its first in such parts): for torch, for numpy values and
+    for raw bits, the parts of any split concatenate to the whole result, bit for bit."""
+    shape = [3, 2, 4]
+    shape[axis] = g.d
+    x = (torch.randn(shape, dtype=torch.float64) * 50).to(dtype)
+    cuts = sorted(data.draw(st.lists(st.integers(0, g.d), max_size=4)))
+    bounds = list(zip([0, *cuts], [*cuts, g.d], strict=True))
+    whole = g.apply(x, axis, signed)
+    parts = [g.apply(x, axis, signed, part=b) for b in bounds]
+    assert torch.equal(torch.cat(parts, axis), whole)
+    if dtype.is_floating_point:
+        raw = x.view(_TORCH_INT[dtype]).numpy()
+        outs = []
+        for lo, hi in bounds:
+            out_shape = list(raw.shape)
+            out_shape[axis] = hi - lo
+            out = np.empty(out_shape, raw.dtype)
+            assert g.apply(raw, axis, signed, out=out, bits=True, part=(lo, hi)) is out
+            outs.append(out)
+        np.testing.assert_array_equal(np.concatenate(outs, axis),
+                                      whole.view(_TORCH_INT[dtype]).numpy())
+    if dtype != torch.bfloat16:
+        np.testing.assert_array_equal(
+            np.concatenate([g.apply(x.numpy(), axis, signed, part=b) for b in bounds], axis),
+            whole.numpy())
+
+
+def test_a_part_must_be_a_range_of_the_axis():
+    g = SignedPerm.random(4, seed=0)
+    for bad in [(-1, 2), (3, 2), (0, 5)]:
+        with pytest.raises(GaugefixError, match=r"is not a range of 0\.\.4"):
+            g.apply(np.zeros((2, 4), np.float32), 1, part=bad)
+    with pytest.raises(GaugefixError, match=r"shape \[2, 2\]"):
+        g.apply(np.zeros((2, 4), np.float32), 1, part=(1, 3), out=np.zeros((2, 4), np.float32))
+
+
 def test_numpy_apply_refuses_what_it_cannot_do():
     g = SignedPerm.random(4, seed=0)
     with pytest.raises(GaugefixError, match="bits=True expects signed integers"):

@@ -352,31 +352,24 @@ def test_audit_within_a_budget_gives_the_in_memory_report(tmp_path, cli):
 
 
 def test_a_full_disk_leaves_nothing_partial(tmp_path, cli, monkeypatch):
-    """The disk fills up in the middle of a shard: one error line, exit 2, no output and no
-    temporary left (the transaction removes what was begun)."""
-    import builtins
+    """The disk fills up in the middle of a checkpoint (the second shard finds no room for
+    its blocks): one error line, exit 2, no output and no temporary left (the transaction
+    removes what was begun)."""
     import errno
-    import io
+    import os
 
     import gaugefix.shards as shards
 
     build_tiny("llama", seed=1).save_pretrained(tmp_path / "A", max_shard_size="100KB")
+    reserved = []
 
-    class Full(io.FileIO):
-        written = 0
+    def full(fd, offset, size):
+        reserved.append(size)
+        if sum(reserved) > 150_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return os.posix_fallocate(fd, offset, size)
 
-        def write(self, b):
-            Full.written += len(b)
-            if Full.written > 150_000:
-                raise OSError(errno.ENOSPC, "No space left on device", self.name)
-            return super().write(b)
-
-    def fake_open(path, mode="r", *args, **kwargs):
-        if "w" in mode:
-            return Full(path, mode.replace("b", ""))
-        return builtins.open(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(shards, "open", fake_open, raising=False)
+    monkeypatch.setattr(shards, "_fallocate", full)
     before = sorted(p.name for p in tmp_path.iterdir())
     res = cli("apply", tmp_path / "A", tmp_path / "B", "--random", 1, "--gauge-out",
               tmp_path / "g.json", ok=False)

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import copy
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from tqdm.auto import tqdm
 
 from .arch import Family, Op, detect_family, get_family, hidden_size_of
 from .checkpoint import Checkpoint, load_shard
@@ -155,9 +153,13 @@ def write_gauged_weights(ckpt: Checkpoint, out_dir: Path, gauge: SignedPerm,
     if ckpt.index_file is not None:
         shutil.copy2(ckpt.index_file, out_dir / ckpt.index_file.name)
     hashes = Hashes(identities, identities)  # one stream over the shards, in order
+    shards: Iterable[Path] = ckpt.shards
+    if no_bar(progress) is None:  # tqdm is 15% of this command's start-up: only if it may show
+        from tqdm.auto import tqdm
+
+        shards = tqdm(ckpt.shards, desc="applying gauge", unit="shard", disable=None)
     try:
-        for shard in tqdm(ckpt.shards, desc="applying gauge", unit="shard",
-                          disable=no_bar(progress)):
+        for shard in shards:
             dst = out_dir / shard.name
             if shard.suffix == ".safetensors":
                 report.bytes_written += rewrite(shard, dst, gauge_moves(

@@ -242,7 +242,8 @@ class SignedPerm:
         return self._cache[key]
 
     def apply(self, tensor: Any, axis: int = 0, signed: bool = True, *,
-              out: Any | None = None, bits: bool = False) -> Any:
+              out: Any | None = None, bits: bool = False,
+              part: tuple[int, int] | None = None) -> Any:
         """Move ``tensor`` from chart A to chart B along its residual ``axis``.
 
         ``out.select(axis, i) = sign[i] * tensor.select(axis, perm[i])``; with
@@ -253,36 +254,45 @@ class SignedPerm:
         (streaming reuses its buffers: fresh memory costs a page fault per 4 KiB).
         ``bits=True``: ``tensor`` is a numpy integer array holding the IEEE bit patterns
         of floats (bfloat16 and fp8 have no numpy dtype); the sign is the top bit.
+        ``part=(lo, hi)``: only the result's slices ``lo:hi`` along ``axis`` (its size there
+        is ``hi - lo``), gathered from the whole ``tensor``: streaming writes a tensor whose
+        residual axis is its first block by block.
         """
+        lo, hi = (0, self.d) if part is None else part
+        if not 0 <= lo <= hi <= self.d:
+            raise GaugefixError(f"part {part} is not a range of 0..{self.d}")
         if isinstance(tensor, np.ndarray):
-            return self._apply_numpy(tensor, axis, signed, out, bits)
+            return self._apply_numpy(tensor, axis, signed, out, bits, lo, hi)
         import torch
 
         if not isinstance(tensor, torch.Tensor):
             raise GaugefixError(f"apply expects a torch tensor or numpy array, got {type(tensor)}")
         ax = self._check_axis(tensor.shape, axis)
-        if out is not None and (out.shape != tensor.shape or out.dtype != tensor.dtype
+        shape = list(tensor.shape)
+        shape[ax] = hi - lo
+        if out is not None and (list(out.shape) != shape or out.dtype != tensor.dtype
                                 or not out.is_contiguous()):
             raise GaugefixError(f"out must be a contiguous {tensor.dtype} tensor of shape "
-                                f"{list(tensor.shape)}")
+                                f"{shape}")
         int_dtype = _torch_bits().get(tensor.dtype)
         if tensor.device.type == "cpu" and int_dtype is not None and not tensor.requires_grad:
             # CPU floats: gather the raw bits and flip the IEEE sign bit (no arithmetic):
             # a negation, for -0.0 and for NaN too (payload kept; a multiply by -1 would
             # leave a NaN's sign as it is), and several times faster than index_select.
-            moved = out if out is not None else torch.empty(tensor.shape, dtype=tensor.dtype)
+            moved = out if out is not None else torch.empty(shape, dtype=tensor.dtype)
             self._apply_numpy(tensor.detach().view(int_dtype).numpy(), ax, signed,
-                              moved.view(int_dtype).numpy(), True)
+                              moved.view(int_dtype).numpy(), True, lo, hi)
             return moved
-        moved = tensor.index_select(ax, self._index(tensor.device), out=out) \
-            if out is not None else tensor.index_select(ax, self._index(tensor.device))
-        if not signed or (self.sign > 0).all():
+        index = self._index(tensor.device)[lo:hi]
+        moved = tensor.index_select(ax, index, out=out) if out is not None else \
+            tensor.index_select(ax, index)
+        if not signed or (self.sign[lo:hi] > 0).all():
             return moved
         if tensor.dtype == torch.bool:
             raise GaugefixError("cannot apply signs to a boolean tensor; use signed=False")
-        shape = [1] * tensor.ndim
-        shape[ax] = self.d
-        return moved.mul_(self._signs(tensor.dtype, tensor.device).view(shape))
+        view = [1] * tensor.ndim
+        view[ax] = hi - lo
+        return moved.mul_(self._signs(tensor.dtype, tensor.device)[lo:hi].view(view))
 
     def _check_axis(self, shape: Any, axis: int) -> int:
         if len(shape) == 0:
@@ -298,36 +308,39 @@ class SignedPerm:
         return ax
 
     def _apply_numpy(self, arr: np.ndarray, axis: int, signed: bool, out: np.ndarray | None,
-                     bits: bool) -> np.ndarray:
+                     bits: bool, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """The primitive on numpy arrays: ``np.take`` (mode="clip": a permutation needs no
         bounds checks, and numpy's checked take is 1.5-4x slower), then the sign: the top
         bit flipped for floats (``bits``, or a float dtype viewed as its bits), a negation
         for integers."""
         ax = self._check_axis(arr.shape, axis)
+        hi = self.d if hi is None else hi
         if bits and arr.dtype.kind != "i":
             raise GaugefixError(f"bits=True expects signed integers holding float bits, got "
                                 f"{arr.dtype}")
-        if out is not None and (out.shape != arr.shape or out.dtype != arr.dtype
+        shape = list(arr.shape)
+        shape[ax] = hi - lo
+        if out is not None and (list(out.shape) != shape or out.dtype != arr.dtype
                                 or not out.flags.c_contiguous):
-            raise GaugefixError(f"out must be a contiguous {arr.dtype} array of shape "
-                                f"{list(arr.shape)}")
-        flips = signed and not (self.sign > 0).all()
+            raise GaugefixError(f"out must be a contiguous {arr.dtype} array of shape {shape}")
+        flips = signed and not (self.sign[lo:hi] > 0).all()
         if flips and arr.dtype == np.bool_:
             raise GaugefixError("cannot apply signs to a boolean tensor; use signed=False")
         if not bits and arr.dtype in _NP_BITS:  # floats: move their bits
             raw = arr.view(_NP_BITS[arr.dtype]) if arr.flags.c_contiguous else \
                 np.ascontiguousarray(arr).view(_NP_BITS[arr.dtype])
-            moved = np.empty(arr.shape, arr.dtype) if out is None else out
-            self._apply_numpy(raw, ax, signed, moved.view(raw.dtype), True)
+            moved = np.empty(shape, arr.dtype) if out is None else out
+            self._apply_numpy(raw, ax, signed, moved.view(raw.dtype), True, lo, hi)
             return moved
-        moved = np.take(arr, self.perm, axis=ax, out=out, mode="clip")
+        moved = np.take(arr, self.perm[lo:hi], axis=ax, out=out, mode="clip")
         if flips:
-            shape = [1] * arr.ndim
-            shape[ax] = self.d
+            view = [1] * arr.ndim
+            view[ax] = hi - lo
             if bits:
-                np.bitwise_xor(moved, self._sign_mask(arr.dtype).reshape(shape), out=moved)
+                np.bitwise_xor(moved, self._sign_mask(arr.dtype)[lo:hi].reshape(view),
+                               out=moved)
             else:  # integers: -x (two's complement, wrapping as torch's multiply by -1 does)
-                neg = (self.sign < 0).reshape(shape)
+                neg = (self.sign[lo:hi] < 0).reshape(view)
                 np.negative(moved, out=moved, where=np.broadcast_to(neg, moved.shape))
         return moved
 

@@ -3,19 +3,23 @@
 A gauge changes no tensor's name, dtype or shape, so a shard keeps its header, and every
 tensor its place in the file. The rewrite reads the input once, in file order: an untouched
 tensor is written as the bytes it is; a moved tensor goes through the single primitive
-(:meth:`SignedPerm.apply`, on numpy views of its bits: no torch needed) in blocks of whole
-slices along the axes before its residual axis (or whole, when the residual axis is the
-first), and is written where it was. Every byte read and written can be fed to a running
-hash of each file, so a checkpoint's identity (sha256 of its weight files) costs no second
-read; the hashing runs on other threads, overlapping the I/O.
+(:meth:`SignedPerm.apply`, on numpy views of its bits: no torch needed) in blocks of at most
+:data:`BLOCK_BYTES` of output (whole slices before its residual axis, or a range of the
+residual axis gathered from the whole slice), and is written where it was. Every byte read
+and written can be fed to a running hash of each file, so a checkpoint's identity (sha256 of
+its weight files) costs no second read; the hashing runs on other threads, overlapping the
+I/O. Blocks are small (4 MiB) so that many are in flight on few threads and each stays in the
+cache while it is hashed.
 
-The input is mapped, not read: the gather reads the page cache directly, and untouched bytes
-go from the mapping to ``write``, one copy each (reading into a buffer first doubled the
-time). Pages already written are unmapped as the rewrite goes (they stay in the page cache),
-so the resident set does not grow with the file.
+Both files are mapped, not read or written: the gather reads the input's page cache and
+writes into the output's directly (a ``write`` from a buffer cost a third more time, all of
+it in the kernel's copy), untouched bytes are one memcpy. The output's blocks are reserved
+before (a write through a mapping to a disk with no room would kill the process). Pages
+already hashed are unmapped as the rewrite goes (they stay in the page cache), so the
+resident set does not grow with the file.
 
-Peak memory: a few blocks of :data:`BLOCK_BYTES`, and one copy of the largest tensor whose
-residual axis is its first (a writer's output rows are gathered from anywhere in the input).
+Peak memory: a few blocks of :data:`BLOCK_BYTES`, and one copy of the largest tensor with
+several residual axes (moved whole, in torch).
 """
 
 from __future__ import annotations
@@ -28,9 +32,7 @@ import json
 import math
 import mmap
 import os
-import queue
 import struct
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +46,7 @@ from .group import SignedPerm
 if TYPE_CHECKING:
     import torch
 
-BLOCK_BYTES = 32 << 20
+BLOCK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -196,35 +198,51 @@ class Move:
 @dataclass(frozen=True)
 class _Job:
     """One block of the output, in file order: ``n`` bytes at ``offset``, written as they
-    are, or moved (a 3-D block of ``shape`` whose axis 1 is the residual one)."""
+    are, or moved: the output slices ``part`` (along axis 1) of a 3-D block of input
+    ``shape`` (axis 1 the residual one) that starts at ``source``. Once the block is
+    written, the input before ``release`` is no longer needed."""
 
     offset: int
     n: int
     move: Move | None = None
     dtype: str = ""
     shape: tuple[int, ...] = ()
+    source: int = 0
+    part: tuple[int, int] = (0, 0)
+    release: int = 0
 
 
-def _blocks(e: Entry, axis: int) -> Iterator[tuple[int, int, tuple[int, ...]]]:
-    """(byte offset, byte length, 3-D shape) of blocks of whole slices before ``axis``."""
+def _blocks(e: Entry, move: Move) -> Iterator[_Job]:
+    """Blocks of at most :data:`BLOCK_BYTES` (at least one slice along the residual axis):
+    whole slices before the residual axis, grouped; or, where one such slice is larger, that
+    slice's output in ranges of the residual axis, each gathered from the whole slice."""
     size = itemsize(e.dtype)
+    axis, d = move.axis, e.shape[move.axis]
     outer = math.prod(e.shape[:axis])
-    rest = math.prod(e.shape[axis:])
-    if axis == 0 or rest * size >= BLOCK_BYTES:
-        per = 1 if axis else outer
-    else:
-        per = max(1, BLOCK_BYTES // (rest * size))
     inner = math.prod(e.shape[axis + 1:])
-    for o in range(0, outer, per):
-        k = min(per, outer - o)
-        yield e.begin + o * rest * size, k * rest * size, (k, e.shape[axis], inner)
+    row = inner * size  # bytes of one slice along the residual axis
+    if d * row <= BLOCK_BYTES:
+        per = max(1, BLOCK_BYTES // (d * row)) if d * row else outer
+        for o in range(0, outer, per):
+            k = min(per, outer - o)
+            at = e.begin + o * d * row
+            yield _Job(at, k * d * row, move, e.dtype, (k, d, inner), at, (0, d), at + k * d * row)
+        return
+    per = max(1, BLOCK_BYTES // row)
+    for o in range(outer):
+        at = e.begin + o * d * row
+        for lo in range(0, d, per):
+            hi = min(d, lo + per)
+            yield _Job(at + lo * row, (hi - lo) * row, move, e.dtype, (1, d, inner), at,
+                       (lo, hi), at + d * row if hi == d else at)
 
 
 def _jobs(layout: Layout, moves: Mapping[str, Move | None], where: str) -> list[_Job]:
     jobs: list[_Job] = []
 
     def copy(begin: int, end: int) -> None:
-        jobs.extend(_Job(o, min(BLOCK_BYTES, end - o)) for o in range(begin, end, BLOCK_BYTES))
+        jobs.extend(_Job(o, min(BLOCK_BYTES, end - o), release=min(end, o + BLOCK_BYTES))
+                    for o in range(begin, end, BLOCK_BYTES))
 
     pos = len(layout.header)
     for e in layout.entries:
@@ -238,10 +256,10 @@ def _jobs(layout: Layout, moves: Mapping[str, Move | None], where: str) -> list[
                                     "gaugefix cannot move")
             if move.whole is not None:
                 torch_dtype(e.dtype, f"{where}: tensor {e.name!r}")
-                jobs.append(_Job(e.begin, e.end - e.begin, move, e.dtype, e.shape))
+                jobs.append(_Job(e.begin, e.end - e.begin, move, e.dtype, e.shape, e.begin,
+                                 release=e.end))
             else:
-                jobs.extend(_Job(o, n, move, e.dtype, shape)
-                            for o, n, shape in _blocks(e, move.axis) if n)
+                jobs.extend(j for j in _blocks(e, move) if j.n)
         pos = e.end
     copy(pos, layout.size)
     return jobs
@@ -259,149 +277,122 @@ def _move(job: _Job, src: memoryview, dst: memoryview) -> None:
         out.copy_(job.move.whole(t))
         return
     dt = ST_DTYPES[job.dtype]
+    k, _, inner = job.shape
+    lo, hi = job.part
     job.move.gauge.apply(np.frombuffer(src, dtype=dt.numpy).reshape(job.shape), 1,
                          job.move.signed, out=np.frombuffer(dst, dtype=dt.numpy).reshape(
-                             job.shape), bits=dt.is_float)
+                             k, hi - lo, inner), bits=dt.is_float, part=job.part)
 
 
-_DONE = object()
 _PAGE = mmap.PAGESIZE
 _DONTNEED = getattr(mmap, "MADV_DONTNEED", None)  # not on every system
 
 
-def _run(data: memoryview, mm: mmap.mmap | None, fo: BinaryIO, jobs: list[_Job],
-         hashes: Hashes, depth: int = 4, movers: int | None = None) -> None:
-    """Move → write as a pipeline: ``movers`` threads move blocks from the mapped input
-    ``data`` through the primitive into reused buffers; a writer thread writes them in file
-    order (untouched bytes straight from the mapping), feeds the hashes and unmaps the input
-    pages it is done with. The heavy calls (numpy's gather, write, sha256) release the GIL,
-    so the stages overlap. Block buffers are recycled once written and hashed (fresh memory
-    costs a page fault per 4 KiB); a tensor larger than a block, moved whole, gets its own
-    buffer, one at a time. Any failure stops every stage and is raised here."""
+_fallocate = getattr(os, "posix_fallocate", None)  # not on every system
+
+
+def _copy(src: memoryview, dst: memoryview) -> None:
+    np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))  # GIL released
+
+
+def _run(data: memoryview, mm: mmap.mmap | None, out: memoryview, mm_out: mmap.mmap,
+         shift: int, jobs: list[_Job], hashes: Hashes, depth: int = 8,
+         movers: int | None = None) -> None:
+    """Blocks from the mapped input ``data`` to the mapped output ``out`` (at ``shift``
+    bytes from where they were: the header may have changed), on ``movers`` threads:
+    moved through the primitive straight into the output's pages (no buffer, no copy into
+    the page cache: a ``write`` of each block cost a third of the time), untouched bytes
+    copied. The calling thread takes the blocks in file order as they finish, feeds the
+    hashes and unmaps the pages of both files it is done with (they stay in the page cache),
+    keeping at most ``depth`` blocks in flight. numpy's gather and copy and sha256 release
+    the GIL, so the stages overlap. Any failure stops every stage and is raised here."""
     movers = movers or max(1, min(4, (os.cpu_count() or 1)))
-    free: queue.Queue[bytearray] = queue.Queue()
-    for _ in range(depth + movers):
-        free.put(bytearray())
-    big = threading.Semaphore(1)
-    to_write: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def put(q: queue.Queue[Any], item: Any) -> None:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def get(q: queue.Queue[Any]) -> Any:
-        while not stop.is_set():
-            try:
-                return q.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        return _DONE
-
-    def writer() -> None:
-        try:
-            done = 0  # input bytes before this are written and hashed: their pages can go
-            hashing: collections.deque[tuple[Any, list[Any], int]] = collections.deque()
-
-            def retire(block: bool) -> None:  # blocks whose bytes are written and hashed
-                nonlocal done
-                while hashing and (block or all(f.done() for f in hashing[0][1])):
-                    buf, futs, end = hashing.popleft()
-                    for fut in futs:
-                        fut.result()
-                    if buf is not None and len(buf) > BLOCK_BYTES:
-                        big.release()  # dropped: one tensor this large in memory at a time
-                    elif buf is not None:
-                        free.put(buf)
-                    if mm is not None and _DONTNEED is not None and end - done >= BLOCK_BYTES:
-                        upto = end // _PAGE * _PAGE
-                        mm.madvise(_DONTNEED, done, upto - done)
-                        done = upto
-                    block = False
-
-            while not stop.is_set():
-                try:
-                    item = to_write.get(timeout=0.05)
-                except queue.Empty:
-                    if stop.is_set():
-                        return
-                    retire(block=True)  # idle: finish what is written (frees its buffers)
-                    continue
-                if item is _DONE:
-                    break
-                buf, moved, out, src, end = item
-                if moved is not None:
-                    moved.result()
-                fo.write(out)
-                hashing.append((buf, hashes.feed(src, out), end))
-                retire(block=len(hashing) > depth)
-            while hashing:
-                retire(block=True)
-        except BaseException as exc:
-            errors.append(exc)
-            stop.set()
-
-    thread = threading.Thread(target=writer, daemon=True)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=movers)
-    thread.start()
+    flight: collections.deque[tuple[concurrent.futures.Future[Any], memoryview, memoryview,
+                                    int]] = collections.deque()
+    hashing: collections.deque[tuple[list[concurrent.futures.Future[Any]], int]] = \
+        collections.deque()
+    done = 0  # input bytes before this (output: plus shift) are hashed: their pages can go
+
+    def release(upto: int) -> None:
+        nonlocal done
+        upto = upto // _PAGE * _PAGE
+        if _DONTNEED is None or upto - done < BLOCK_BYTES:
+            return
+        if mm is not None:
+            mm.madvise(_DONTNEED, done, upto - done)
+        lo = -(-(done + shift) // _PAGE) * _PAGE
+        hi = (upto + shift) // _PAGE * _PAGE
+        if hi > lo:
+            mm_out.madvise(_DONTNEED, lo, hi - lo)
+        done = upto
+
+    def finish(block: bool) -> None:  # hashed blocks, in order: their pages can go
+        while hashing and (block or all(f.done() for f in hashing[0][0])):
+            futs, end = hashing.popleft()
+            for fut in futs:
+                fut.result()
+            release(end)
+            block = False
+
+    def settle() -> None:  # the oldest block: done moving, so hash it
+        fut, src, dst, end = flight.popleft()
+        fut.result()
+        hashing.append((hashes.feed(src, dst), end))
+        finish(block=len(hashing) > depth)
+
     try:
         for job in jobs:
-            if stop.is_set():
-                break
-            src = data[job.offset:job.offset + job.n]
+            src = data[job.offset:job.offset + job.n]  # what the input has where we write
+            dst = out[job.offset + shift:job.offset + shift + job.n]
             if job.move is None:
-                put(to_write, (None, None, src, src, job.offset + job.n))
-                continue
-            if job.n > BLOCK_BYTES:  # a whole tensor moved at once (residual axis first)
-                while not big.acquire(timeout=0.1):
-                    if stop.is_set():
-                        break
-                if stop.is_set():
-                    break
-                buf = bytearray(job.n)
+                fut = pool.submit(_copy, src, dst)
             else:
-                buf = get(free)
-                if buf is _DONE:
-                    break
-                if len(buf) < job.n:
-                    buf = bytearray(BLOCK_BYTES)
-            dst = memoryview(buf)[:job.n]
-            put(to_write, (buf, pool.submit(_move, job, src, dst), dst, src, job.offset + job.n))
-        put(to_write, _DONE)
-        thread.join()
-    except BaseException:
-        stop.set()
-        raise
+                whole = data[job.source:job.source + math.prod(job.shape) * itemsize(job.dtype)]
+                fut = pool.submit(_move, job, whole, dst)
+            flight.append((fut, src, dst, job.release))
+            while len(flight) > depth or (flight and flight[0][0].done()):
+                settle()
+        while flight:
+            settle()
+        finish(block=True)
     finally:
-        stop.set()
-        thread.join()
+        for fut, *_ in flight:
+            fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
-    if errors:
-        raise errors[0]
 
 
 @contextlib.contextmanager
-def _mapped(f: BinaryIO) -> Iterator[tuple[memoryview, mmap.mmap | None]]:
-    """The whole file, mapped read-only (an empty file: empty bytes)."""
+def _mapped(f: BinaryIO, write: bool = False
+            ) -> Iterator[tuple[memoryview, mmap.mmap | None]]:
+    """The whole file, mapped (read-only unless ``write``; an empty file: empty bytes)."""
     size = os.fstat(f.fileno()).st_size
     if size == 0:
-        yield memoryview(b""), None
+        yield memoryview(bytearray() if write else b""), None
         return
     # no MADV_WILLNEED: on a warm cache it costs seconds per GB here (the kernel's own
     # readahead on faults serves a cold one)
-    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE if write else mmap.ACCESS_READ)
     try:
         yield memoryview(mm), mm
     finally:
-        # arrays viewing the mapping may outlive this block by a moment (the writer's last
-        # items); the mapping is released when the last of them goes
+        # arrays viewing the mapping may outlive this block by a moment (a cancelled
+        # worker's); the mapping is released when the last of them goes
         with contextlib.suppress(BufferError):
             mm.close()
+
+
+def _allocate(f: BinaryIO, size: int, where: Path) -> None:
+    """Give the output file its size with its blocks reserved: a write through a mapping
+    to a block the disk has no room for would kill the process (SIGBUS), so a full disk is
+    found here, as an error."""
+    f.truncate(size)
+    if size and _fallocate is not None:
+        try:
+            _fallocate(f.fileno(), 0, size)
+        except OSError as exc:
+            raise GaugefixError(f"{where}: cannot allocate {size} bytes ({exc.strerror})") \
+                from exc
 
 
 def rewrite(src: Path, dst: Path, moves: Mapping[str, Move | None], *,
@@ -412,18 +403,21 @@ def rewrite(src: Path, dst: Path, moves: Mapping[str, Move | None], *,
     hashes = hashes or Hashes(False, False)
     jobs = _jobs(layout, moves, str(src))
     header = layout.header if metadata is None else with_metadata(layout, metadata)
-    with open(src, "rb", buffering=0) as fi, open(dst, "wb", buffering=0) as fo:
+    size = layout.size + len(header) - len(layout.header)
+    with open(src, "rb", buffering=0) as fi, open(dst, "w+b", buffering=0) as fo:
         if os.fstat(fi.fileno()).st_size != layout.size:
             raise GaugefixError(f"{src}: changed while being read")
+        _allocate(fo, size, dst)
         fo.write(header)
         for fut in hashes.feed(layout.header, header):
             fut.result()
-        with _mapped(fi) as (data, mm):
-            _run(data, mm, fo, jobs, hashes)
-        written = fo.tell()
-    expected = layout.size + len(header) - len(layout.header)
-    if written != expected:
-        raise GaugefixError(f"internal error: {dst} has {written} bytes, expected {expected}")
+        with _mapped(fi) as (data, mm), _mapped(fo, write=True) as (out, mm_out):
+            if mm_out is None:  # pragma: no cover - a header is never empty
+                raise GaugefixError(f"internal error: {dst} is empty")
+            _run(data, mm, out, mm_out, len(header) - len(layout.header), jobs, hashes)
+        written = os.fstat(fo.fileno()).st_size
+    if written != size:
+        raise GaugefixError(f"internal error: {dst} has {written} bytes, expected {size}")
     return written
 
 
