@@ -6,16 +6,18 @@ for RMSNorm families, S_d × {±1} for LayerNorm ones). Lineages vary over famil
 (the demo grammar, and random Markov languages whose two runs speak different dialects),
 seeds and fine-tuning learning rates. They are trained once and cached (``--cache``).
 
-For every lineage and evidence source, the gauge from run A's last checkpoint to run B's is
-estimated three ways, and scored against the planted gauge (full accuracy: position and
-sign right):
+For every lineage and evidence source (``both``, the default; ``activations``; ``weights``),
+the gauge from run A's last checkpoint to run B's is estimated four ways, and scored against
+the planted gauge (full accuracy: position and sign right):
 
 * endpoint — the two checkpoints matched directly;
 * via base — A_n → base → B_n;
-* composed — A_n → … → A_1 → base → B_1 → … → B_n, consecutive checkpoints matched.
+* composed — A_n → … → A_1 → base → B_1 → … → B_n, consecutive checkpoints matched;
+* bridged — what ``gaugefix trajectory`` returns: weak steps bridged, the most confident path.
 
-Confidence: of the coordinates the endpoint estimate gets wrong, the share flagged
-low-confidence (recall of errors), and the share of right coordinates flagged (false alarms).
+Confidence: of the coordinates the endpoint and the local estimates get wrong, the share
+flagged low-confidence (recall of errors), and the share of right coordinates flagged (false
+alarms).
 Results are printed as one table, and as means and ranges.
 
     python benchmarks/bench_lineages.py [--quick] [--cache DIR] [--json out.json]
@@ -36,12 +38,11 @@ import numpy as np
 import torch
 
 from gaugefix.demo.corpus import Corpus
-from gaugefix.demo.experiments import Matcher
 from gaugefix.demo.lineage import Lineage, LineageSpec, build_lineage
 from gaugefix.demo.markov import MarkovCorpus
-from gaugefix.estimate import compose_gauges, match_weights
+from gaugefix.estimate import StatsOptions, compose_gauges, estimate_gauge, trajectory
 from gaugefix.group import SignedPerm
-from gaugefix.match import LOW_CONFIDENCE, MatchResult
+from gaugefix.match import MatchResult
 
 FAMILIES = ["llama", "qwen3", "gpt_neox"]
 CORPORA = ["grammar", "markov"]
@@ -65,51 +66,65 @@ class Case:
                            base_lr=3e-3)
 
 
+SOURCES = ("both", "activations", "weights")
+
+
 def errors_flagged(r: MatchResult, truth: SignedPerm) -> tuple[int, int, int, int]:
     """(wrong, wrong and flagged, right, right and flagged) coordinates of one estimate."""
     wrong = (r.gauge.perm != truth.perm) | (r.gauge.sign != truth.sign)
-    flagged = r.confidence < LOW_CONFIDENCE
+    flagged = r.confidence < r.threshold
     return (int(wrong.sum()), int((wrong & flagged).sum()), int((~wrong).sum()),
             int((~wrong & flagged).sum()))
 
 
-def evaluate(lin: Lineage, probe: np.ndarray) -> dict[str, Any]:
+def evaluate(lin: Lineage, probe: np.ndarray, sources: tuple[str, ...] = SOURCES
+             ) -> dict[str, Any]:
+    """Per source: endpoint, via base, composed (consecutive steps) and bridged (the
+    trajectory's most confident path) accuracy A_n → B_n, the weakest local step, and the
+    flag's (wrong, caught, right, false alarms) over the endpoint and every local step."""
     a_n, b_n = lin.run_a[-1], lin.run_b[-1]
     truth = lin.true_gauge(a_n, b_n)
     path = [*lin.run_a[::-1], lin.base, *lin.run_b]
-    matcher = Matcher(lin, probe)
-    weights: dict[tuple[Path, Path], MatchResult] = {}
-
-    def by_weights(x: Path, y: Path) -> MatchResult:
-        if (x, y) not in weights:
-            weights[(x, y)] = match_weights(x, y)
-        return weights[(x, y)]
-
-    sources: dict[str, Callable[[Path, Path], MatchResult]] = {
-        "activations": lambda x, y: matcher.match(x, y), "weights": by_weights}
+    opts = StatsOptions(tokens=probe, n_tokens=len(probe))
+    models: dict[Path, torch.nn.Module] = {}
     row: dict[str, Any] = {}
-    for name, match in sources.items():
+    for source in sources:
+        cache: dict[tuple[Path, Path], MatchResult] = {}
+
+        def match(x: Path, y: Path, source: str = source,
+                  cache: dict[tuple[Path, Path], MatchResult] = cache) -> MatchResult:
+            if (x, y) not in cache:
+                for m in (x, y):
+                    if m not in models:
+                        models[m] = lin.load(m)
+                cache[(x, y)] = estimate_gauge(x, y, source=source, opts=opts,
+                                               _models=(models[x], models[y]))
+            return cache[(x, y)]
+
         def chain(p: list[Path], match: Callable[[Path, Path], MatchResult] = match
                   ) -> SignedPerm:
             return compose_gauges([match(x, y).gauge for x, y in itertools.pairwise(p)])
 
         endpoint = match(a_n, b_n)
-        row[name] = {
+        locals_ = [(match(x, y), lin.true_gauge(x, y)) for x, y in itertools.pairwise(path)]
+        flags = np.sum([errors_flagged(r, t) for r, t in [(endpoint, truth), *locals_]], 0)
+        bridged = trajectory(path, source=source, opts=opts)
+        row[source] = {
             "endpoint": endpoint.gauge.compare(truth)["full_accuracy"],
             "via_base": chain([a_n, lin.base, b_n]).compare(truth)["full_accuracy"],
             "composed": chain(path).compare(truth)["full_accuracy"],
-            "flags": errors_flagged(endpoint, truth),
-            "weakest_step": min(
-                match(x, y).gauge.compare(lin.true_gauge(x, y))["full_accuracy"]
-                for x, y in itertools.pairwise(path)),
+            "bridged": bridged.gauge.compare(truth)["full_accuracy"],
+            "bridged_path": bridged.path,
+            "flags": [int(x) for x in flags],
+            "weakest_step": min(r.gauge.compare(t)["full_accuracy"] for r, t in locals_),
         }
     return row
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise(rows: list[dict[str, Any]], sources: tuple[str, ...] = SOURCES) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for source in ("activations", "weights"):
-        for route in ("endpoint", "via_base", "composed", "weakest_step"):
+    for source in sources:
+        for route in ("endpoint", "via_base", "composed", "bridged", "weakest_step"):
             v = [r[source][route] for r in rows]
             out[f"{source}/{route}"] = {"mean": float(np.mean(v)), "min": float(np.min(v)),
                                         "max": float(np.max(v))}
@@ -118,6 +133,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out[f"{source}/false_alarm_rate"] = float(alarms / right) if right else None
         out[f"{source}/lineages_endpoint_below_60"] = sum(r[source]["endpoint"] < 0.6
                                                            for r in rows)
+        out[f"{source}/lineages_bridged_below_99"] = sum(r[source]["bridged"] < 0.99
+                                                          for r in rows)
     return out
 
 
@@ -146,12 +163,11 @@ def main() -> None:
         row = {"family": case.family, "corpus": case.corpus, "seed": case.seed, "lr": case.lr,
                **evaluate(lin, probe)}
         rows.append(row)
-        a, w = row["activations"], row["weights"]
-        print(f"{case.family:9s} {case.corpus:8s} s{case.seed} lr{case.lr:<6g} "
-              f"act {a['endpoint']:6.1%} {a['via_base']:6.1%} {a['composed']:6.1%}  "
-              f"wts {w['endpoint']:6.1%} {w['via_base']:6.1%} {w['composed']:6.1%}  "
-              f"(lineage {trained:5.1f} s, scoring {time.perf_counter() - t - trained:5.1f} s)",
-              flush=True)
+        print(f"{case.family:9s} {case.corpus:8s} s{case.seed} lr{case.lr:<6g} " + "  ".join(
+            f"{src[:4]} {row[src]['endpoint']:6.1%} {row[src]['via_base']:6.1%} "
+            f"{row[src]['composed']:6.1%} {row[src]['bridged']:6.1%}" for src in SOURCES)
+            + f"  (lineage {trained:5.1f} s, scoring {time.perf_counter() - t - trained:5.1f} s)",
+            flush=True)
     summary = summarise(rows)
     print("\nsource/route: mean [min, max] over", len(rows), "lineages")
     for k, v in summary.items():

@@ -143,20 +143,25 @@ class Lineage:
 
 
 def self_confidence(model, tokens):
-    """Per coordinate of A: 1 − its largest |corr| with another coordinate (pooled positions).
-    Matching an exact copy B = Q·A scores 1 for the true pair and at most that correlation for
-    any alternative, so this is exactly the confidence gaugefix reports for the copy."""
+    """Per coordinate of A: the confidence gaugefix reports for matching A with itself (the
+    identity). The combined evidence is equivariant, so matching an exact copy B = Q·A reports
+    at B's coordinate i exactly this at A's perm[i]."""
+    from gaugefix.estimate import StatsOptions, estimate_gauge
+    from gaugefix.group import SignedPerm
+
+    r = estimate_gauge(model, model, opts=StatsOptions(tokens=tokens, n_tokens=len(tokens)))
+    assert r.gauge == SignedPerm.identity(r.gauge.d), "a model matched with itself"
+    return r.confidence
+
+
+def max_coordinate_correlation(model, tokens) -> float:
+    """The largest |corr| between two distinct residual coordinates (pooled positions): below
+    1, planted gauges of exact copies are recovered exactly."""
     from gaugefix.stats import collect_stats
 
     c = collect_stats(model, model, tokens).pooled.correlation().abs()
     c.fill_diagonal_(0)
-    return 1 - c.max(dim=1).values.numpy()
-
-
-def max_coordinate_correlation(model, tokens) -> float:
-    """The largest |corr| between two distinct residual coordinates: below 1, planted gauges
-    of exact copies are recovered exactly."""
-    return float(1 - self_confidence(model, tokens).min())
+    return float(c.max())
 
 
 def sentiment_steering(lin: Lineage) -> tuple[int, torch.Tensor, float, float]:
@@ -218,15 +223,15 @@ def trained_gpt2():
 
 @pytest.fixture(scope="session")
 def drift_lineage(trained_llama):
-    """Two runs fine-tuned hard (lr 3e-2, no warm-up) from trained_llama's base, established
-    to (1) drift apart: their native endpoints match below 0.99, and (2) move little per saved
+    """Two runs fine-tuned hard (no warm-up) from trained_llama's base, established to
+    (1) drift apart: their native endpoints match below 0.99, and (2) move little per saved
     step: every consecutive native pair (base → first checkpoints included) matches exactly.
-    Whether a given fine-tuning seed gives both depends on the CPU's kernels: seeds are tried
-    until one does."""
+    Whether a given run gives both depends on the CPU's kernels and on how well the default
+    estimator reads drifted pairs: learning rates and seeds are tried until one does."""
     tried = []
-    for attempt in range(6):
+    for attempt, lr in enumerate((6e-2, 6e-2, 1e-1, 1e-1)):
         lin = trained_llama.fork(SEED + 1000 * attempt)
-        lin.extend(16, every=25, lr=3e-2)
+        lin.extend(24, every=10, lr=lr)
         endpoint = lin.native_match(lin.runs["A"][-1], lin.runs["B"][-1])
         local = [lin.native_match(x, y) for run in ("A", "B")
                  for x, y in itertools.pairwise([lin.base, *lin.runs[run]])]
@@ -234,6 +239,7 @@ def drift_lineage(trained_llama):
         if endpoint < 0.99 and worst == 1.0:
             lin.endpoint_accuracy = endpoint
             return lin
-        tried.append(f"seed {lin.seed}: endpoint {endpoint:.3f}, worst local step {worst:.3f}")
+        tried.append(f"seed {lin.seed}, lr {lr:g}: endpoint {endpoint:.3f}, worst local step "
+                     f"{worst:.3f}")
     fixture_failed("drift_lineage", "no fine-tuning seed gave drifted endpoints with exactly "
                    f"matchable local steps ({'; '.join(tried)})")

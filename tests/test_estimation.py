@@ -12,6 +12,7 @@ from gaugefix.apply import gauge_model
 from gaugefix.errors import GaugefixError
 from gaugefix.estimate import StatsOptions, estimate_gauge, match_weights, trajectory
 from gaugefix.group import SignedPerm
+from gaugefix.match import LOW_MARGIN_SD
 from gaugefix.stats import Moments, collect_stats
 from gaugefix.verify import compare_models, probe_tokens
 
@@ -23,15 +24,14 @@ def _opts(lineage, n=4096):
 
 
 def test_signmarg_recovers_an_exact_planted_gauge_rmsnorm(trained_llama):
-    """B = Q·A: the matched score is 1, every alternative is a correlation between two of A's
-    own coordinates, so the gauge is exact and each coordinate's confidence is 1 minus its
-    largest correlation with another coordinate (low exactly where A itself is nearly
-    degenerate, which depends on the run)."""
+    """B = Q·A: every block of evidence is A's own, moved by Q, so the gauge is exact and each
+    coordinate's confidence is the one A's coordinate has when A is matched with itself (low
+    exactly where A itself is nearly degenerate, which depends on the run)."""
     g = SignedPerm.random(64, seed=1)
     b = gauge_model(trained_llama.base, g)
     r = estimate_gauge(trained_llama.base, b, opts=_opts(trained_llama))
     assert r.gauge == g
-    own = self_confidence(trained_llama.base, trained_llama.probe())
+    own = self_confidence(trained_llama.base, trained_llama.probe(4096))
     assert np.allclose(r.confidence, own[g.perm], atol=1e-5)  # B's i is A's perm[i]
 
 
@@ -182,8 +182,10 @@ def test_match_cli_writes_a_gauge_with_confidence(saved_pair, tmp_path, cli):
         tmp_path / "ids.npy", "--tokens", 4096, "--per-layer")
     doc = json.loads((tmp_path / "est.json").read_text())
     assert len(doc["confidence"]) == 64 and doc["method"] == "signmarg"
-    assert doc["evidence"] == "activations" and doc["n_tokens"] == 4096
+    assert doc["evidence"] == "both" and doc["n_tokens"] == 4096
     assert set(doc["per_position_agreement"]) == {"0", "1", "2"}
+    assert set(doc["evidence_weights"]) == {"position 0", "position 1", "position 2", "weights"}
+    assert all(w > 0 for w in doc["evidence_weights"].values())  # an exact copy: all single out
     res = cli("compare", tmp_path / "est.json", tmp_path / "true.json", "--json")
     assert json.loads(res.stdout)["full_accuracy"] == 1.0
 
@@ -225,9 +227,10 @@ def test_trajectory_compose_invert_cli(saved_pair, trained_llama, tmp_path, cli)
     cli("apply", tmp_path / "B", tmp_path / "C", "--random", 2, "--gauge-out",
         tmp_path / "g2.json")
     res = cli("trajectory", a, tmp_path / "B", tmp_path / "C", "-o", tmp_path / "t.json",
-              "--tokens-from", tmp_path / "ids.npy", "--json")
+              "--tokens-from", tmp_path / "ids.npy", "--json", "--no-bridge")
     steps = json.loads(res.stdout)
-    degenerate = int((self_confidence(trained_llama.base, trained_llama.probe()) < 0.05).sum())
+    own = self_confidence(trained_llama.base, trained_llama.probe(4096))
+    degenerate = int((own < LOW_MARGIN_SD).sum())
     assert len(steps) == 2 and all(s["n_low_confidence"] == degenerate for s in steps)
     cli("compose", tmp_path / "g1.json", tmp_path / "g2.json", "-o", tmp_path / "c.json")
     assert SignedPerm.load(tmp_path / "t.json") == SignedPerm.load(tmp_path / "c.json")
@@ -274,7 +277,7 @@ def test_trajectory_confidence_follows_each_coordinate_through_the_charts(
     cli("apply", a, tmp_path / "B", "--random", 1)
     cli("apply", tmp_path / "B", tmp_path / "C", "--random", 2)
     cli("trajectory", a, tmp_path / "B", tmp_path / "C", "-o", tmp_path / "t.json",
-        "--tokens-from", tmp_path / "ids.npy", "--tokens", 4096)
+        "--tokens-from", tmp_path / "ids.npy", "--tokens", 4096, "--no-bridge")
     doc = json.loads((tmp_path / "t.json").read_text())
     total = SignedPerm.load(tmp_path / "t.json")
     expected = self_confidence(trained_llama.base, trained_llama.probe(4096))[total.perm]
@@ -307,3 +310,28 @@ def test_estimation_bad_inputs(saved_pair, tmp_path, cli, tiny_ckpt):
     _one_line_error(cli("compose", tmp_path / "g64.json", tmp_path / "g32.json", "-o",
                         tmp_path / "x.json", ok=False), "gauge widths differ")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_trajectory_bridges_a_step_it_cannot_read(trained_llama):
+    """A → B → X → C where B and C are re-gauged copies of A and X an unrelated model of the
+    same shape: the steps into and out of X are flagged, the bridge B → C is exact, so the
+    most confident path skips X and the composed gauge is the true one (through X it could
+    not be)."""
+    from gaugefix.tiny import build_tiny
+
+    base = trained_llama.base
+    gb, gc = SignedPerm.random(64, seed=21), SignedPerm.random(64, seed=22)
+    x = build_tiny("llama", seed=5, hidden_size=64, intermediate_size=base.config.intermediate_size,
+                   num_hidden_layers=base.config.num_hidden_layers,
+                   vocab_size=base.config.vocab_size,
+                   num_attention_heads=base.config.num_attention_heads,
+                   num_key_value_heads=base.config.num_key_value_heads)
+    chain = [base, gauge_model(base, gb), x, gauge_model(base, gc)]
+    res = trajectory(chain, opts=_opts(trained_llama))
+    assert res.path == [0, 1, 3]
+    assert res.gauge == gc
+    assert (1, 3) in res.bridges and res.bridges[(1, 3)] < min(
+        len(estimate_gauge(chain[i], chain[i + 1], opts=_opts(trained_llama)).low_confidence())
+        for i in (1, 2))
+    plain = trajectory(chain, opts=_opts(trained_llama), bridge=False)
+    assert plain.path == [0, 1, 2, 3] and plain.gauge != gc and not plain.bridges

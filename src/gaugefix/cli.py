@@ -374,10 +374,13 @@ PerLayer = Annotated[bool, typer.Option(help="also keep per-position statistics 
                                         "per-position agreement")]
 Seed = Annotated[int, typer.Option(callback=_range(0), help="seed of the synthetic token stream")]
 MethodOpt = Annotated[str, typer.Option(help="signmarg (default), signed, or perm")]
-SourceOpt = Annotated[str, typer.Option(help="activations (default) or weights (data-free)")]
-MinConfidence = Annotated[float, typer.Option(
+SourceOpt = Annotated[str, typer.Option(
+    help="both (default: activations at every residual position and weight signatures, each "
+    "weighed by how clearly it singles out partners), activations, or weights (data-free)")]
+MinConfidence = Annotated[float | None, typer.Option(
     callback=_range(0), help="coordinates whose confidence (matched score minus the best "
-    "alternative) is below this are flagged")]
+    "alternative, in standard deviations of the score) is below this are flagged [default: "
+    "1.5, which flagged every wrong coordinate on benchmarks/bench_lineages.py]")]
 Strict = Annotated[bool, typer.Option(
     help="exit 1 when any coordinate is flagged (the gauge file is still written, with every "
     "coordinate's confidence)")]
@@ -463,7 +466,7 @@ def match(
     model_a: Annotated[str, typer.Argument(help="checkpoint in chart A")],
     model_b: Annotated[str, typer.Argument(help="checkpoint in chart B")],
     output: Annotated[Path, typer.Option("-o", "--output", help="gauge file to write")],
-    method: MethodOpt = "signmarg", source: SourceOpt = "activations",
+    method: MethodOpt = "signmarg", source: SourceOpt = "both",
     stats_files: Annotated[list[Path] | None, typer.Option(
         "--stats", help="saved statistics to use instead of a forward pass; several shards "
         "are added")] = None,
@@ -477,7 +480,7 @@ def match(
     features: Annotated[int, typer.Option(
         callback=_range(0), help="weights source: signature entries sampled over all "
         "residual tensors (0: every entry of every tensor, slow at real widths)")] = 8192,
-    min_confidence: MinConfidence = 0.05, strict: Strict = False,
+    min_confidence: MinConfidence = None, strict: Strict = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Estimate the gauge A → B (sign-marginalised Hungarian matching)."""
@@ -485,9 +488,11 @@ def match(
         activation_stats,
         check_choices,
         check_pair,
+        evidence_options,
         gauge_metadata,
         match_stats,
         match_weights,
+        weight_evidence,
     )
     from .match import match_correlation
     from .stats import CrossStats, sum_stats
@@ -497,22 +502,24 @@ def match(
     extra: dict[str, Any] = {}
     if source == "weights":
         if stats_files:
-            raise GaugefixError("--stats goes with --source activations")
+            raise GaugefixError("--stats goes with --source both or activations")
         result = match_weights(model_a, model_b, method, gain_weight=gain_weight, solver=solver,
                                features=features or None)
     else:
         if stats_files:
             st = sum_stats(CrossStats.load(p) for p in stats_files)
         else:
-            st = activation_stats(model_a, model_b, _stats_options(
+            st = activation_stats(model_a, model_b, evidence_options(model_a, d, _stats_options(
                 tokens_from, tokens, seq_len, batch_size, device, dtype, layers, per_layer,
-                seed, max_memory, device_map))
+                seed, max_memory, device_map)))
         if st.d != d:
             raise GaugefixError(f"width mismatch: statistics have d={st.d}, the models d={d}")
-        result = match_stats(st, fam, method, solver)
+        weights = weight_evidence(model_a, model_b, features=features or None) \
+            if source == "both" else None
+        result = match_stats(st, fam, method, solver, weights)
         extra = {"n_tokens": st.n_tokens, "positions": st.positions}
-        if st.per_position:
-            t = Table(title="per-position agreement with the pooled gauge")
+        if per_layer and st.per_position:
+            t = Table(title="per-position agreement with the combined gauge")
             t.add_column("position")
             t.add_column("full agreement", justify="right")
             t.add_column("mean |corr|", justify="right")
@@ -524,40 +531,49 @@ def match(
                 t.add_row(str(p), f"{agree[p]:.3f}", f"{r.mean_abs_corr:.3f}")
             out.print(t)
             extra["per_position_agreement"] = {str(k): v for k, v in agree.items()}
+    threshold = result.threshold if min_confidence is None else min_confidence
     meta = gauge_metadata(result, model_a, model_b, source=source, extra=extra,
-                          threshold=min_confidence)
+                          threshold=threshold)
     result.gauge.save(output, meta, overwrite=overwrite)
-    _print_match(result, f"{method} ({source})", min_confidence)
+    _print_match(result, f"{method} ({source})", threshold)
     written(f"gauge written to {output}")
-    _strict_verdict(result.confidence, min_confidence, strict)
+    _strict_verdict(result.confidence, threshold, strict)
 
 
 @command(inputs=("checkpoints", "tokens_from"), outputs=("output",))
 def trajectory(
     checkpoints: Annotated[list[str], typer.Argument(help="CKPT_0 CKPT_1 ... CKPT_n")],
     output: Annotated[Path, typer.Option("-o", "--output", help="gauge CKPT_0 → CKPT_n")],
-    method: MethodOpt = "signmarg", source: SourceOpt = "activations",
+    method: MethodOpt = "signmarg", source: SourceOpt = "both",
     tokens_from: TokensFrom = None, tokens: NTokens = 16384, seq_len: SeqLen = 128,
     batch_size: BatchSize = 8, device: Device = "cpu", dtype: DType = "float32",
     layers: Layers = None, seed: Seed = 0, solver: SolverOpt = "lapjvs",
     max_memory: MaxMemory = None, device_map: DeviceMap = None,
-    min_confidence: MinConfidence = 0.05, strict: Strict = False,
+    bridge: Annotated[bool, typer.Option(
+        help="around a step with flagged coordinates, also match over it (i-1 → i+1, i → i+2, "
+        "i-1 → i+2) and compose along the path through the fewest flagged matches")] = True,
+    min_confidence: MinConfidence = None, strict: Strict = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the per-step table as JSON")
                        ] = False,
 ) -> None:
-    """Match consecutive checkpoints and compose the local gauges (CKPT_0's chart → CKPT_n's)."""
+    """Match consecutive checkpoints (bridging weak steps) and compose the local gauges
+    (CKPT_0's chart → CKPT_n's)."""
     from .estimate import gauge_metadata
     from .estimate import trajectory as run_trajectory
 
     opts = _stats_options(tokens_from, tokens, seq_len, batch_size, device, dtype, layers,
                           False, seed, max_memory, device_map)
     opts.progress = False
-    res = run_trajectory(checkpoints, source=source, method=method, opts=opts, solver=solver)
+    res = run_trajectory(checkpoints, source=source, method=method, opts=opts, solver=solver,
+                         bridge=bridge)
+    min_confidence = res.threshold if min_confidence is None else min_confidence
     table = res.step_table(min_confidence)
     conf = res.confidence()
+    bridges = [{"from": i, "to": j, "n_low_confidence": n} for (i, j), n in res.bridges.items()]
     meta = gauge_metadata(res.steps[0], checkpoints[0], checkpoints[-1], source=source,
-                          extra={"steps": table, "composed_from": len(res.steps)})
+                          extra={"steps": table, "composed_from": len(res.steps),
+                                 "path": res.path, "bridges": bridges})
     meta["confidence"] = [round(float(c), 6) for c in conf]
     meta["summary"] = {"min_step_confidence": float(conf.min()),
                        "n_low_confidence": int((conf < min_confidence).sum()),
@@ -576,6 +592,12 @@ def trajectory(
                       str(row["n_low_confidence"]), style=style)
         out.print(t)
         out.print(f"weakest step: {res.weakest_step}")
+        if res.bridges:
+            skipped = sorted(set(range(len(checkpoints))) - set(res.path))
+            out.print(f"path: {' → '.join(map(str, res.path))} (bridges tried: "
+                      + ", ".join(f"{i}→{j}: {n} flagged" for (i, j), n in res.bridges.items())
+                      + (f"; skipped {', '.join(map(str, skipped))})" if skipped else ")"),
+                      soft_wrap=True)
         written(f"composed gauge written to {output}")
     _strict_verdict(conf, min_confidence, strict)
 

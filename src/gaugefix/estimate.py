@@ -1,19 +1,22 @@
 """High-level estimation: the gauge between two checkpoints, and along trajectories.
 
 Checkpoints are paths (local directories or hub ids) or loaded modules. Two
-sources of evidence:
+sources of evidence, and their combination:
 
 * ``activations`` — cross-correlation of residual streams on shared tokens
-  (:mod:`gaugefix.stats`), pooled over all residual positions;
+  (:mod:`gaugefix.stats`), one matrix per residual position;
 * ``weights`` — data-free: each residual coordinate's signature is its slice of
   every residual-touching tensor (embedding and lm_head columns over the shared
   vocabulary, reader columns, writer rows, LayerNorm biases) for the signed part,
-  and its norm gains for the unsigned part.
+  and its norm gains for the unsigned part;
+* ``both`` (the default) — every position's correlations and the weight signatures,
+  each weighed by how clearly it singles out partners (:func:`gaugefix.match.match_evidence`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -28,13 +31,23 @@ from .arch import Family, detect_family
 from .checkpoint import Checkpoint
 from .errors import GaugefixError
 from .group import SignedPerm
-from .match import LOW_CONFIDENCE, METHODS, SOLVERS, MatchResult, match_correlation
+from .match import (
+    METHODS,
+    SOLVERS,
+    Evidence,
+    MatchResult,
+    match_correlation,
+    match_evidence,
+)
 from .stats import CrossStats, collect_stats, load_token_source, resolve_positions
 from .verify import DTYPES, load_causal_lm
 
 ModelRef = str | Path | torch.nn.Module
 MIN_TOKENS_PER_DIM = 2
-SOURCES: tuple[str, ...] = ("activations", "weights")
+SOURCES: tuple[str, ...] = ("both", "activations", "weights")
+DEFAULT_SOURCE = "both"
+# per-position co-moments in memory (d×d float64 each): above this, evenly spaced positions
+PER_POSITION_BYTES = 2 << 30
 
 
 def _family_and_width(ref: ModelRef) -> tuple[Family, int, str]:
@@ -54,7 +67,7 @@ def check_pair(a: ModelRef, b: ModelRef) -> tuple[Family, int]:
     return fa, da
 
 
-def check_choices(method: str = "signmarg", source: str = "activations",
+def check_choices(method: str = "signmarg", source: str = DEFAULT_SOURCE,
                   solver: str = "lapjvs") -> None:
     """Refuse an unknown method, evidence source or solver before any work is done."""
     for what, value, allowed in (("method", method, METHODS), ("source", source, SOURCES),
@@ -191,15 +204,41 @@ def _name(ref: ModelRef) -> str:
     return type(ref).__name__ if isinstance(ref, torch.nn.Module) else str(ref)
 
 
-def match_stats(stats: CrossStats, family: Family, method: str = "signmarg",
-                solver: str = "lapjvs") -> MatchResult:
+def evidence_positions(n_layers: int, d: int, budget: int = PER_POSITION_BYTES
+                       ) -> list[int] | None:
+    """Residual positions whose statistics are kept one by one: all of them (None), or, where
+    their d×d co-moments would exceed ``budget``, as many as fit, evenly spaced and including
+    the embeddings and the last layer."""
+    n = n_layers + 1
+    fit = max(2, budget // (d * d * 8))
+    if n <= fit:
+        return None
+    return sorted({round(k * (n - 1) / (fit - 1)) for k in range(fit)})
+
+
+def stats_evidence(stats: CrossStats) -> Evidence:
+    """The activation evidence of saved or collected statistics: one correlation matrix per
+    residual position where they were kept (``per_position``), else the pooled one."""
     stats.check_finite()
     _check_tokens(stats.n_tokens, stats.d)
-    return match_correlation(stats.pooled.correlation(), method,
-                             global_sign_only=not family.allows_signs, solver=solver)
+    if stats.per_position:
+        items = sorted(stats.per_position.items())
+        return Evidence([m.correlation().numpy() for _, m in items],
+                        [f"position {p}" for p, _ in items])
+    return Evidence([stats.pooled.correlation().numpy()], ["pooled positions"])
 
 
-# ---------------------------------------------------------------------------- weights
+def match_stats(stats: CrossStats, family: Family, method: str = "signmarg",
+                solver: str = "lapjvs", weights: WeightEvidence | None = None) -> MatchResult:
+    """The gauge from activation statistics (and weight signatures, if given), each block
+    weighed by its reliability."""
+    ev = stats_evidence(stats)
+    if weights is not None:
+        ev.blocks.append(weights.signed.numpy())
+        ev.names.append("weights")
+    return match_evidence(ev, method, global_sign_only=not family.allows_signs, solver=solver)
+
+
 DEFAULT_FEATURES = 8192
 
 
@@ -364,35 +403,59 @@ def match_weights(a: ModelRef, b: ModelRef, method: str = "signmarg", *,
     """
     fam, _ = check_pair(a, b)
     ev = weight_evidence(a, b, features=features)
-    magnitude = None
-    if gain_weight > 0 and ev.unsigned is not None:
+    if gain_weight > 0 and ev.unsigned is not None:  # confidence: a correlation margin
         magnitude = ((1 - gain_weight) * ev.signed.abs() + gain_weight * ev.unsigned).numpy()
-    return match_correlation(ev.signed, method, global_sign_only=not fam.allows_signs,
-                             solver=solver, magnitude=magnitude)
+        return match_correlation(ev.signed, method, global_sign_only=not fam.allows_signs,
+                                 solver=solver, magnitude=magnitude)
+    return match_evidence(Evidence([ev.signed.numpy()], ["weights"]), method,
+                          global_sign_only=not fam.allows_signs, solver=solver)
 
 
 # ---------------------------------------------------------------------------- one pair
-def estimate_gauge(a: ModelRef, b: ModelRef, *, source: str = "activations",
+def evidence_options(ref: ModelRef, d: int, opts: StatsOptions | None) -> StatsOptions:
+    """The statistics options an estimate needs: every residual position kept one by one (or
+    as many as :data:`PER_POSITION_BYTES` holds, unless positions were chosen)."""
+    opts = opts or StatsOptions()
+    if opts.per_position:
+        return opts
+    positions = opts.positions
+    if positions is None:
+        n_layers = int(ref.config.num_hidden_layers) if isinstance(ref, torch.nn.Module) \
+            else Checkpoint.open(ref).n_layers
+        positions = evidence_positions(n_layers, d)
+    return dataclasses.replace(opts, per_position=True, positions=positions)
+
+
+def estimate_gauge(a: ModelRef, b: ModelRef, *, source: str = DEFAULT_SOURCE,
                    method: str = "signmarg", opts: StatsOptions | None = None,
                    solver: str = "lapjvs", gain_weight: float = 0.0,
                    _models: tuple[torch.nn.Module, torch.nn.Module] | None = None
                    ) -> MatchResult:
+    """The gauge A → B from ``source``: ``both`` (activations at every residual position and
+    weight signatures, weighed by reliability), ``activations`` or ``weights``."""
     check_choices(method, source, solver)
-    fam, _ = check_pair(a, b)
+    fam, d = check_pair(a, b)
     if source == "weights":
         return match_weights(a, b, method, gain_weight=gain_weight, solver=solver)
-    stats = activation_stats(a, b, opts, _models=_models)
-    return match_stats(stats, fam, method, solver)
+    stats = activation_stats(a, b, evidence_options(a, d, opts), _models=_models)
+    weights = weight_evidence(a, b) if source == "both" else None
+    return match_stats(stats, fam, method, solver, weights)
 
 
 # ---------------------------------------------------------------------------- trajectories
 @dataclass
 class TrajectoryResult:
+    """The composed gauge, the local matches it was composed from (``steps``, along ``path``:
+    indices into the checkpoints given, named ``names``), and every bridge tried around a
+    weak step (``bridges``: (from, to) → flagged coordinates)."""
+
     gauge: SignedPerm
     steps: list[MatchResult]
     names: list[str]
+    path: list[int] = field(default_factory=list)
+    bridges: dict[tuple[int, int], int] = field(default_factory=dict)
 
-    def step_table(self, threshold: float = LOW_CONFIDENCE) -> list[dict[str, Any]]:
+    def step_table(self, threshold: float | None = None) -> list[dict[str, Any]]:
         return [
             {"from": self.names[k], "to": self.names[k + 1], **r.summary(threshold)}
             for k, r in enumerate(self.steps)
@@ -409,16 +472,37 @@ class TrajectoryResult:
         return conf
 
     @property
+    def threshold(self) -> float:
+        return self.steps[0].threshold
+
+    @property
     def weakest_step(self) -> int:
         return int(np.argmin([r.summary()["median_confidence"] for r in self.steps]))
 
 
-def trajectory(ckpts: Sequence[ModelRef], *, source: str = "activations",
+def _most_confident_path(n: int, matches: Mapping[tuple[int, int], MatchResult]) -> list[int]:
+    """The path 0 → n-1 through the matched pairs (forward only) that goes through the fewest
+    flagged coordinate matches; among those, the one with the most (shorter) steps."""
+    best: dict[int, tuple[tuple[int, int], list[int]]] = {0: ((0, 0), [0])}
+    for j in range(1, n):
+        for (i, k), r in matches.items():
+            if k != j or i not in best:
+                continue
+            (low, steps), path = best[i]
+            cand = ((low + len(r.low_confidence()), steps - 1), [*path, j])
+            if j not in best or cand[0] < best[j][0]:
+                best[j] = cand
+    return best[n - 1][1]
+
+
+def trajectory(ckpts: Sequence[ModelRef], *, source: str = DEFAULT_SOURCE,
                method: str = "signmarg", opts: StatsOptions | None = None,
-               solver: str = "lapjvs", gain_weight: float = 0.0,
+               solver: str = "lapjvs", gain_weight: float = 0.0, bridge: bool = True,
                on_step: Callable[[int, MatchResult], None] | None = None) -> TrajectoryResult:
     """Match each consecutive pair and compose: the gauge from ckpts[0]'s chart to ckpts[-1]'s.
 
+    ``bridge``: around a step with flagged coordinates, also match over it (i-1 → i+1,
+    i → i+2, i-1 → i+2), then compose along the path through the fewest flagged matches.
     Two runs fine-tuned from one base: list run A backwards to the base, then run B
     forwards (``A_n ... A_1 base B_1 ... B_m``).
     """
@@ -428,22 +512,43 @@ def trajectory(ckpts: Sequence[ModelRef], *, source: str = "activations",
     for a, b in itertools.pairwise(ckpts):
         check_pair(a, b)
     opts = opts or StatsOptions()
-    steps: list[MatchResult] = []
-    total: SignedPerm | None = None
-    preload = source == "activations" and opts.max_memory is None  # each model loaded once
-    prev = _load(ckpts[0], opts.dtype, opts.device, opts.device_map) if preload else None
-    for k in range(len(ckpts) - 1):
-        nxt = _load(ckpts[k + 1], opts.dtype, opts.device, opts.device_map) if preload else None
-        models = (prev, nxt) if prev is not None and nxt is not None else None
-        r = estimate_gauge(ckpts[k], ckpts[k + 1], source=source, method=method, opts=opts,
-                           solver=solver, gain_weight=gain_weight, _models=models)
-        steps.append(r)
-        total = r.gauge if total is None else total.then(r.gauge)
+    preload = source != "weights" and opts.max_memory is None
+    loaded: dict[int, torch.nn.Module] = {}  # the few most recent, each loaded once
+
+    def model(i: int) -> torch.nn.Module:
+        if i not in loaded:
+            while len(loaded) >= 4:
+                loaded.pop(min(loaded))
+            loaded[i] = _load(ckpts[i], opts.dtype, opts.device, opts.device_map)
+        return loaded[i]
+
+    matches: dict[tuple[int, int], MatchResult] = {}
+
+    def match(i: int, j: int) -> MatchResult:
+        if (i, j) not in matches:
+            models = (model(i), model(j)) if preload else None
+            matches[(i, j)] = estimate_gauge(ckpts[i], ckpts[j], source=source, method=method,
+                                             opts=opts, solver=solver, gain_weight=gain_weight,
+                                             _models=models)
+        return matches[(i, j)]
+
+    n = len(ckpts)
+    for k in range(n - 1):
+        r = match(k, k + 1)
         if on_step is not None:
             on_step(k, r)
-        prev = nxt
-    assert total is not None
-    return TrajectoryResult(total, steps, [_name(c) for c in ckpts])
+    bridges: dict[tuple[int, int], int] = {}
+    if bridge:
+        weak = [k for k in range(n - 1) if matches[(k, k + 1)].low_confidence()]
+        for k in weak:
+            for i, j in ((k - 1, k + 1), (k, k + 2), (k - 1, k + 2)):
+                if i >= 0 and j < n and (i, j) not in bridges:
+                    bridges[(i, j)] = len(match(i, j).low_confidence())
+    loaded.clear()
+    path = _most_confident_path(n, matches)
+    steps = [matches[(i, j)] for i, j in itertools.pairwise(path)]
+    return TrajectoryResult(compose_gauges([r.gauge for r in steps]), steps,
+                            [_name(ckpts[i]) for i in path], path, bridges)
 
 
 def compose_gauges(gauges: Sequence[SignedPerm]) -> SignedPerm:
@@ -499,7 +604,7 @@ def compose_documents(paths: Sequence[str | Path], *, force: bool = False
 
 def gauge_metadata(result: MatchResult, a: ModelRef, b: ModelRef, *, source: str,
                    extra: Mapping[str, Any] | None = None, hash_weights: bool = True,
-                   threshold: float = LOW_CONFIDENCE) -> dict[str, Any]:
+                   threshold: float | None = None) -> dict[str, Any]:
     from .apply import checkpoint_identity
 
     def ident(ref: ModelRef) -> dict[str, str]:
@@ -514,5 +619,6 @@ def gauge_metadata(result: MatchResult, a: ModelRef, b: ModelRef, *, source: str
         "evidence": source,
         "confidence": [round(float(c), 6) for c in result.confidence],
         "summary": result.summary(threshold),
+        **({"evidence_weights": result.weights} if result.weights else {}),
         **(extra or {}),
     }
