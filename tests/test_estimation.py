@@ -328,10 +328,11 @@ def test_a_trajectory_bridges_a_step_it_cannot_read(trained_llama):
                    num_key_value_heads=base.config.num_key_value_heads)
     chain = [base, gauge_model(base, gb), x, gauge_model(base, gc)]
     res = trajectory(chain, opts=_opts(trained_llama))
-    assert res.path == [0, 1, 3]
+    assert res.path[0] == 0 and res.path[-1] == 3 and 2 not in res.path  # 0→1→3 or 0→3
     assert res.gauge == gc
-    assert (1, 3) in res.bridges and res.bridges[(1, 3)] < min(
-        len(estimate_gauge(chain[i], chain[i + 1], opts=_opts(trained_llama)).low_confidence())
-        for i in (1, 2))
+    assert {(1, 3), (0, 3)} <= set(res.bridges)
+    assert min(float(np.median(r.confidence)) for r in res.steps) > max(
+        float(np.median(estimate_gauge(chain[i], chain[i + 1],
+                                       opts=_opts(trained_llama)).confidence)) for i in (1, 2))
     plain = trajectory(chain, opts=_opts(trained_llama), bridge=False)
     assert plain.path == [0, 1, 2, 3] and plain.gauge != gc and not plain.bridges

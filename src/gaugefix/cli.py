@@ -812,13 +812,17 @@ def demo(
                      ] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     seed: Annotated[int, typer.Option(callback=_range(0), help="random seed")] = 0,
+    seeds: Annotated[int, typer.Option(
+        callback=_range(1), help="repeat the run-dependent headline figures on this many "
+        "training runs (seeds SEED, SEED+1, ...) and report each as mean and range")] = 1,
 ) -> None:
     """Reproduce the seed paper's headline results on tiny models trained here."""
     from .demo import DemoConfig, run_demo
 
     if device not in ("cpu", "cuda"):
         raise GaugefixError(f"unknown device {device!r}; choose cpu or cuda")
-    run_demo(out_dir, DemoConfig(quick=quick, seed=seed, device=device), console=out)
+    run_demo(out_dir, DemoConfig(quick=quick, seed=seed, seeds=seeds, device=device),
+             console=out)
 
 
 def main() -> None:

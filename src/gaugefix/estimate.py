@@ -481,16 +481,18 @@ class TrajectoryResult:
 
 
 def _most_confident_path(n: int, matches: Mapping[tuple[int, int], MatchResult]) -> list[int]:
-    """The path 0 → n-1 through the matched pairs (forward only) that goes through the fewest
-    flagged coordinate matches; among those, the one with the most (shorter) steps."""
-    best: dict[int, tuple[tuple[int, int], list[int]]] = {0: ((0, 0), [0])}
+    """The path 0 → n-1 through the matched pairs (forward only) whose weakest step is the
+    strongest: the largest lowest median confidence; among those, the one with the most
+    (shorter) steps. (Counting flagged coordinates instead prefers one doubtful long jump to
+    two sound steps that each flag a few.)"""
+    best: dict[int, tuple[tuple[float, int], list[int]]] = {0: ((math.inf, 0), [0])}
     for j in range(1, n):
         for (i, k), r in matches.items():
             if k != j or i not in best:
                 continue
-            (low, steps), path = best[i]
-            cand = ((low + len(r.low_confidence()), steps - 1), [*path, j])
-            if j not in best or cand[0] < best[j][0]:
+            (weakest, steps), path = best[i]
+            cand = ((min(weakest, float(np.median(r.confidence))), steps + 1), [*path, j])
+            if j not in best or cand[0] > best[j][0]:
                 best[j] = cand
     return best[n - 1][1]
 

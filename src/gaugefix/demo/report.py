@@ -88,8 +88,9 @@ def write_report(r: dict[str, Any], out: Path, plots: list[Path]) -> Path:
     runs = r["runs"]
     n_runs = len(runs["seeds"])
     if n_runs > 1:
-        w(f"Figures from the main training run (seed {runs['seeds'][0]}); in brackets the range "
-          f"over {n_runs} independent training runs (seeds {', '.join(map(str, runs['seeds']))})"
+        w(f"Figures from the main training run (seed {runs['seeds'][0]}); in brackets the mean "
+          f"and range over {n_runs} independent training runs (seeds "
+          f"{', '.join(map(str, runs['seeds']))})"
           ". Exact results (the ceiling, gauge groups, optimizer state, the audit through the "
           "gauge) do not depend on the run.\n")
     w("| experiment | B_d / correct | S_d / baseline | seed paper |\n|---|---|---|---|")
@@ -117,8 +118,8 @@ def write_report(r: dict[str, Any], out: Path, plots: list[Path]) -> Path:
         w("\nExpect a figure measured on another machine to fall within about these ranges, "
           "not to equal the main run's value.\n")
     else:
-        w(" This quick run trains once; the full demo (`gaugefix demo`) repeats the "
-          "run-dependent figures on three training runs and reports their range.\n")
+        w(" This run trains once; `gaugefix demo --seeds N` repeats the run-dependent figures "
+          "on N training runs and reports each as mean and range.\n")
 
     w("## 1. Gauge groups\n")
     w("Relative logit error (max |Δlogits| / max |logits|) after pushing a candidate map "

@@ -25,6 +25,7 @@ from .lineage import LineageSpec, build_lineage
 class DemoConfig:
     quick: bool = False
     seed: int = 0
+    seeds: int = 1  # training runs the headline figures are repeated on (mean and range)
     device: str = "cpu"
 
     @property
@@ -66,7 +67,7 @@ class DemoConfig:
         """Seeds of the independent training runs the headline figures are repeated on. A
         different CPU trains a different model, as a different seed does: the spread over
         runs is how far the figures can move between machines."""
-        return [self.seed] if self.quick else [self.seed, self.seed + 1, self.seed + 2]
+        return [self.seed + k for k in range(self.seeds)]
 
     def spec(self, family: str, seed: int | None = None) -> LineageSpec:
         """Trajectories: a lightly trained base (lr 3e-3) fine-tuned hard (lr 2e-2, no warm-up),
@@ -227,12 +228,13 @@ def spread(runs: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
 
 
 def _ranged(r: dict[str, Any], key: str, fmt: str) -> str:
-    """The main run's value, with the range over the repeated runs when there are several."""
+    """The main run's value; with several runs, their mean and range."""
     f = r["runs"]["figures"][key]
     value = format(f["values"][0], fmt)
     if len(f["values"]) < 2:
         return value
-    return f"{value} [{format(f['min'], fmt)}–{format(f['max'], fmt)}]"
+    return (f"{value} (mean {format(f['mean'], fmt)} over {len(f['values'])} runs, "
+            f"{format(f['min'], fmt)}–{format(f['max'], fmt)})")
 
 
 def summary_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
