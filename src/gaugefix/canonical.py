@@ -1,0 +1,243 @@
+"""A canonical chart for every checkpoint, computed from its own weights.
+
+Any two gauge-equivalent checkpoints (one element of the family's group applied to the other)
+are written by :func:`canonicalize` as byte-identical weight files. The rule works on the raw
+bits of the weights, which a gauge moves exactly, so no statistic can fall "within rounding"
+of a decision boundary:
+
+1. **Signs** (B_d families). Each residual coordinate owns a *slice* of every signed tensor
+   (its embedding column, its rows of the writers, its columns of the readers, its LayerNorm
+   bias entry). Read in a fixed order (tensors by name; within a tensor, a fixed block of
+   entries, growing), the coordinate's first nonzero entry decides: its sign bit is cleared.
+   (An all-zero slice: its first entry's, so that +0.0 and -0.0 agree too.)
+2. **Order.** Coordinates are sorted by their norm gains (every norm, as bits), then by their
+   sign-normalised slices, read deeper only while two coordinates still tie. Coordinates whose
+   normalised slices are identical everywhere are interchangeable: either order gives the
+   same bytes.
+3. **Global sign** (S_d×{±1} families, LayerNorm). Both signs are sorted as above; the one
+   whose sorted content is smaller (as bits) is taken; equal content means the flip is a
+   symmetry of the weights.
+
+What the weights do not determine is said, never hidden: coordinates with equal gains in
+every norm can also be rotated among themselves without changing the function (a continuous
+O(k) symmetry the discrete chart cannot fix), and a checkpoint whose gains are all equal (an
+untrained or gain-free model: O(d)) has no canonical chart at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .arch import Family
+from .checkpoint import Checkpoint
+from .errors import GaugefixError
+from .group import SignedPerm
+
+# entries read along each non-residual axis at each depth; the last depth reads everything
+_DEPTHS = (2, 16, 256, None)
+
+
+@dataclass
+class CanonicalChart:
+    """The gauge from a checkpoint's chart to its canonical chart, and what it leaves open."""
+
+    gauge: SignedPerm
+    family: str
+    interchangeable: list[list[int]] = field(default_factory=list)  # identical slices
+    rotatable: list[list[int]] = field(default_factory=list)  # equal gains in every norm
+    sign_symmetric: bool = False  # LayerNorm: the global flip leaves the weights as they are
+
+    @property
+    def defined(self) -> bool:
+        """Whether this is a canonical chart of the model (False: of its signed permutations
+        only, every gain being equal)."""
+        return not (self.rotatable and len(self.rotatable[0]) == self.gauge.d)
+
+    def describe(self) -> list[str]:
+        """One line per thing the weights leave open (empty: the chart is unique)."""
+        lines = []
+        if not self.defined:
+            return [f"every gain is equal: rotations of the whole residual stream (O("
+                    f"{self.gauge.d})) preserve the function; this chart is canonical for "
+                    "signed permutations only", *(
+                        [f"coordinates {_short(g)} have identical weights: exchanging them "
+                         "changes no byte" for g in self.interchangeable])]
+        for group in self.rotatable:
+            lines.append(f"coordinates {_short(group)} have equal gains in every norm: "
+                         f"rotations among them (O({len(group)})) preserve the function; the "
+                         "canonical chart fixes only their signed permutations")
+        for group in self.interchangeable:
+            lines.append(f"coordinates {_short(group)} have identical weights: exchanging "
+                         "them changes no byte")
+        if self.sign_symmetric:
+            lines.append("the global sign flip leaves the weights unchanged")
+        return lines
+
+
+def _short(group: list[int], n: int = 8) -> str:
+    return ", ".join(map(str, group[:n])) + (" ..." if len(group) > n else "")
+
+
+def _bits(t: Any) -> np.ndarray:
+    """A torch tensor's raw bits as an unsigned numpy integer array (sign bit on top)."""
+    import torch
+
+    size = t.element_size()
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[size]
+    signed = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
+    if t.dtype == torch.bool:
+        return t.numpy().astype(np.uint8)
+    return t.contiguous().view(signed).numpy().view(unsigned)
+
+
+class _Reader:
+    """Per-coordinate slices of a checkpoint's residual tensors, read lazily."""
+
+    def __init__(self, ref: str | Path | Any) -> None:
+        from .estimate import _Slices
+
+        self.slices = _Slices(ref)
+
+    def block(self, key: str, axis: int, depth: int | None, d: int) -> np.ndarray:
+        """[d, n] bits: the tensor's entries at each residual coordinate, the first ``depth``
+        along every other axis (all of them when None), in a fixed order."""
+        shape = self.slices.shapes[key]
+        idx = tuple(slice(0, d) if a == axis else slice(0, depth) for a in range(len(shape)))
+        t = self.slices.get(key, idx)
+        bits = _bits(t)
+        return np.moveaxis(bits, axis, 0).reshape(d, -1)
+
+    def close(self) -> None:
+        self.slices.close()
+
+
+def _groups(keys: np.ndarray, order: np.ndarray) -> list[list[int]]:
+    """Runs of equal rows of ``keys`` in ``order`` (original indices), longer than one."""
+    if keys.shape[1] == 0:
+        return [sorted(order.tolist())]
+    ranked = keys[order]
+    same = np.all(ranked[1:] == ranked[:-1], axis=1)
+    out, run = [], [int(order[0])]
+    for k, eq in enumerate(same, start=1):
+        if eq:
+            run.append(int(order[k]))
+        else:
+            if len(run) > 1:
+                out.append(sorted(run))
+            run = [int(order[k])]
+    if len(run) > 1:
+        out.append(sorted(run))
+    return out
+
+
+def _sort(keys: np.ndarray) -> np.ndarray:
+    """Rows of ``keys`` in lexicographic order (first column first); ties keep index order."""
+    if keys.shape[1] == 0:
+        return np.arange(keys.shape[0])
+    return np.lexsort(keys.T[::-1])
+
+
+def canonical_chart(model: str | Path | Any, *, discrete_only: bool = False) -> CanonicalChart:
+    """The gauge into ``model``'s canonical chart (a checkpoint directory, hub id or loaded
+    model), from its weights alone. Refuses (GaugefixError) where no canonical chart exists:
+    all gains equal (untrained, or a family without gains), so rotations of the whole stream
+    are symmetries too; ``discrete_only`` then gives the chart that is canonical for the
+    signed-permutation gauges alone (and says so in :meth:`CanonicalChart.describe`)."""
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        from .arch import detect_family
+
+        fam: Family = detect_family(model.config)
+        d = int(model.config.hidden_size)
+        name = type(model).__name__
+    else:
+        ck = Checkpoint.open(model)
+        fam, d, name = ck.family, ck.hidden_size, str(model)
+    reader = _Reader(model)
+    try:
+        keys = sorted(reader.slices.shapes)
+        plan = fam.plan(keys)
+        gains = [k for k in keys if plan[k].kind == "G"]
+        signed = [k for k in keys if plan[k].signed]
+        if not signed:
+            raise GaugefixError(f"{name}: no residual tensor carries a sign")
+        gain_bits = (np.stack([reader.block(k, 0, None, d)[:, 0] for k in gains], 1)
+                     if gains else np.zeros((d, 0), np.uint64)).astype(np.uint64)
+        rotatable = _groups(gain_bits, _sort(gain_bits))
+        if rotatable and len(rotatable[0]) == d and not discrete_only:
+            raise GaugefixError(
+                f"{name}: every norm gain is the same at every coordinate (an untrained or "
+                f"gain-free {fam.name} model): rotations of the whole residual stream (O({d})) "
+                "preserve its function, so the canonical chart is not defined (--discrete-only: "
+                "the chart canonical for signed permutations alone)")
+        return _chart(reader, fam, d, gains, signed, gain_bits, rotatable, plan)
+    finally:
+        reader.close()
+
+
+def _chart(reader: _Reader, fam: Family, d: int, gains: list[str], signed: list[str],
+           gain_bits: np.ndarray, rotatable: list[list[int]], plan: dict[str, Any]
+           ) -> CanonicalChart:
+    for depth in _DEPTHS:
+        blocks = [reader.block(k, plan[k].residual_axis, depth, d) for k in signed]
+        raw = np.concatenate([b.astype(np.uint64) for b in blocks], 1)
+        top = np.concatenate([np.full(b.shape[1], 8 * b.dtype.itemsize - 1, np.uint64)
+                              for b in blocks])
+        chart = _decide(fam, raw, np.uint64(1) << top, gain_bits, rotatable,
+                        last=depth is None)
+        if chart is not None:
+            return chart
+    raise AssertionError("the last depth decides")  # pragma: no cover
+
+
+def _decide(fam: Family, raw: np.ndarray, mask: np.ndarray, gain_bits: np.ndarray,
+            rotatable: list[list[int]], *, last: bool) -> CanonicalChart | None:
+    """The chart from these columns (``mask``: each column's sign bit), or None where the
+    columns read so far leave a sign or an order open and deeper ones can settle it."""
+    d = raw.shape[0]
+    if fam.allows_signs:
+        nonzero = (raw & ~mask) != 0  # magnitude: a flip turns +0.0 into -0.0
+        if not last and not nonzero.any(1).all():
+            return None
+        first = nonzero.argmax(1)  # an all-zero slice: its first entry's sign bit decides
+        rows = np.arange(d)
+        negative = (raw[rows, first] & mask[first]) != 0
+        norm = np.where(negative[:, None], raw ^ mask, raw)
+        keys = np.concatenate([gain_bits, norm], 1)
+        order = _sort(keys)
+        ties = _groups(keys, order)
+        if ties and not last:
+            return None
+        # canonical coordinate i is the checkpoint's order[i], with its sign made positive
+        return CanonicalChart(SignedPerm(order, np.where(negative, -1, 1)[order]), fam.name,
+                              ties, rotatable)
+    cands = []
+    for s in (1, -1):
+        keys = np.concatenate([gain_bits, raw ^ mask if s < 0 else raw], 1)
+        order = _sort(keys)
+        cands.append((keys[order].ravel(), s, order, _groups(keys, order)))
+    diff = np.flatnonzero(cands[0][0] != cands[1][0])
+    if diff.size:
+        k = diff[0]
+        _, s, order, ties = min(cands, key=lambda c: c[0][k])
+    else:
+        _, s, order, ties = cands[0]
+    if (ties or not diff.size) and not last:
+        return None
+    return CanonicalChart(SignedPerm(order, np.full(d, s)), fam.name, ties, rotatable,
+                          sign_symmetric=not diff.size)
+
+
+def canonicalize(model: str | Path, out: str | Path, *, overwrite: bool = False,
+                 progress: bool = False, discrete_only: bool = False) -> CanonicalChart:
+    """Write ``model`` in its canonical chart to ``out`` (atomically, as ``apply`` does)."""
+    from .apply import gauge_checkpoint
+
+    chart = canonical_chart(model, discrete_only=discrete_only)
+    gauge_checkpoint(model, out, chart.gauge, overwrite=overwrite, progress=progress)
+    return chart
