@@ -132,6 +132,9 @@ Case = tuple[str, Callable[[Path], list], str]
 CHECKPOINT_COMMANDS: dict[str, Callable[[Path], list]] = {
     "inspect": lambda w: ["inspect", "A"],
     "apply": lambda w: ["apply", "A", "out", "--random", 1],
+    "canonicalize": lambda w: ["canonicalize", "A", "out"],
+    "fingerprint": lambda w: ["fingerprint", "A"],
+    "identify": lambda w: ["identify", "A", "B", "--json"],
     "verify": lambda w: ["verify", "A", "B", "--gauge", "g.json"],
     "match-weights": lambda w: ["match", "A", "B", "-o", "out.json", "--source", "weights"],
     "match": lambda w: ["match", "A", "B", "-o", "out.json", "--tokens-from", "ids.npy",
@@ -166,7 +169,8 @@ def _checkpoint_cases() -> list[Case]:
         for name, (breaker, message) in breakages.items():
             if (cmd, name) == ("merge", "malicious-pytorch-model-bin"):
                 message = "model A must be a safetensors checkpoint"  # refused before reading
-            if cmd in ("inspect", "merge", "apply", "match-weights") or name in (
+            if cmd in ("inspect", "merge", "apply", "match-weights", "canonicalize",
+                       "fingerprint", "identify") or name in (
                     "config-is-a-list", "truncated-safetensors", "malicious-pytorch-model-bin"):
                 def setup(w, breaker=breaker, argv=argv):
                     breaker(w)

@@ -86,3 +86,68 @@ def test_what_the_weights_leave_open_is_reported_and_the_bytes_still_agree(tmp_p
     canonicalize(tmp_path / "A", tmp_path / "CA")
     canonicalize(tmp_path / "B", tmp_path / "CB")
     assert _weights(tmp_path / "CA") == _weights(tmp_path / "CB")
+
+
+def test_fingerprints_follow_the_function_not_the_chart(tmp_path, cli):
+    """Equal for a re-gauged copy; changed by one bit of one weight."""
+    import json
+
+    build_tiny("qwen3", seed=2).save_pretrained(tmp_path / "A", max_shard_size="80KB")
+    cli("apply", tmp_path / "A", tmp_path / "B", "--random", 4)
+    fa = json.loads(cli("fingerprint", tmp_path / "A", "--json").stdout)
+    fb = json.loads(cli("fingerprint", tmp_path / "B", "--json").stdout)
+    assert fa["fingerprint"] == fb["fingerprint"] and fa["fingerprint"].startswith("gf1:")
+    assert fa["sha256"] == fb["sha256"] and fa["canonical"] is True
+    model = build_tiny("qwen3", seed=2)
+    with torch.no_grad():
+        w = model.model.layers[1].mlp.down_proj.weight
+        w.view(-1)[17] = torch.nextafter(w.view(-1)[17], torch.tensor(1.0))
+    model.save_pretrained(tmp_path / "C")
+    fc = json.loads(cli("fingerprint", tmp_path / "C", "--json").stdout)
+    assert fc["fingerprint"] != fa["fingerprint"]
+    assert cli("fingerprint", tmp_path / "A").stdout.strip() == fa["fingerprint"]
+
+
+def _noisy(model, rel, seed):
+    """A relative: every weight moved by ``rel`` of its own scale (a stand-in for fine-tuning
+    whose size is known by construction)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * rel * p.std().clamp_min(1e-3))
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_identify_tells_same_derived_and_unrelated(family, tmp_path, cli):
+    import json
+
+    kind = _kind(family)
+    build_tiny(family, seed=3).save_pretrained(tmp_path / "A")
+    g = SignedPerm.random(64, seed=8, kind=kind)
+    gauge_checkpoint(tmp_path / "A", tmp_path / "same", g, progress=False)
+    gauge_model(_noisy(build_tiny(family, seed=3), 0.02, seed=1), g).save_pretrained(
+        tmp_path / "derived")
+    build_tiny(family, seed=9).save_pretrained(tmp_path / "unrelated")
+    got = {}
+    for name in ("same", "derived", "unrelated"):
+        got[name] = json.loads(cli("identify", tmp_path / "A", tmp_path / name, "--json").stdout)
+        assert got[name]["verdict"] == name, (name, got[name]["reason"])
+    assert SignedPerm.from_json(got["same"]["gauge"]) == g
+    assert SignedPerm.from_json(got["derived"]["gauge"]) == g
+    assert got["derived"]["median_relative_distance"] < 0.1
+    assert got["unrelated"]["gauge"] is None
+    assert got["unrelated"]["median_relative_distance"] > 1.0
+
+
+def test_identify_different_shapes_is_a_verdict_not_an_error(tmp_path, cli):
+    import json
+
+    build_tiny("llama", seed=1).save_pretrained(tmp_path / "A")
+    build_tiny("gpt2", seed=1).save_pretrained(tmp_path / "B")
+    build_tiny("llama", seed=1, hidden_size=32).save_pretrained(tmp_path / "C")
+    r = json.loads(cli("identify", tmp_path / "A", tmp_path / "B", "--json").stdout)
+    assert r["verdict"] == "unrelated" and "different families" in r["reason"]
+    assert r["gauge"] is None
+    r = json.loads(cli("identify", tmp_path / "A", tmp_path / "C", "--json").stdout)
+    assert r["verdict"] == "unrelated" and "different widths" in r["reason"]

@@ -26,6 +26,7 @@ untrained or gain-free model: O(d)) has no canonical chart at all.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,3 +242,194 @@ def canonicalize(model: str | Path, out: str | Path, *, overwrite: bool = False,
     chart = canonical_chart(model, discrete_only=discrete_only)
     gauge_checkpoint(model, out, chart.gauge, overwrite=overwrite, progress=progress)
     return chart
+
+
+# ---------------------------------------------------------------------------- fingerprints
+FINGERPRINT_VERSION = "gf1"
+
+
+def _tensor_digests(model: str | Path, gauge: SignedPerm) -> dict[str, str]:
+    """sha256 of each tensor's bytes in the chart ``gauge`` leads to (name order-free: one
+    digest per tensor), streamed in blocks through the primitive, tensors on two threads."""
+    import concurrent.futures
+    import hashlib
+    import mmap
+
+    from .apply import plan_checkpoint
+    from .shards import BLOCK_BYTES, Move, _blocks, _move, itemsize, read_layout
+
+    ck = Checkpoint.open(model)
+    plan = plan_checkpoint(ck, gauge)
+    if not ck.is_safetensors:  # legacy torch files: whole tensors
+        out = {}
+        for key, t in ck.iter_tensors():
+            moved = plan[key](gauge, t).contiguous()
+            h = hashlib.sha256(f"{moved.dtype} {list(moved.shape)}".encode())
+            h.update(_bits(moved).tobytes())
+            out[key] = h.hexdigest()
+        return out
+    work = []
+    maps = []
+    try:
+        for shard in ck.shards:
+            layout = read_layout(shard)
+            with open(shard, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if layout.size else None
+            maps.append(mm)
+            data = memoryview(mm) if mm is not None else memoryview(b"")
+            for e in layout.entries:
+                work.append((e, data, plan[e.name]))
+
+        def digest(item: tuple[Any, memoryview, Any]) -> tuple[str, str]:
+            e, data, op = item
+            from .shards import torch_dtype
+
+            h = hashlib.sha256(f"{torch_dtype(e.dtype)} {list(e.shape)}".encode())
+            axis = op.residual_axis
+            if axis is None:
+                h.update(data[e.begin:e.end])
+                return e.name, h.hexdigest()
+            move = Move(gauge, axis if axis >= 0 else axis + len(e.shape), op.signed)
+            buf = bytearray(BLOCK_BYTES)
+            for job in _blocks(e, move):
+                if not job.n:
+                    continue
+                dst = memoryview(buf if job.n <= len(buf) else bytearray(job.n))[:job.n]
+                n = math.prod(job.shape) * itemsize(job.dtype)
+                _move(job, data[job.source:job.source + n], dst)
+                h.update(dst)
+            return e.name, h.hexdigest()
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+            return dict(pool.map(digest, work))
+    finally:
+        for mm in maps:
+            if mm is not None:
+                import contextlib
+
+                with contextlib.suppress(BufferError):
+                    mm.close()
+
+
+@dataclass
+class Fingerprint:
+    """A checkpoint's gauge-invariant identity: ``fingerprint`` (short) and ``sha256`` (full)
+    hash every tensor's name, dtype, shape and bytes in the canonical chart, so re-gauged
+    copies share them and any change of a weight changes them; ``fuzzy``: each norm's sorted
+    gains at 17 quantiles, close for near relatives (a prefilter, not a verdict)."""
+
+    fingerprint: str
+    sha256: str
+    family: str
+    hidden_size: int
+    chart: CanonicalChart
+    tensors: dict[str, str]
+    fuzzy: dict[str, list[float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "sha256": self.sha256, "family": self.family,
+                "hidden_size": self.hidden_size, "canonical": self.chart.defined,
+                "open": self.chart.describe(), "fuzzy": self.fuzzy}
+
+
+def fingerprint(model: str | Path, *, discrete_only: bool = False) -> Fingerprint:
+    """The fingerprint of a checkpoint on disk (see :class:`Fingerprint`)."""
+    import hashlib
+    import json
+
+    ck = Checkpoint.open(model)
+    chart = canonical_chart(model, discrete_only=discrete_only)
+    digests = _tensor_digests(model, chart.gauge)
+    shapes = {k: (str(s)) for _, k, s in ck.entries()}
+    doc = [[k, shapes[k], digests[k]] for k in sorted(digests)]
+    full = hashlib.sha256(json.dumps([FINGERPRINT_VERSION, chart.family, doc]).encode()
+                          ).hexdigest()
+    fuzzy = {}
+    reader = _Reader(model)
+    try:
+        import torch
+
+        for key in sorted(reader.slices.shapes):
+            if ck.family.op_for(key).kind == "G":
+                g = reader.slices.get(key, (slice(None),)).to(torch.float64).sort().values
+                q = torch.linspace(0, 1, 17, dtype=torch.float64)
+                fuzzy[key] = [round(float(v), 6) for v in torch.quantile(g, q)]
+    finally:
+        reader.close()
+    return Fingerprint(f"{FINGERPRINT_VERSION}:{full[:32]}", full, chart.family, ck.hidden_size,
+                       chart, digests, fuzzy)
+
+
+# ---------------------------------------------------------------------------- identity
+# calibrated on benchmarks/bench_identify.py: fine-tunes (lr up to 6e-2) stay below, models
+# trained from other initialisations lie far above
+DERIVED_MAX_DISTANCE = 0.5
+
+
+@dataclass
+class Identity:
+    """``verdict``: same (one function up to gauge), derived, or unrelated; ``gauge``: A → B
+    (None when unrelated); ``evidence``: what the verdict rests on."""
+
+    verdict: str
+    reason: str
+    gauge: SignedPerm | None
+    evidence: dict[str, Any]
+
+
+def _relative_distances(a: str | Path, b: str | Path, gauge: SignedPerm) -> dict[str, float]:
+    """Per tensor: ||B - g(A)|| / max(||A||, ||B||), tensor by tensor (one pair in memory)."""
+    import torch
+
+    ca, cb = Checkpoint.open(a), Checkpoint.open(b)
+    get_b = cb.getter()
+    plan = ca.family.plan(k for _, k, _ in ca.entries())
+    out = {}
+    for key, ta in ca.iter_tensors():
+        tb = get_b(key).to(torch.float64)
+        moved = plan[key](gauge, ta).to(torch.float64)
+        scale = max(float(moved.norm()), float(tb.norm()))
+        out[key] = float((tb - moved).norm()) / scale if scale > 0 else 0.0
+    return out
+
+
+def identify(a: str | Path, b: str | Path) -> Identity:
+    """Whether B is A up to gauge, derived from A, or unrelated, from the weights alone."""
+    from .estimate import match_weights
+
+    ca, cb = Checkpoint.open(a), Checkpoint.open(b)
+    if ca.family.name != cb.family.name:
+        return Identity("unrelated", f"different families: {ca.family.name} and "
+                        f"{cb.family.name}", None, {})
+    if ca.hidden_size != cb.hidden_size:
+        return Identity("unrelated", f"different widths: d={ca.hidden_size} and "
+                        f"d={cb.hidden_size}", None, {})
+    sa = {k: s for _, k, s in ca.entries()}
+    sb = {k: s for _, k, s in cb.entries()}
+    if sa != sb:
+        diff = sorted(set(sa) ^ set(sb)) or sorted(k for k in sa if sa[k] != sb[k])
+        return Identity("unrelated", f"different architectures: {len(diff)} tensors differ in "
+                        f"name or shape (e.g. {diff[0]})", None, {})
+    fa = fingerprint(a, discrete_only=True)
+    fb = fingerprint(b, discrete_only=True)
+    if fa.sha256 == fb.sha256:
+        gauge = fa.chart.gauge.then(fb.chart.gauge.inverse())
+        return Identity("same", "every tensor is bit-identical after moving A into B's chart "
+                        "(through both canonical charts)", gauge,
+                        {"fingerprint": fa.fingerprint, "tensors_compared": len(fa.tensors),
+                         "open": fa.chart.describe()})
+    result = match_weights(a, b)
+    dist = _relative_distances(a, b, result.gauge)
+    median = float(np.median(list(dist.values())))
+    evidence = {"fingerprint_a": fa.fingerprint, "fingerprint_b": fb.fingerprint,
+                "median_relative_distance": median,
+                "max_relative_distance": max(dist.values()),
+                "threshold": DERIVED_MAX_DISTANCE,
+                "confidence": result.summary(),
+                "relative_distance": {k: round(v, 6) for k, v in sorted(dist.items())}}
+    if median <= DERIVED_MAX_DISTANCE:
+        return Identity("derived", f"after alignment the tensors differ by {median:.3g} "
+                        f"(median relative distance, ≤ {DERIVED_MAX_DISTANCE})", result.gauge,
+                        evidence)
+    return Identity("unrelated", f"even aligned, the tensors differ by {median:.3g} (median "
+                    f"relative distance, > {DERIVED_MAX_DISTANCE})", None, evidence)

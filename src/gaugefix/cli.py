@@ -273,6 +273,69 @@ def inspect(
         err.print(f"[bold yellow]warning:[/] {w}", soft_wrap=True)
 
 
+# ---------------------------------------------------------------------------- identity
+DiscreteOnly = Annotated[bool, typer.Option(
+    help="where every gain is equal (untrained, or a family without gains) rotations are "
+    "symmetries too and no canonical chart exists: use the chart canonical for signed "
+    "permutations alone")]
+
+
+@command(inputs=("model",), outputs=("output",))
+def canonicalize(
+    model: Annotated[str, typer.Argument(help="checkpoint directory or hub id")],
+    output: Annotated[Path, typer.Argument(help="output directory (the canonical chart)")],
+    discrete_only: DiscreteOnly = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the gauge and what the "
+                                          "weights leave open as JSON")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
+) -> None:
+    """Write MODEL in its canonical chart: gauge-equivalent checkpoints give identical bytes."""
+    from .canonical import canonicalize as run
+
+    chart = run(model, output, overwrite=overwrite, discrete_only=discrete_only)
+    if as_json:
+        _print_json({"family": chart.family, "canonical": chart.defined,
+                     "gauge": chart.gauge.to_json(), "open": chart.describe()})
+    for line in chart.describe():
+        err.print(f"[bold yellow]note:[/] {escape(line)}", soft_wrap=True)
+    written(f"canonical chart written to {output}")
+
+
+@command(inputs=("model",))
+def fingerprint(
+    model: Annotated[str, typer.Argument(help="checkpoint directory or hub id")],
+    discrete_only: DiscreteOnly = False,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """A gauge-invariant identifier: equal for re-gauged copies, changed by any weight."""
+    from .canonical import fingerprint as run
+
+    fp = run(model, discrete_only=discrete_only)
+    if as_json:
+        _print_json(fp.to_dict())
+        return
+    out.print(fp.fingerprint)
+    for line in fp.chart.describe():
+        err.print(f"[bold yellow]note:[/] {escape(line)}", soft_wrap=True)
+
+
+@command(inputs=("model_a", "model_b"))
+def identify(
+    model_a: Annotated[str, typer.Argument(help="checkpoint A")],
+    model_b: Annotated[str, typer.Argument(help="checkpoint B")],
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Same function up to gauge, derived (e.g. fine-tuned), or unrelated: from weights alone."""
+    from .canonical import identify as run
+
+    r = run(model_a, model_b)
+    if as_json:
+        _print_json({"verdict": r.verdict, "reason": r.reason,
+                     "gauge": None if r.gauge is None else r.gauge.to_json(), **r.evidence})
+        return
+    out.print(f"{r.verdict}: {r.reason}")
+
+
 # ---------------------------------------------------------------------------- apply
 @command(inputs=("model", "gauge"), outputs=("output", "gauge_out"))
 def apply(
