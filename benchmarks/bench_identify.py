@@ -80,8 +80,12 @@ def main() -> None:
         print(f"  {truth:9s} n={len(d):3d} distance {np.min(d):.3f}–{np.max(d):.3f} "
               f"(median {np.median(d):.3f})  verdicts {verdicts}")
     for lr in LRS:
-        d = [r["distance"] for r in rows if r["truth"] == "derived" and r.get("lr") == lr]
-        print(f"  derived at lr {lr:g}: distance {np.min(d):.3f}–{np.max(d):.3f}")
+        sel = [r for r in rows if r["truth"] == "derived" and r.get("lr") == lr]
+        d = [r["distance"] for r in sel]
+        print(f"  derived at lr {lr:g}: distance {np.min(d):.3f}–{np.max(d):.3f}, called derived "
+              f"{sum(r['verdict'] == 'derived' for r in sel)} of {len(sel)}")
+    t = [r["seconds"] for r in rows if "seconds" in r]
+    print(f"  time per pair: {np.mean(t):.2f} s mean, {np.max(t):.2f} s max")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

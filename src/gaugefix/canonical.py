@@ -361,9 +361,11 @@ def fingerprint(model: str | Path, *, discrete_only: bool = False) -> Fingerprin
 
 
 # ---------------------------------------------------------------------------- identity
-# calibrated on benchmarks/bench_identify.py: fine-tunes (lr up to 6e-2) stay below, models
-# trained from other initialisations lie far above
-DERIVED_MAX_DISTANCE = 0.5
+# calibrated on benchmarks/bench_identify.py (tiny d=64 lineages): models trained from other
+# initialisations lie at 1.14-1.35 even after alignment (√2 for unaligned independent weights
+# of equal norm); fine-tunes at lr 5e-3 at 0.41-0.91. A difference as large as the weights
+# themselves is the limit.
+DERIVED_MAX_DISTANCE = 1.0
 
 
 @dataclass
