@@ -26,6 +26,7 @@ untrained or gain-free model: O(d)) has no canonical chart at all.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,17 +279,26 @@ def _tensor_digests(model: str | Path, gauge: SignedPerm) -> dict[str, str]:
             maps.append(mm)
             data = memoryview(mm) if mm is not None else memoryview(b"")
             for e in layout.entries:
-                work.append((e, data, plan[e.name]))
+                work.append((e, data, plan[e.name], mm))
 
-        def digest(item: tuple[Any, memoryview, Any]) -> tuple[str, str]:
-            e, data, op = item
+        def digest(item: tuple[Any, memoryview, Any, Any]) -> tuple[str, str]:
+            e, data, op, mm = item
+            try:
+                return e.name, _digest(e, data, op)
+            finally:  # its pages can go (they stay in the page cache): RSS stays bounded
+                lo = -(-e.begin // mmap.PAGESIZE) * mmap.PAGESIZE
+                hi = e.end // mmap.PAGESIZE * mmap.PAGESIZE
+                if mm is not None and hi > lo and hasattr(mmap, "MADV_DONTNEED"):
+                    mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+        def _digest(e: Any, data: memoryview, op: Any) -> str:
             from .shards import torch_dtype
 
             h = hashlib.sha256(f"{torch_dtype(e.dtype)} {list(e.shape)}".encode())
             axis = op.residual_axis
             if axis is None:
                 h.update(data[e.begin:e.end])
-                return e.name, h.hexdigest()
+                return h.hexdigest()
             move = Move(gauge, axis if axis >= 0 else axis + len(e.shape), op.signed)
             buf = bytearray(BLOCK_BYTES)
             for job in _blocks(e, move):
@@ -298,15 +308,13 @@ def _tensor_digests(model: str | Path, gauge: SignedPerm) -> dict[str, str]:
                 n = math.prod(job.shape) * itemsize(job.dtype)
                 _move(job, data[job.source:job.source + n], dst)
                 h.update(dst)
-            return e.name, h.hexdigest()
+            return h.hexdigest()
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
             return dict(pool.map(digest, work))
     finally:
         for mm in maps:
             if mm is not None:
-                import contextlib
-
                 with contextlib.suppress(BufferError):
                     mm.close()
 
