@@ -41,8 +41,13 @@ def test_audit_cli_raw_index_fails_explicit_gauge_holds(trained_llama, tmp_path,
     np.save(tmp_path / "ids.npy", trained_llama.probe(8192))
 
     res = cli("audit", tmp_path / "claim.json", tmp_path / "A", tmp_path / "B", "--gauges", 2,
-              "--tokens-from", tmp_path / "ids.npy", "--tokens", 8192, "--json")
+              "--tokens-from", tmp_path / "ids.npy", "--tokens", 8192, "--json",
+              "--fingerprints")
     rep = json.loads(res.stdout)
+    # A and its re-gauged copy B are one model: one fingerprint names both
+    fps = rep["fingerprints"]
+    assert set(fps) == {str(tmp_path / "A"), str(tmp_path / "B")}
+    assert fps[str(tmp_path / "A")] == fps[str(tmp_path / "B")]
     rows = {(r["model"].split("/")[-1], r["gauge"]): r for r in rep["rows"]}
     assert rows[("A", "estimated")]["raw"] == 1.0
     assert rows[("A", "estimated")]["transported"] == 1.0

@@ -247,6 +247,16 @@ def test_steering_vectors_client_and_every_file_layout(world, trained_llama, tmp
     back = torch.load(tmp_path / "d_a.pt", weights_only=True)
     assert torch.equal(back[5], v) and torch.equal(back[7], -v)
     assert _same_tensors(tmp_path, tmp_path, "s.safetensors")
+    # the record can name the checkpoint the object now belongs to by its fingerprint
+    a.save_pretrained(tmp_path / "A")
+    cli("transport", "steering", tmp_path / "s.safetensors", "--gauge", tmp_path / "g.json",
+        "-o", tmp_path / "s_named.safetensors", "--checkpoint", tmp_path / "A")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "s_named.safetensors"), "pt") as f:
+        record = json.loads(f.metadata()["gaugefix"])
+    fp = cli("fingerprint", tmp_path / "A").stdout.strip()
+    assert record["checkpoint"] == {"name": str(tmp_path / "A"), "fingerprint": fp}
     assert torch.equal(load_file(tmp_path / "s_a.safetensors")["all"], torch.stack([v, -v]))
     assert np.array_equal(np.load(tmp_path / "n_a.npy"), v.numpy())
     dirs_b, meta = read_control_vector(tmp_path / "c_b.gguf")

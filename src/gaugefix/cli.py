@@ -718,7 +718,7 @@ def compare(
 
 
 # ---------------------------------------------------------------------------- transport
-@command(inputs=("source", "gauge", "model"), outputs=("output",))
+@command(inputs=("source", "gauge", "model", "checkpoint"), outputs=("output",))
 def transport(
     kind: Annotated[str, typer.Argument(help="steering, sae, neurons, lora or optim")],
     source: Annotated[Path, typer.Argument(help="the object, in chart A (B with --inverse)")],
@@ -729,6 +729,9 @@ def transport(
     model: Annotated[Path | None, typer.Option(help="lora: the base checkpoint (for its "
                      "family); optim: the checkpoint a bare optimizer.pt belongs to")] = None,
     family: Annotated[str | None, typer.Option(help="lora: the base model's family")] = None,
+    checkpoint: Annotated[str | None, typer.Option(
+        help="the checkpoint the moved object belongs to: recorded with its gauge-invariant "
+        "fingerprint")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Move a steering vector, SAE, neuron list, LoRA adapter or optimizer state to chart B."""
@@ -745,6 +748,11 @@ def transport(
             raise GaugefixError("--family goes with the lora kind")
         options["family"] = family
     g = SignedPerm.load(gauge)
+    if checkpoint is not None:
+        from .canonical import fingerprint as fp
+
+        options["checkpoint"] = {"name": checkpoint,
+                                 "fingerprint": fp(checkpoint, discrete_only=True).fingerprint}
     info = run(kind, source, output, g, inverse=inverse, overwrite=overwrite,
                gauge_file=str(gauge), **options)
     detail = ", ".join(f"{k} {v}" for k, v in info.items())
@@ -798,6 +806,9 @@ def audit(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="write the report "
                       "(JSON) here")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    fingerprints: Annotated[bool, typer.Option(
+        help="name every checkpoint in the report by its gauge-invariant fingerprint too "
+        "(reads each one whole)")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Does an index-level claim reproduce by raw index, or only through the explicit gauge?"""
@@ -848,6 +859,11 @@ def audit(
             triples.append((m, model, est))
         rep = audit_models(c, triples, n_gauges=gauges, seed=seed, tokenizer=tokenizer)
     doc = {**rep.to_dict(), "summary": rep.summary(), "claim": str(claim), "source": src}
+    if fingerprints:
+        from .canonical import fingerprint as fp
+
+        doc["fingerprints"] = {m: fp(m, discrete_only=True).fingerprint
+                               for m in dict.fromkeys([src, *models])}
     if output is not None:
         atomic_write_text(output, json.dumps(doc, indent=2) + "\n", overwrite=overwrite)
     if as_json:

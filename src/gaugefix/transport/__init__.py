@@ -39,6 +39,8 @@ def transport(kind: str, src: str | Path, dst: str | Path, gauge: SignedPerm, *,
         raise GaugefixError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
     g = gauge.inverse() if inverse else gauge
     record = transport_record(gauge, inverse, gauge_file)
+    if "checkpoint" in options:  # the checkpoint it now belongs to, by fingerprint
+        record["checkpoint"] = options.pop("checkpoint")
     return ADAPTERS[kind](src, dst, g, record=record, overwrite=overwrite, **options)
 
 
