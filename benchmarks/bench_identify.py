@@ -10,7 +10,12 @@ own random gauge):
 * unrelated — bases of the same family and shape trained from other initialisations.
 
 Prints each pair's verdict and median relative distance after alignment, the distance
-ranges per true relation (what DERIVED_MAX_DISTANCE is calibrated on) and the confusion table.
+ranges per true relation (what DERIVED_MAX_DISTANCE is calibrated on) and the confusion table;
+beside it, a HuRef-style invariant (Zeng et al., NeurIPS 2024): per layer, the token-by-token
+product E·diag(g)·Wᵀ·W·diag(g)·Eᵀ of the embedding rows of a fixed token subset, the layer's
+input-norm gains and its attention input weights, which no residual rotation (so no gauge)
+changes; two models are compared by the cosine similarity of these products. It gives a
+similarity, never a witness; gaugefix's verdict comes with the gauge and a bit-exact check.
 
     python benchmarks/bench_identify.py [--cache DIR] [--json out.json]
 """
@@ -31,6 +36,35 @@ from gaugefix.apply import gauge_checkpoint
 from gaugefix.canonical import DERIVED_MAX_DISTANCE, identify
 from gaugefix.demo.lineage import build_lineage
 from gaugefix.group import SignedPerm
+
+TOKENS = 64  # the token subset of the HuRef-style invariant
+
+
+def huref_signature(path: Path) -> np.ndarray:
+    """Per layer, E_S·diag(g)·Wᵀ·W·diag(g)·E_Sᵀ (E_S: embedding rows of the first TOKENS
+    tokens; g: the layer's input-norm gain; W: its attention input weights), flattened."""
+    import torch
+
+    from gaugefix.checkpoint import Checkpoint
+
+    ck = Checkpoint.open(path)
+    sd = ck.tensors()
+    emb = next(v for k, v in sd.items() if "embed" in k).double()[:TOKENS]
+    out = []
+    for layer in range(ck.n_layers):
+        tag = f"layers.{layer}."
+        gain = next(v for k, v in sd.items() if tag in k and "input_layernorm.weight" in k)
+        readers = [v for k, v in sorted(sd.items()) if tag in k and k.endswith("weight")
+                   and any(s in k for s in ("q_proj", "k_proj", "v_proj", "query_key_value"))]
+        w = torch.cat([r.double() for r in readers], 0)
+        x = (emb * gain.double()) @ w.T
+        out.append((x @ x.T).flatten())
+    return torch.cat(out).numpy()
+
+
+def huref_similarity(a: Path, b: Path) -> float:
+    x, y = huref_signature(a), huref_signature(b)
+    return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
 
 
 def main() -> None:
@@ -62,14 +96,17 @@ def main() -> None:
                 for truth, a, b in pairs:
                     t = time.perf_counter()
                     r = identify(a, b)
+                    t1 = time.perf_counter()
+                    huref = huref_similarity(a, b)
                     rows.append({"family": fam, "corpus": corpus, "seed": seed, "lr": lr,
                                  "truth": truth, "verdict": r.verdict,
                                  "distance": r.evidence.get("median_relative_distance", 0.0),
-                                 "seconds": time.perf_counter() - t})
+                                 "seconds": t1 - t, "huref": huref,
+                                 "huref_seconds": time.perf_counter() - t1})
         for a, b in itertools.combinations(bases[(fam, corpus)], 2):
             r = identify(a, b)
             rows.append({"family": fam, "corpus": corpus, "truth": "unrelated",
-                         "verdict": r.verdict,
+                         "verdict": r.verdict, "huref": huref_similarity(a, b),
                          "distance": r.evidence.get("median_relative_distance", 0.0)})
         print(fam, corpus, "done", flush=True)
     print(f"\nthreshold: derived if median relative distance ≤ {DERIVED_MAX_DISTANCE}")
@@ -85,7 +122,19 @@ def main() -> None:
         print(f"  derived at lr {lr:g}: distance {np.min(d):.3f}–{np.max(d):.3f}, called derived "
               f"{sum(r['verdict'] == 'derived' for r in sel)} of {len(sel)}")
     t = [r["seconds"] for r in rows if "seconds" in r]
-    print(f"  time per pair: {np.mean(t):.2f} s mean, {np.max(t):.2f} s max")
+    th = [r["huref_seconds"] for r in rows if "huref_seconds" in r]
+    print(f"  time per pair: identify {np.mean(t):.3f} s mean, HuRef-style {np.mean(th):.3f} s")
+    print("\nHuRef-style cosine similarity per true relation:")
+    for truth, lr in (("same", None), *(("derived", lr) for lr in LRS), ("unrelated", None)):
+        h = [r["huref"] for r in rows if r["truth"] == truth and (lr is None or r["lr"] == lr)]
+        label = truth if lr is None else f"{truth} lr {lr:g}"
+        print(f"  {label:18s} {np.min(h):.3f}–{np.max(h):.3f} (median {np.median(h):.3f})")
+    unrelated_max = max(r["huref"] for r in rows if r["truth"] == "unrelated")
+    for lr in LRS:
+        sel = [r for r in rows if r["truth"] == "derived" and r["lr"] == lr]
+        print(f"  derived at lr {lr:g} above every unrelated pair's similarity "
+              f"({unrelated_max:.3f}): {sum(r['huref'] > unrelated_max for r in sel)} of "
+              f"{len(sel)}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
