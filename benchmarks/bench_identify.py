@@ -101,12 +101,14 @@ def main() -> None:
                     rows.append({"family": fam, "corpus": corpus, "seed": seed, "lr": lr,
                                  "truth": truth, "verdict": r.verdict,
                                  "distance": r.evidence.get("median_relative_distance", 0.0),
+                                 "confidence": r.evidence.get("median_alignment_confidence"),
                                  "seconds": t1 - t, "huref": huref,
                                  "huref_seconds": time.perf_counter() - t1})
         for a, b in itertools.combinations(bases[(fam, corpus)], 2):
             r = identify(a, b)
             rows.append({"family": fam, "corpus": corpus, "truth": "unrelated",
                          "verdict": r.verdict, "huref": huref_similarity(a, b),
+                         "confidence": r.evidence.get("median_alignment_confidence"),
                          "distance": r.evidence.get("median_relative_distance", 0.0)})
         print(fam, corpus, "done", flush=True)
     print(f"\nthreshold: derived if median relative distance ≤ {DERIVED_MAX_DISTANCE}")

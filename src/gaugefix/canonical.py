@@ -374,6 +374,9 @@ def fingerprint(model: str | Path, *, discrete_only: bool = False) -> Fingerprin
 # of equal norm); fine-tunes at lr 5e-3 at 0.41-0.91. A difference as large as the weights
 # themselves is the limit.
 DERIVED_MAX_DISTANCE = 1.0
+# or: the data-free alignment singles out most partners (the median coordinate's margin at the
+# flag threshold of the estimator), which independent weights never do (≤ 0.16 there)
+DERIVED_MIN_CONFIDENCE = 1.5
 
 
 @dataclass
@@ -437,9 +440,18 @@ def identify(a: str | Path, b: str | Path) -> Identity:
                 "threshold": DERIVED_MAX_DISTANCE,
                 "confidence": result.summary(),
                 "relative_distance": {k: round(v, 6) for k, v in sorted(dist.items())}}
+    aligned = result.summary()["median_confidence"]
+    evidence["median_alignment_confidence"] = aligned
     if median <= DERIVED_MAX_DISTANCE:
         return Identity("derived", f"after alignment the tensors differ by {median:.3g} "
                         f"(median relative distance, ≤ {DERIVED_MAX_DISTANCE})", result.gauge,
                         evidence)
+    if aligned >= DERIVED_MIN_CONFIDENCE:
+        return Identity("derived", f"the weights single out their partners (median alignment "
+                        f"confidence {aligned:.3g} ≥ {DERIVED_MIN_CONFIDENCE} standard "
+                        f"deviations), though they moved by {median:.3g}", result.gauge,
+                        evidence)
     return Identity("unrelated", f"even aligned, the tensors differ by {median:.3g} (median "
-                    f"relative distance, > {DERIVED_MAX_DISTANCE})", None, evidence)
+                    f"relative distance, > {DERIVED_MAX_DISTANCE}) and the alignment is no better "
+                    f"than chance (median confidence {aligned:.3g} < {DERIVED_MIN_CONFIDENCE})",
+                    None, evidence)
