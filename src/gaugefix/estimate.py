@@ -239,6 +239,7 @@ def match_stats(stats: CrossStats, family: Family, method: str = "signmarg",
     return match_evidence(ev, method, global_sign_only=not family.allows_signs, solver=solver)
 
 
+# ---------------------------------------------------------------------------- weights
 DEFAULT_FEATURES = 8192
 
 
