@@ -433,8 +433,10 @@ DType = Annotated[str, typer.Option(help="model dtype: float32, bfloat16, float1
 Layers = Annotated[str | None, typer.Option(
     help="residual positions to pool, e.g. '0,4,8' (0 = embeddings, l = output of layer l; "
     "default: all)")]
-PerLayer = Annotated[bool, typer.Option(help="also keep per-position statistics and report "
-                                        "per-position agreement")]
+PerLayer = Annotated[bool, typer.Option(
+    help="keep every position's statistics even beyond the 2 GiB in-memory budget (otherwise "
+    "evenly spaced positions), and (match) report how each position's own gauge agrees with "
+    "the combined one")]
 Seed = Annotated[int, typer.Option(callback=_range(0), help="seed of the synthetic token stream")]
 MethodOpt = Annotated[str, typer.Option(help="signmarg (default), signed, or perm")]
 SourceOpt = Annotated[str, typer.Option(
@@ -514,10 +516,13 @@ def stats(
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Accumulate cross-statistics of two residual streams (shards add up: match --stats)."""
-    from .estimate import activation_stats
+    from .estimate import activation_stats, check_pair, evidence_options
 
-    opts = _stats_options(tokens_from, tokens, seq_len, batch_size, device, dtype, layers,
-                          per_layer, seed, max_memory, device_map)
+    _, d = check_pair(model_a, model_b)
+    # every position kept one by one, as match weighs them (up to the in-memory budget)
+    opts = evidence_options(model_a, d, _stats_options(
+        tokens_from, tokens, seq_len, batch_size, device, dtype, layers, per_layer, seed,
+        max_memory, device_map))
     st = activation_stats(model_a, model_b, opts)
     st.save(output, overwrite=overwrite)
     written(f"statistics of {st.n_tokens} tokens × {len(st.positions)} positions "
@@ -614,7 +619,7 @@ def trajectory(
     max_memory: MaxMemory = None, device_map: DeviceMap = None,
     bridge: Annotated[bool, typer.Option(
         help="around a step with flagged coordinates, also match over it (i-1 → i+1, i → i+2, "
-        "i-1 → i+2) and compose along the path through the fewest flagged matches")] = True,
+        "i-1 → i+2) and compose along the path whose weakest step is strongest")] = True,
     min_confidence: MinConfidence = None, strict: Strict = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the per-step table as JSON")
