@@ -266,7 +266,7 @@ CASES: list[Case] = [
                                          "nope.safetensors"]), "not found"),
     ("match:stats-with-weights", _set(_noop, ["match", "A", "B", "-o", "o.json", "--stats",
                                               "stats.safetensors", "--source", "weights"]),
-     "--stats goes with --source both or activations"),
+     "--stats goes with --source both, activations or pooled"),
     # ------------------------------------------------------------------ token sources
     ("match:tokens-pickle", lambda w: (evil(w / "ids.pt"),
                                        ["match", "A", "B", "-o", "o.json", "--tokens-from",

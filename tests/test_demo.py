@@ -78,6 +78,8 @@ def test_trajectories_and_transport(demo_results):
     assert r["runs"]["seeds"] == [0]
     assert figures["composed"]["values"] == [r["trajectories"]["llama"]["curve"][-1][
         "signmarg"]["composed"]]
+    assert figures["composed_pooled"]["values"] == [r["trajectories"]["llama"]["curve"][-1][
+        "pooled"]["composed"]]  # the seed paper's estimator, beside the default
     assert figures["merge_B_d"]["values"] == [r["merge"]["coordinate_preserving"]]
     assert all(f["min"] <= f["mean"] <= f["max"] for f in figures.values())
 

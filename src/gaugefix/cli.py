@@ -441,7 +441,8 @@ Seed = Annotated[int, typer.Option(callback=_range(0), help="seed of the synthet
 MethodOpt = Annotated[str, typer.Option(help="signmarg (default), signed, or perm")]
 SourceOpt = Annotated[str, typer.Option(
     help="both (default: activations at every residual position and weight signatures, each "
-    "weighed by how clearly it singles out partners), activations, or weights (data-free)")]
+    "weighed by how clearly it singles out partners), activations, weights (data-free), or "
+    "pooled (the seed paper's estimator: co-moments pooled over positions, one matrix)")]
 MinConfidence = Annotated[float | None, typer.Option(
     callback=_range(0), help="coordinates whose confidence (matched score minus the best "
     "alternative, in standard deviations of the score) is below this are flagged [default: "
@@ -570,7 +571,7 @@ def match(
     extra: dict[str, Any] = {}
     if source == "weights":
         if stats_files:
-            raise GaugefixError("--stats goes with --source both or activations")
+            raise GaugefixError("--stats goes with --source both, activations or pooled")
         result = match_weights(model_a, model_b, method, gain_weight=gain_weight, solver=solver,
                                features=features or None)
     else:
@@ -584,7 +585,9 @@ def match(
             raise GaugefixError(f"width mismatch: statistics have d={st.d}, the models d={d}")
         weights = weight_evidence(model_a, model_b, features=features or None) \
             if source == "both" else None
-        result = match_stats(st, fam, method, solver, weights)
+        result = match_correlation(st.pooled.correlation(), method, global_sign_only=not
+                                   fam.allows_signs, solver=solver) if source == "pooled" \
+            else match_stats(st, fam, method, solver, weights)
         extra = {"n_tokens": st.n_tokens, "positions": st.positions}
         if per_layer and st.per_position:
             t = Table(title="per-position agreement with the combined gauge")

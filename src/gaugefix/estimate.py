@@ -10,7 +10,10 @@ sources of evidence, and their combination:
   vocabulary, reader columns, writer rows, LayerNorm biases) for the signed part,
   and its norm gains for the unsigned part;
 * ``both`` (the default) — every position's correlations and the weight signatures,
-  each weighed by how clearly it singles out partners (:func:`gaugefix.match.match_evidence`).
+  each weighed by how clearly it singles out partners (:func:`gaugefix.match.match_evidence`);
+* ``pooled`` — the seed paper's estimator, kept to reproduce it: activation co-moments pooled
+  over every position into one correlation matrix, matched as it is (confidence: a
+  correlation margin).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from .verify import DTYPES, load_causal_lm
 
 ModelRef = str | Path | torch.nn.Module
 MIN_TOKENS_PER_DIM = 2
-SOURCES: tuple[str, ...] = ("both", "activations", "weights")
+SOURCES: tuple[str, ...] = ("both", "activations", "weights", "pooled")
 DEFAULT_SOURCE = "both"
 # per-position co-moments in memory (d×d float64 each): above this, evenly spaced positions
 PER_POSITION_BYTES = 2 << 30
@@ -438,6 +441,11 @@ def estimate_gauge(a: ModelRef, b: ModelRef, *, source: str = DEFAULT_SOURCE,
     fam, d = check_pair(a, b)
     if source == "weights":
         return match_weights(a, b, method, gain_weight=gain_weight, solver=solver)
+    if source == "pooled":
+        stats = activation_stats(a, b, opts, _models=_models)
+        stats.check_finite()
+        return match_correlation(stats.pooled.correlation(), method,
+                                 global_sign_only=not fam.allows_signs, solver=solver)
     stats = activation_stats(a, b, evidence_options(a, d, opts), _models=_models)
     weights = weight_evidence(a, b) if source == "both" else None
     return match_stats(stats, fam, method, solver, weights)

@@ -103,29 +103,32 @@ class Matcher:
         self.lin = lineage
         self.opts = StatsOptions(tokens=probe, n_tokens=len(probe))
         self.models: dict[Path, torch.nn.Module] = {}
-        self.cache: dict[tuple[Path, Path, str], Any] = {}
+        self.cache: dict[tuple[Path, Path, str, str], Any] = {}
 
     def model(self, path: Path) -> torch.nn.Module:
         if path not in self.models:
             self.models[path] = self.lin.load(path)
         return self.models[path]
 
-    def match(self, a: Path, b: Path, method: str = "signmarg") -> Any:
-        key = (a, b, method)
+    def match(self, a: Path, b: Path, method: str = "signmarg", source: str = "both") -> Any:
+        key = (a, b, method, source)
         if key not in self.cache:
-            self.cache[key] = estimate_gauge(a, b, method=method, opts=self.opts,
+            self.cache[key] = estimate_gauge(a, b, method=method, source=source, opts=self.opts,
                                              _models=(self.model(a), self.model(b)))
         return self.cache[key]
 
-    def chain(self, path: list[Path], method: str = "signmarg") -> SignedPerm:
-        return compose_gauges([self.match(x, y, method).gauge
+    def chain(self, path: list[Path], method: str = "signmarg", source: str = "both"
+              ) -> SignedPerm:
+        return compose_gauges([self.match(x, y, method, source).gauge
                                for x, y in itertools.pairwise(path)])
 
 
 def trajectories(lin: Lineage, matcher: Matcher, *, last_only: bool = False
                  ) -> dict[str, Any]:
-    """Cross-run recovery (A_k's chart → B_k's) by endpoint, via the base, and composed.
-    ``last_only``: the last step with signmarg alone (what the summary reports)."""
+    """Cross-run recovery (A_k's chart → B_k's) by endpoint, via the base, and composed, with
+    gaugefix's default evidence; at the last step also with the seed paper's estimator
+    (``pooled``: co-moments pooled over positions). ``last_only``: the last step with
+    signmarg alone (what the summary reports)."""
     curve = []
     for k, step in enumerate(lin.steps, start=1):
         last = k == len(lin.steps)
@@ -134,12 +137,16 @@ def trajectories(lin: Lineage, matcher: Matcher, *, last_only: bool = False
         a_k, b_k = lin.run_a[k - 1], lin.run_b[k - 1]
         truth = lin.true_gauge(a_k, b_k)
         row: dict[str, Any] = {"step": step}
-        for method in (METHODS if last and not last_only else ("signmarg",)):
-            endpoint = matcher.match(a_k, b_k, method).gauge
-            via = matcher.chain([a_k, lin.base, b_k], method)
-            composed = matcher.chain([*lin.run_a[:k][::-1], lin.base, *lin.run_b[:k]], method)
-            row[method] = {name: g.compare(truth)["full_accuracy"] for name, g in
-                           (("endpoint", endpoint), ("via_base", via), ("composed", composed))}
+        runs = [(m, m, "both") for m in (METHODS if last and not last_only else ("signmarg",))]
+        if last:
+            runs.append(("pooled", "signmarg", "pooled"))
+        for name, method, source in runs:
+            endpoint = matcher.match(a_k, b_k, method, source).gauge
+            via = matcher.chain([a_k, lin.base, b_k], method, source)
+            composed = matcher.chain([*lin.run_a[:k][::-1], lin.base, *lin.run_b[:k]], method,
+                                     source)
+            row[name] = {key: g.compare(truth)["full_accuracy"] for key, g in
+                         (("endpoint", endpoint), ("via_base", via), ("composed", composed))}
         curve.append(row)
     if last_only:
         return {"curve": curve}
