@@ -114,24 +114,30 @@ def match_correlation(corr: np.ndarray | torch.Tensor, method: str = "signmarg",
         raise GaugefixError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if not np.isfinite(c).all():
         raise GaugefixError("correlation matrix contains NaN/Inf")
-    d = c.shape[1]
-    cols = np.arange(d)
+    gauge, conf = _assign(np.abs(c) if magnitude is None else magnitude, c, c, method,
+                          global_sign_only, solver)
+    return MatchResult(gauge, conf, c[gauge.perm, np.arange(c.shape[1])], method)
+
+
+def _assign(blind: np.ndarray, signed: np.ndarray, signed_margin: np.ndarray, method: str,
+            global_sign_only: bool, solver: str) -> tuple[SignedPerm, np.ndarray]:
+    """One method's assignment and per-coordinate confidence. ``signed``: the assignment on
+    the signed score, every sign +1 (margin read off ``signed_margin``); otherwise on the
+    sign-blind score, each sign read off the signed one at the matched entry (one global sign
+    for LayerNorm families, none for ``perm``)."""
+    d = blind.shape[1]
     if method == "signed":
-        perm = solve_assignment(c, solver)
+        perm = solve_assignment(signed, solver)
+        return SignedPerm(perm, np.ones(d, dtype=np.int64)), match_margin(signed_margin, perm)
+    perm = solve_assignment(blind, solver)
+    matched = signed[perm, np.arange(d)]
+    if method == "perm":
         sign = np.ones(d, dtype=np.int64)
-        conf = match_margin(c, perm)
+    elif global_sign_only:
+        sign = np.full(d, 1 if matched.sum() >= 0 else -1, dtype=np.int64)
     else:
-        score = np.abs(c) if magnitude is None else magnitude
-        perm = solve_assignment(score, solver)
-        conf = match_margin(score, perm)
-        matched = c[perm, cols]
-        if method == "perm":
-            sign = np.ones(d, dtype=np.int64)
-        elif global_sign_only:
-            sign = np.full(d, 1 if matched.sum() >= 0 else -1, dtype=np.int64)
-        else:
-            sign = np.where(matched >= 0, 1, -1).astype(np.int64)
-    return MatchResult(SignedPerm(perm, sign), conf, c[perm, cols], method)
+        sign = np.where(matched >= 0, 1, -1).astype(np.int64)
+    return SignedPerm(perm, sign), match_margin(blind, perm)
 
 
 # ---------------------------------------------------------------------------- evidence
@@ -198,22 +204,8 @@ def match_evidence(evidence: Evidence, method: str = "signmarg", *,
         if not np.isfinite(b).all():
             raise GaugefixError(f"evidence {name} contains NaN/Inf")
     score, signed, weights = evidence.combined()
-    d = score.shape[1]
-    cols = np.arange(d)
-    if method == "signed":
-        perm = solve_assignment(signed, solver)
-        conf = match_margin(standardized(signed), perm)
-        sign = np.ones(d, dtype=np.int64)
-    else:
-        perm = solve_assignment(score, solver)
-        conf = match_margin(score, perm)
-        matched = signed[perm, cols]
-        if method == "perm":
-            sign = np.ones(d, dtype=np.int64)
-        elif global_sign_only:
-            sign = np.full(d, 1 if matched.sum() >= 0 else -1, dtype=np.int64)
-        else:
-            sign = np.where(matched >= 0, 1, -1).astype(np.int64)
-    return MatchResult(SignedPerm(perm, sign), conf, np.tanh(signed[perm, cols]), method,
-                       LOW_MARGIN_SD, {n: round(float(w), 4) for n, w in
-                                       zip(evidence.names, weights, strict=True)})
+    margin = standardized(signed) if method == "signed" else score
+    gauge, conf = _assign(score, signed, margin, method, global_sign_only, solver)
+    return MatchResult(gauge, conf, np.tanh(signed[gauge.perm, np.arange(signed.shape[1])]),
+                       method, LOW_MARGIN_SD, {n: round(float(w), 4) for n, w in
+                                               zip(evidence.names, weights, strict=True)})
