@@ -14,7 +14,7 @@ from .conftest import FAMILIES
 
 def test_every_family_has_a_tiny_model():
     assert set(FAMILIES) == set(families())
-    assert len(FAMILIES) == 16
+    assert len(FAMILIES) == 19
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -69,7 +69,8 @@ def test_unsupported_family_lists_supported_ones():
 
 def test_gauge_groups_follow_the_norm():
     for name, fam in families().items():
-        expected = "S_d×{±1}" if name in ("gpt2", "gpt_neox", "olmo") else "B_d"
+        expected = "S_d×{±1}" if name in ("gpt2", "gpt_neox", "olmo", "stablelm", "nemotron",
+                                          "starcoder2") else "B_d"
         assert fam.gauge_group == expected, name
     assert get_family("gemma2").gain_offset == 1.0
 
