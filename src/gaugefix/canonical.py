@@ -177,14 +177,13 @@ def canonical_chart(model: str | Path | Any, *, discrete_only: bool = False) -> 
                 f"gain-free {fam.name} model): rotations of the whole residual stream (O({d})) "
                 "preserve its function, so the canonical chart is not defined (--discrete-only: "
                 "the chart canonical for signed permutations alone)")
-        return _chart(reader, fam, d, gains, signed, gain_bits, rotatable, plan)
+        return _chart(reader, fam, d, signed, gain_bits, rotatable, plan)
     finally:
         reader.close()
 
 
-def _chart(reader: _Reader, fam: Family, d: int, gains: list[str], signed: list[str],
-           gain_bits: np.ndarray, rotatable: list[list[int]], plan: dict[str, Any]
-           ) -> CanonicalChart:
+def _chart(reader: _Reader, fam: Family, d: int, signed: list[str], gain_bits: np.ndarray,
+           rotatable: list[list[int]], plan: dict[str, Any]) -> CanonicalChart:
     for depth in _DEPTHS:
         blocks = [reader.block(k, plan[k].residual_axis, depth, d) for k in signed]
         raw = np.concatenate([b.astype(np.uint64) for b in blocks], 1)
@@ -359,7 +358,7 @@ def fingerprint(model: str | Path, *, discrete_only: bool = False) -> Fingerprin
 
         for key in sorted(reader.slices.shapes):
             if ck.family.op_for(key).kind == "G":
-                g = reader.slices.get(key, (slice(None),)).to(torch.float64).sort().values
+                g = reader.slices.get(key, (slice(None),)).to(torch.float64)
                 q = torch.linspace(0, 1, 17, dtype=torch.float64)
                 fuzzy[key] = [round(float(v), 6) for v in torch.quantile(g, q)]
     finally:
