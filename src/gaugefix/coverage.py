@@ -30,21 +30,8 @@ import torch
 from .arch import Family, families
 from .errors import GaugefixError
 from .group import SignedPerm
+from .tiny import MAX_PARAMETERS, shrunk_config
 
-# attribute -> tiny value, set where a config has the attribute
-TINY_SIZES: dict[str, Any] = {
-    "vocab_size": 128, "hidden_size": 64, "n_embd": 64, "d_model": 64, "dim": 64,
-    "intermediate_size": 128, "ffn_hidden_size": 128, "n_inner": 128, "ffn_dim": 128,
-    "num_hidden_layers": 2, "n_layer": 2, "n_layers": 2, "num_layers": 2,
-    "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4,
-    "num_key_value_heads": 2, "multi_query_group_num": 2, "head_dim": 16,
-    "max_position_embeddings": 128, "n_positions": 128, "max_seq_len": 128,
-    "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
-    "num_experts_per_tok": 2, "moe_topk": 2, "moe_intermediate_size": 32,
-    "shared_expert_intermediate_size": 64, "n_shared_experts": 1, "first_k_dense_replace": 1,
-    "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
-    "v_head_dim": 16, "sliding_window": 32, "layer_types": None,
-}
 DECODER_ONLY_EXCLUDE = ("bert", "roberta", "electra", "ernie", "xlm", "xmod", "roformer",
                         "rembert", "camembert", "data2vec", "big_bird", "megatron",
                         "prophetnet", "roc_bert", "xlnet", "reformer", "bert-generation")
@@ -67,56 +54,6 @@ def causal_lm_types() -> list[str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-
-
-def _sub_configs(cfg: Any) -> list[Any]:
-    """The config and every config nested in it (text, vision, encoder, patcher, ...)."""
-    from transformers import PretrainedConfig
-
-    out, todo = [], [cfg]
-    while todo:
-        c = todo.pop()
-        out.append(c)
-        todo.extend(v for v in vars(c).values() if isinstance(v, PretrainedConfig))
-    return out
-
-
-def tiny_config(model_type: str) -> Any:
-    """The model type's own config, shrunk to tiny sizes where it (or a config nested in it)
-    has them."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.for_model(model_type)
-    for target in _sub_configs(cfg):
-        for key, value in TINY_SIZES.items():
-            if not hasattr(target, key):
-                continue
-            if key == "layer_types":
-                lt = getattr(target, key)
-                if isinstance(lt, list | tuple) and lt:
-                    with contextlib.suppress(AttributeError, TypeError, ValueError):
-                        setattr(target, key, list(lt[:TINY_SIZES["num_hidden_layers"]]))
-                continue
-            with contextlib.suppress(AttributeError, TypeError, ValueError):
-                setattr(target, key, value)
-        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            v = getattr(target, key, None)
-            if isinstance(v, int) and v >= TINY_SIZES["vocab_size"]:
-                setattr(target, key, 0)
-    for path, value in STRUCTURE.get(model_type, {}).items():
-        *parents, last = path.split(".")
-        target = cfg
-        for name in parents:
-            target = getattr(target, name)
-        setattr(target, last, value)
-    return cfg
-
-
-# structure a tiny config would otherwise leave out (dotted paths into nested configs)
-STRUCTURE: dict[str, dict[str, Any]] = {
-    "mllama": {"text_config.cross_attention_layers": [1]},  # its cross-attention layers
-}
-MAX_PARAMETERS = 20_000_000  # a tiny config that still builds more is refused, not built
 
 
 def _group_gauge(fam: Family, d: int, seed: int) -> SignedPerm:
@@ -199,7 +136,7 @@ def sweep_one(model_type: str, seed: int = 0) -> Coverage:
         return Coverage(model_type, "not a decoder",
                         detail="an encoder model registered for causal LM")
     try:
-        cfg = tiny_config(model_type)
+        cfg = shrunk_config(model_type)
         if getattr(cfg, "is_encoder_decoder", False):
             return Coverage(model_type, "not a decoder", detail="encoder-decoder")
         with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()), \

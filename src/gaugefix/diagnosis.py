@@ -97,7 +97,7 @@ def diagnose(
         n_norm_vectors=fp.shape[1] if fp.size else 0,
         gains_all_one=False,
     )
-    if family.norm == "layernorm_noaffine":
+    if not family.norm_spec.gain:
         rep.warnings.append(
             "non-parametric LayerNorm: the function is invariant under the continuous group "
             "{Q ∈ O(d): Q·1 = ±1} ≅ O(d−1)×Z₂ and no parameter breaks it; only the training "
@@ -116,7 +116,7 @@ def diagnose(
 
     continuous = (
         "the full orthogonal group O(d)"
-        if family.norm == "rmsnorm"
+        if family.allows_signs
         else "{Q ∈ O(d): Q·1 = ±1}"
     )
     if rep.n_tied_coordinates == hidden_size:

@@ -1,11 +1,18 @@
 """Tiny offline models of every supported family, built from ``transformers`` configs.
 
-Used by the tests, the benchmarks and the demo; nothing is downloaded. Norm gains
-start at 1.0 (a degenerate, O(d) gauge); :func:`perturb_norms` makes them generic.
+Used by the tests, the benchmarks, the coverage sweep and the demo; nothing is downloaded.
+A family listed in :data:`TINY_SPECS` is built from its hand-chosen config (the families the
+tests and the demo have trained since the start); any other family from its first model
+type's own config class, shrunk by :func:`shrunk_config`. So a family added to the table
+needs no entry here unless its config needs structure a shrink leaves out (:data:`STRUCTURE`).
+Norm gains start at 1.0 (a degenerate, O(d) gauge); :func:`perturb_norms` makes them generic.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -56,6 +63,74 @@ TINY_SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
                    conv_kernel=4, pad_token_id=0, bos_token_id=0, eos_token_id=0)),
 }
 
+# attribute -> tiny value, set where a config has the attribute
+TINY_SIZES: dict[str, Any] = {
+    "vocab_size": 128, "hidden_size": 64, "n_embd": 64, "d_model": 64, "dim": 64,
+    "intermediate_size": 128, "ffn_hidden_size": 128, "n_inner": 128, "ffn_dim": 128,
+    "num_hidden_layers": 2, "n_layer": 2, "n_layers": 2, "num_layers": 2,
+    "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4,
+    "num_key_value_heads": 2, "multi_query_group_num": 2, "head_dim": 16,
+    "max_position_embeddings": 128, "n_positions": 128, "max_seq_len": 128,
+    "num_local_experts": 4, "num_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
+    "num_experts_per_tok": 2, "moe_topk": 2, "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 64, "n_shared_experts": 1, "first_k_dense_replace": 1,
+    "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+    "v_head_dim": 16, "sliding_window": 32, "layer_types": None,
+}
+
+
+def _sub_configs(cfg: Any) -> list[Any]:
+    """The config and every config nested in it (text, vision, encoder, patcher, ...)."""
+    from transformers import PretrainedConfig
+
+    out, todo = [], [cfg]
+    while todo:
+        c = todo.pop()
+        out.append(c)
+        todo.extend(v for v in vars(c).values() if isinstance(v, PretrainedConfig))
+    return out
+
+
+def shrunk_config(model_type: str) -> Any:
+    """The model type's own config, shrunk to tiny sizes where it (or a config nested in it)
+    has them."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(model_type)
+    for target in _sub_configs(cfg):
+        for key, value in TINY_SIZES.items():
+            if not hasattr(target, key):
+                continue
+            if key == "layer_types":
+                lt = getattr(target, key)
+                if isinstance(lt, list | tuple) and lt:
+                    with contextlib.suppress(AttributeError, TypeError, ValueError):
+                        setattr(target, key, list(lt[:TINY_SIZES["num_hidden_layers"]]))
+                continue
+            with contextlib.suppress(AttributeError, TypeError, ValueError):
+                setattr(target, key, value)
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            v = getattr(target, key, None)
+            if isinstance(v, int) and v >= TINY_SIZES["vocab_size"]:
+                setattr(target, key, 0)
+    for path, value in STRUCTURE.get(model_type, {}).items():
+        *parents, last = path.split(".")
+        target = cfg
+        for name in parents:
+            target = getattr(target, name)
+        setattr(target, last, value)
+    return cfg
+
+
+# structure a tiny config would otherwise leave out (dotted paths into nested configs)
+STRUCTURE: dict[str, dict[str, Any]] = {
+    "mllama": {"text_config.cross_attention_layers": [1]},  # its cross-attention layers
+}
+MAX_PARAMETERS = 20_000_000  # a tiny config that still builds more is refused, not built
+
+
+
+
 # Keyword names for the common sizes, per config class family.
 _SIZE_KEYS = {
     "gpt2": {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
@@ -71,11 +146,16 @@ def tiny_config(family: str, **overrides: Any) -> Any:
     """
     import transformers
 
-    fam = get_family(family).name
-    if fam not in TINY_SPECS:
-        raise GaugefixError(f"no tiny spec for family {fam!r}")
-    cfg_cls, _, kwargs = TINY_SPECS[fam]
-    names = _SIZE_KEYS.get(fam, {})
+    fam = get_family(family)
+    if fam.name not in TINY_SPECS:
+        cfg = shrunk_config(fam.model_types[0])
+        for key, value in overrides.items():
+            if not hasattr(cfg, key):
+                raise GaugefixError(f"{type(cfg).__name__} has no attribute {key!r}")
+            setattr(cfg, key, value)
+        return cfg
+    cfg_cls, _, kwargs = TINY_SPECS[fam.name]
+    names = _SIZE_KEYS.get(fam.name, {})
     kw = {**kwargs, **{names.get(k, k): v for k, v in overrides.items()}}
     return getattr(transformers, cfg_cls)(**kw)
 
@@ -88,7 +168,11 @@ def build_tiny(family: str, seed: int = 0, *, generic: bool = True, scale: float
     fam = get_family(family).name
     config = tiny_config(fam, **overrides)
     torch.manual_seed(seed)
-    model = getattr(transformers, TINY_SPECS[fam][1])(config).eval()
+    if fam in TINY_SPECS:
+        model = getattr(transformers, TINY_SPECS[fam][1])(config).eval()
+    else:
+        with _quiet():
+            model = transformers.AutoModelForCausalLM.from_config(config).eval()
     if generic:
         perturb_norms(model, seed=seed, scale=scale)
     return model
@@ -105,3 +189,10 @@ def perturb_norms(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> 
             if fam.op_for(key).kind in ("G", "LB"):
                 noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float64)
                 tensor.add_((scale * noise).to(tensor.dtype))
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Model constructors of some families print; a tiny build should not."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield

@@ -1,9 +1,15 @@
 """Architecture map: which tensor of a checkpoint touches the residual stream, and how.
 
-Families are data (``families.json``); this module compiles them into rules and
-turns a list of tensor names into a *plan*: for each name, the one :class:`Op`
-that moves it from chart A to chart B. Every op is a call of
+Families are data (``families.json``, validated on load by :class:`FamilyTable`); this
+module compiles them into rules and turns a list of tensor names into a *plan*: for each
+name, the one :class:`Op` that moves it from chart A to chart B. Every op is a call of
 ``SignedPerm.apply`` — there is no other transform in gaugefix.
+
+Norms are behaviours, not type names: a norm says whether it subtracts the mean (then
+per-coordinate signs do not commute with it and the group is S_d×{±1}), whether it has a
+gain and a bias, and what it adds to its stored gain (Gemma's ``1 + w``). Model types whose
+residual stream admits no signed-permutation gauge are listed with the reason, and refused
+with it.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from functools import cache
 from importlib import resources
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from ..errors import GaugefixError
 from ..group import SignedPerm
 
 OpKind = Literal["H", "G", "LB", "-"]
-NormKind = Literal["rmsnorm", "layernorm", "layernorm_noaffine"]
+LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,114 @@ class Op:
         return f"H({self.axis})" if self.kind == "H" else self.kind
 
 
+# ---------------------------------------------------------------------------------------------
+# The table's schema (validated on load; every problem reported at once)
+
+class Norm(BaseModel):
+    """What a residual norm does, as far as the gauge is concerned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    description: str
+    mean_subtracting: bool = Field(description="subtracts the mean over d (LayerNorm): only "
+                                   "permutations and one global sign commute with it")
+    gain: bool = Field(True, description="has a per-channel gain (moved by G)")
+    bias: bool = Field(False, description="has a per-channel bias (moved by LB)")
+    gain_offset: float = Field(0.0, description="added to the stored gain (Gemma: 1 + w)")
+
+
+class FamilySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_types: list[str] = Field(min_length=1)
+    norm: str
+    rule_sets: list[str] = Field(min_length=1)
+    layers: str = Field(description="module path of the decoder-layer list")
+    conv1d: bool = Field(False, description="linear weights stored [in, out] (GPT-2 Conv1D)")
+
+
+RuleSpec = tuple[str, OpKind, int | None]
+
+
+class FamilyTable(BaseModel):
+    """``families.json``: rule sets, norm behaviours, families, refused model types."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    comment: list[str] = Field(default_factory=list, alias="_comment")
+    norms: dict[str, Norm]
+    rule_sets: dict[str, list[RuleSpec]]
+    families: dict[str, FamilySpec]
+    refused: dict[str, str] = Field(default_factory=dict,
+                                    description="model type -> why no gauge exists")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FamilyTable:
+        problems: list[str] = []
+        for name, rules in self.rule_sets.items():
+            for suffix, kind, axis in rules:
+                try:
+                    re.compile(suffix)
+                except re.error as exc:
+                    problems.append(f"rule set {name!r}: {suffix!r} is not a regex ({exc})")
+                if (kind == "H") != (axis is not None):
+                    problems.append(f"rule set {name!r}: {suffix!r}: op {kind} "
+                                    f"{'needs' if kind == 'H' else 'takes no'} axis")
+        used: set[str] = set()
+        owner: dict[str, str] = {}
+        for name, fam in self.families.items():
+            if fam.norm not in self.norms:
+                problems.append(f"family {name!r}: unknown norm {fam.norm!r} (known: "
+                                f"{', '.join(sorted(self.norms))})")
+            for s in fam.rule_sets:
+                used.add(s)
+                if s not in self.rule_sets:
+                    problems.append(f"family {name!r}: unknown rule set {s!r}")
+            norm = self.norms.get(fam.norm)
+            kinds = {k for s in fam.rule_sets for _, k, _ in self.rule_sets.get(s, [])}
+            if norm is not None and "LB" in kinds and not norm.bias:
+                problems.append(f"family {name!r}: its rules move a norm bias (LB) but norm "
+                                f"{fam.norm!r} has no bias")
+            if norm is not None and "G" in kinds and not norm.gain:
+                problems.append(f"family {name!r}: its rules move a norm gain (G) but norm "
+                                f"{fam.norm!r} has no gain")
+            for t in fam.model_types:
+                if t in owner:
+                    problems.append(f"model type {t!r} is in families {owner[t]!r} and {name!r}")
+                owner[t] = name
+        for t in self.refused:
+            if t in owner:
+                problems.append(f"model type {t!r} is both refused and in family {owner[t]!r}")
+        unused = sorted(set(self.rule_sets) - used)
+        if unused:
+            problems.append(f"rule sets used by no family: {', '.join(unused)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def validate_table(doc: Mapping[str, Any], where: str = "families.json") -> FamilyTable:
+    """The table, validated; every problem in one :class:`GaugefixError`."""
+    try:
+        return FamilyTable.model_validate(doc)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{loc}: {msg}" if loc else msg)
+        raise GaugefixError(f"{where}: {len(problems)} problem(s): "
+                            + "; ".join(problems)) from None
+
+
+@cache
+def table() -> FamilyTable:
+    """The shipped table (package data, found through importlib.resources)."""
+    text = resources.files(__package__).joinpath("families.json").read_text()
+    return validate_table(json.loads(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled families
+
+
 @dataclass(frozen=True)
 class Rule:
     suffix: str
@@ -64,42 +180,54 @@ class Rule:
     regex: re.Pattern[str]
 
 
+def collapse_layers(key: str) -> str:
+    """``model.layers.3.mlp.w`` → ``model.layers.{i}.mlp.w`` (one line per repeated key)."""
+    return LAYER_INDEX.sub("{i}", key)
+
+
+def _summarise(keys: Iterable[str], limit: int = 12) -> str:
+    """The keys, one per layer-collapsed name (the key itself when it occurs once)."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault(collapse_layers(k), []).append(k)
+    names = [c if len(ks) > 1 else ks[0] for c, ks in groups.items()]
+    more = f", … ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
     model_types: tuple[str, ...]
-    norm: NormKind
+    norm: str
+    norm_spec: Norm
     rules: tuple[Rule, ...]
     layers: str = "model.layers"
-    gain_offset: float = 0.0
     conv1d: bool = False
+
+    @property
+    def allows_signs(self) -> bool:
+        """Whether per-coordinate signs preserve the function (no mean subtraction)."""
+        return not self.norm_spec.mean_subtracting
 
     @property
     def gauge_group(self) -> str:
         """The gauge group among signed permutations for generic gains."""
-        return "B_d" if self.norm == "rmsnorm" else "S_d×{±1}"
+        return "B_d" if self.allows_signs else "S_d×{±1}"
 
     @property
-    def allows_signs(self) -> bool:
-        """Whether per-coordinate signs preserve the function (RMSNorm) or only a global sign."""
-        return self.norm == "rmsnorm"
+    def gain_offset(self) -> float:
+        return self.norm_spec.gain_offset
+
+    @property
+    def norm_description(self) -> str:
+        return self.norm_spec.description
 
     def match(self, key: str) -> list[Rule]:
         return [r for r in self.rules if r.regex.search(key)]
 
     def op_for(self, key: str) -> Op:
-        hits = self.match(key)
-        if len(hits) == 1:
-            return hits[0].op
-        if not hits:
-            raise GaugefixError(
-                f"{self.name}: tensor {key!r} matches no rule of the architecture map; "
-                "refusing to guess its residual axis"
-            )
-        raise GaugefixError(
-            f"{self.name}: tensor {key!r} matches several rules "
-            f"({', '.join(r.suffix for r in hits)})"
-        )
+        return self.plan([key])[key]
 
     def role(self, weight_key: str) -> str:
         """'reader' or 'writer' of the residual stream for a linear module's weight, from
@@ -111,8 +239,30 @@ class Family:
         return "reader" if op.axis == reads_on else "writer"
 
     def plan(self, keys: Iterable[str]) -> dict[str, Op]:
-        """The op of every key; an unmatched or ambiguous key is an error naming it."""
-        return {k: self.op_for(k) for k in keys}
+        """The op of every key. Keys no rule matches, or several do, are reported all at
+        once (layer numbers collapsed to ``{i}``), never guessed."""
+        out: dict[str, Op] = {}
+        unmatched: list[str] = []
+        ambiguous: list[str] = []
+        for k in keys:
+            hits = self.match(k)
+            if len(hits) == 1:
+                out[k] = hits[0].op
+            elif not hits:
+                unmatched.append(k)
+            else:
+                ambiguous.append(f"{collapse_layers(k)} ({', '.join(r.suffix for r in hits)})")
+        if unmatched or ambiguous:
+            parts = []
+            if unmatched:
+                n = len(dict.fromkeys(map(collapse_layers, unmatched)))
+                parts.append(f"{n} tensor name(s) match no rule of the architecture map: "
+                             f"{_summarise(unmatched)}; refusing to guess their residual axis")
+            if ambiguous:
+                several = "; ".join(dict.fromkeys(ambiguous))
+                parts.append(f"tensors matching several rules: {several}")
+            raise GaugefixError(f"{self.name}: " + "; ".join(parts))
+        return out
 
     def check_gauge(self, gauge: SignedPerm, hidden_size: int | None = None) -> None:
         """Refuse a gauge that cannot preserve this family's function."""
@@ -128,37 +278,41 @@ class Family:
                 "commute with them); use a permutation with one global sign"
             )
 
-    @property
-    def norm_description(self) -> str:
-        return {
-            "rmsnorm": "RMSNorm with per-channel gains",
-            "layernorm": "LayerNorm with affine gain and bias",
-            "layernorm_noaffine": "non-parametric LayerNorm (no gain, no bias)",
-        }[self.norm]
+
+def _compile_rule(suffix: str, kind: OpKind, axis: int | None) -> Rule:
+    return Rule(suffix, Op(kind, axis), re.compile(rf"(?:^|\.){suffix}$"))
 
 
-def _compile_rule(suffix: str, kind: str, axis: int | None) -> Rule:
-    return Rule(suffix, Op(kind, axis), re.compile(rf"(?:^|\.){suffix}$"))  # type: ignore[arg-type]
+def compile_families(tab: FamilyTable) -> dict[str, Family]:
+    return {
+        name: Family(
+            name=name,
+            model_types=tuple(spec.model_types),
+            norm=spec.norm,
+            norm_spec=tab.norms[spec.norm],
+            rules=tuple(_compile_rule(*r) for s in spec.rule_sets for r in tab.rule_sets[s]),
+            layers=spec.layers,
+            conv1d=spec.conv1d,
+        )
+        for name, spec in tab.families.items()
+    }
 
 
 @cache
 def families() -> dict[str, Family]:
     """All supported families, compiled from ``families.json``."""
-    doc = json.loads(resources.files(__package__).joinpath("families.json").read_text())
-    sets = doc["rule_sets"]
-    out: dict[str, Family] = {}
-    for name, spec in doc["families"].items():
-        rules = tuple(_compile_rule(*r) for s in spec["rule_sets"] for r in sets[s])
-        out[name] = Family(
-            name=name,
-            model_types=tuple(spec["model_types"]),
-            norm=spec["norm"],
-            rules=rules,
-            layers=spec["layers"],
-            conv1d=bool(spec.get("conv1d", False)),
-            gain_offset=float(spec.get("gain_offset", 0.0)),
-        )
-    return out
+    return compile_families(table())
+
+
+def refusal(model_type: str | None) -> str | None:
+    """Why ``model_type``'s residual stream admits no signed-permutation gauge, if it does not."""
+    return table().refused.get(model_type or "")
+
+
+def _refuse(model_type: str) -> None:
+    why = refusal(model_type)
+    if why is not None:
+        raise GaugefixError(f"model_type {model_type!r} admits no residual gauge: {why}")
 
 
 def get_family(name: str) -> Family:
@@ -168,6 +322,7 @@ def get_family(name: str) -> Family:
     for fam in fams.values():
         if name in fam.model_types:
             return fam
+    _refuse(name)
     raise GaugefixError(
         f"unsupported family {name!r}; supported: {', '.join(sorted(fams))}"
     )
@@ -181,6 +336,8 @@ def detect_family(config: Mapping[str, Any] | Any) -> Family:
     for fam in families().values():
         if model_type in fam.model_types:
             return fam
+    if isinstance(model_type, str):
+        _refuse(model_type)
     supported = ", ".join(sorted(families()))
     what = f"model_type {model_type!r}" if model_type else "no model_type"
     if archs:
@@ -198,10 +355,16 @@ def hidden_size_of(config: Mapping[str, Any] | Any) -> int:
 
 __all__ = [
     "Family",
+    "FamilyTable",
+    "Norm",
     "Op",
     "Rule",
+    "collapse_layers",
     "detect_family",
     "families",
     "get_family",
     "hidden_size_of",
+    "refusal",
+    "table",
+    "validate_table",
 ]
