@@ -38,6 +38,12 @@ def main() -> None:
         print("| family (rules) | model types | gauge group |\n|---|---|---|")
         for fam in sorted(fams):
             print(f"| {fam} | {', '.join(f'`{t}`' for t in sorted(fams[fam]))} | {group[fam]} |")
+        refused = [r for r in rows if r.status == "refused"]
+        if refused:
+            print("\nRefused (no signed-permutation gauge exists; checked by the sweep):\n")
+            print("| model type | why |\n|---|---|")
+            for r in refused:
+                print(f"| `{r.model_type}` | {r.detail.split(' (checked:')[0]} |")
         print()
         print(f"Of {len(rows)} causal-LM model types in this transformers: "
               + ", ".join(f"{n} {s}" for s, n in counts.most_common()) + ".")

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import copy
+import json
+from importlib import resources
+
 import pytest
+import torch
 from safetensors import safe_open
 
-from gaugefix.arch import detect_family, families, get_family
+from gaugefix.arch import detect_family, families, get_family, validate_table
 from gaugefix.errors import GaugefixError
 from gaugefix.tiny import build_tiny, tiny_config
 
 from .conftest import FAMILIES
 
 
-def test_every_family_has_a_tiny_model():
+def test_every_family_of_the_table_is_tested():
     assert set(FAMILIES) == set(families())
-    assert len(FAMILIES) == 19
+    assert len(FAMILIES) >= 50
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -67,12 +72,73 @@ def test_unsupported_family_lists_supported_ones():
         get_family("t5")
 
 
-def test_gauge_groups_follow_the_norm():
-    for name, fam in families().items():
-        expected = "S_d×{±1}" if name in ("gpt2", "gpt_neox", "olmo", "stablelm", "nemotron",
-                                          "starcoder2") else "B_d"
-        assert fam.gauge_group == expected, name
-    assert get_family("gemma2").gain_offset == 1.0
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_norm_behaviour_is_what_the_model_s_norm_does(family):
+    """The table's norm behaviours against the model's own norm modules: mean subtraction
+    (a constant added to every coordinate is removed, and the group is S_d×{±1}), the gain
+    offset (a zero stored gain outputs zero unless the norm scales by 1 + w)."""
+    fam = get_family(family)
+    model = build_tiny(family, generic=False)
+    leaf = {n for n, m in model.named_modules() if not list(m.children())}
+    gains = [k for k in model.state_dict()
+             if fam.op_for(k).kind == "G" and k.rsplit(".", 1)[0] in leaf]
+    assert bool(gains) == fam.norm_spec.gain
+    assert fam.gauge_group == ("S_d×{±1}" if fam.norm_spec.mean_subtracting else "B_d")
+    if not gains:
+        return
+    module = model.get_submodule(gains[0].rsplit(".", 1)[0])
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        shifted = (module(x + 3.0) - module(x)).abs().max() / module(x).abs().max()
+        assert (float(shifted) < 1e-4) == fam.norm_spec.mean_subtracting, float(shifted)
+        module.weight.zero_()
+        zero_gain = float(module(x).abs().max())
+    assert (zero_gain > 1e-3) == (fam.gain_offset == 1.0), zero_gain
+
+
+def test_the_table_is_validated_with_every_problem_at_once():
+    doc = json.loads(resources.files("gaugefix.arch").joinpath("families.json").read_text())
+    assert validate_table(doc).families.keys() == families().keys()
+    bad = copy.deepcopy(doc)
+    bad["families"]["llama"]["norm"] = "rmsnrom"
+    bad["families"]["llama"]["rule_sets"].append("atn")
+    bad["families"]["mistral"]["model_types"] = ["llama"]
+    bad["families"]["qwen2"]["colour"] = "blue"
+    bad["rule_sets"]["attn"][0][0] = "self_attn\\.(q"
+    bad["norms"]["rmsnorm"]["mean_subtracting"] = "sometimes"
+    with pytest.raises(GaugefixError) as exc:
+        validate_table(bad)
+    msg = str(exc.value)
+    for needle in ("rmsnrom", "'atn'", "'llama' is in families", "colour", "not a regex",
+                   "mean_subtracting"):
+        assert needle in msg, (needle, msg)
+    unused = copy.deepcopy(doc)
+    unused["rule_sets"]["spare"] = [["x\\.weight", "-", None]]
+    with pytest.raises(GaugefixError, match="used by no family: spare"):
+        validate_table(unused)
+    lb = copy.deepcopy(doc)
+    lb["families"]["llama"]["rule_sets"].append("layernorm_biases")
+    with pytest.raises(GaugefixError, match=r"norm bias .* has no bias"):
+        validate_table(lb)
+
+
+def test_every_unmatched_key_is_reported_at_once_with_layers_collapsed():
+    fam = get_family("llama")
+    keys = ["model.embed_tokens.weight", *(f"model.layers.{i}.mystery.weight" for i in range(4)),
+            "model.layers.0.self_attn.q_norm.weight", "model.extra"]
+    with pytest.raises(GaugefixError) as exc:
+        fam.plan(keys)
+    msg = str(exc.value)
+    assert "3 tensor name(s) match no rule" in msg
+    assert "model.layers.{i}.mystery.weight" in msg and "model.layers.1." not in msg
+    assert "model.layers.0.self_attn.q_norm.weight" in msg and "model.extra" in msg
+
+
+def test_a_model_type_without_a_gauge_is_refused_with_the_reason():
+    with pytest.raises(GaugefixError, match=r"'xglm' admits no residual gauge: .*sinusoidal"):
+        detect_family({"model_type": "xglm", "architectures": ["XGLMForCausalLM"]})
+    with pytest.raises(GaugefixError, match="admits no residual gauge"):
+        get_family("ctrl")
 
 
 def test_tiny_config_translates_gpt2_size_names():

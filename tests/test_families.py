@@ -37,7 +37,8 @@ def test_apply_random_then_verify_from_the_cli(family, tiny_ckpt, tmp_path, cli)
     res = cli("verify", src, dst, "--gauge", g_path, "--tol", "1e-5", "--json")
     report = json.loads(res.stdout)
     assert report["passed"] and report["max_rel_err"] < 1e-5, report
-    assert len(report["hidden_rel_err"]) == 3  # embeddings + 2 layers, all transported
+    layers = AutoModelForCausalLM.from_pretrained(src).config.num_hidden_layers
+    assert len(report["hidden_rel_err"]) == layers + 1  # embeddings + layers, all moved
 
     doc = json.loads(g_path.read_text())
     assert doc["source"]["sha256"] != doc["target"]["sha256"]
@@ -58,7 +59,8 @@ def test_apply_random_then_verify_from_the_cli(family, tiny_ckpt, tmp_path, cli)
     assert a.keys() == a2.keys()
     for k in a:
         assert a[k].dtype == a2[k].dtype
-        assert torch.equal(a[k].view(torch.uint8), a2[k].view(torch.uint8)), k
+        assert torch.equal(a[k].reshape(-1).view(torch.uint8),
+                           a2[k].reshape(-1).view(torch.uint8)), k
     for name in ("config.json", "generation_config.json"):
         if (src / name).exists():
             assert (back / name).read_bytes() == (src / name).read_bytes()
@@ -136,7 +138,8 @@ def test_rmsnorm_at_init_has_an_orthogonal_gauge(family, tiny_ckpt, cli):
     res = cli("inspect", tiny_ckpt(family, seed=6, generic=True, name="generic"), "--json")
     rep = json.loads(res.stdout)
     assert rep["warnings"] == [] and rep["n_tied_coordinates"] == 0
-    assert rep["gauge_group"] == "B_d" and rep["norm"] == "rmsnorm"
+    assert rep["gauge_group"] == "B_d" and rep["norm"] == get_family(family).norm
+    assert rep["norm"].startswith("rmsnorm")
 
 
 def test_inspect_reports_layernorm_groups_and_partial_ties(tiny_ckpt, cli, tmp_path):

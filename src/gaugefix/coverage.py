@@ -9,8 +9,10 @@ instantiated offline, and classified:
 * ``failed`` — its family is in the map, but the check fails (a defect of the map);
 * ``candidate`` — not in the map, but one family's rules plan every tensor and the check
   passes: the rules fit, the model type can be added to that family (as data);
-* ``unsupported`` — not in the map, and no family's rules both plan it and pass the check
-  (the reason names what did not fit);
+* ``refused`` — its residual stream admits no signed-permutation gauge; the table says why,
+  and the sweep checks it (its tensors planned, a random gauge changes the function);
+* ``not mapped`` — not in the map, and no family's rules both plan it and pass the check
+  (the closest family and the tensor names its rules leave unplanned, or why the check fails);
 * ``not a decoder`` — an encoder or encoder-decoder model registered for causal LM;
 * ``not buildable offline`` — its config or model cannot be built here (the error).
 
@@ -21,20 +23,23 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from .arch import Family, families
+from .arch import Family, collapse_layers, families, refusal, refused_rules
 from .errors import GaugefixError
 from .group import SignedPerm
 from .tiny import MAX_PARAMETERS, shrunk_config
 
-DECODER_ONLY_EXCLUDE = ("bert", "roberta", "electra", "ernie", "xlm", "xmod", "roformer",
-                        "rembert", "camembert", "data2vec", "big_bird", "megatron",
-                        "prophetnet", "roc_bert", "xlnet", "reformer", "bert-generation")
+# encoder models registered for causal LM (a model type, or the prefix of a family of them)
+DECODER_ONLY_EXCLUDE = re.compile(
+    r"bert|bert-generation|big_bird|camembert|data2vec-text|electra|ernie|megatron-bert"
+    r"|prophetnet|reformer|rembert|roberta|roberta-prelayernorm|roc_bert|roformer|xlm"
+    r"|xlm-roberta|xlm-roberta-xl|xlnet|xmod")
 
 
 @dataclass
@@ -69,6 +74,23 @@ def _generic(model: torch.nn.Module, fam: Family, seed: int) -> None:
                 tensor.add_(0.5 * torch.randn(tensor.shape, generator=gen).to(tensor.dtype))
 
 
+def saved_names(model: torch.nn.Module) -> list[str]:
+    """The tensor names ``save_pretrained`` writes (fused experts may be saved per expert)."""
+    import tempfile
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    names: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        model.save_pretrained(tmp)
+        for f in sorted(Path(tmp).glob("*.safetensors")):
+            with safe_open(f, "pt") as h:
+                names.extend(h.keys())
+    return names
+
+
 def check_family(model: torch.nn.Module, fam: Family, d: int, seed: int = 0,
                  tol: float = 1e-4) -> str | None:
     """None when a random gauge of ``fam``'s group, applied with ``fam``'s rules, leaves the
@@ -82,6 +104,14 @@ def check_family(model: torch.nn.Module, fam: Family, d: int, seed: int = 0,
         fam.plan(model.state_dict())
     except GaugefixError as exc:
         return str(exc)
+    try:
+        names = saved_names(model)  # transformers may save another layout than it holds
+    except Exception as exc:
+        return f"cannot be saved ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+    try:
+        fam.plan(names)
+    except GaugefixError as exc:
+        return f"as saved: {exc}"
     a = copy.deepcopy(model)
     _generic(a, fam, seed)
     g = _group_gauge(fam, d, seed + 1)
@@ -129,10 +159,18 @@ def _hidden(cfg: Any) -> int | None:
     return _hidden(text) if text is not None else None
 
 
+def towers(cfg: Any) -> list[str]:
+    """The non-text sub-configs (vision, audio, ...) of a multimodal config."""
+    from transformers import PretrainedConfig
+
+    return sorted(k for k, v in vars(cfg).items()
+                  if isinstance(v, PretrainedConfig) and k != "text_config")
+
+
 def sweep_one(model_type: str, seed: int = 0) -> Coverage:
     from transformers import AutoModelForCausalLM
 
-    if any(model_type.startswith(p) for p in DECODER_ONLY_EXCLUDE):
+    if DECODER_ONLY_EXCLUDE.fullmatch(model_type):
         return Coverage(model_type, "not a decoder",
                         detail="an encoder model registered for causal LM")
     try:
@@ -154,24 +192,47 @@ def sweep_one(model_type: str, seed: int = 0) -> Coverage:
     d = _hidden(model.config)
     if d is None:
         return Coverage(model_type, "not buildable offline", detail="no hidden size")
+    why = refusal(model_type)
+    if why is not None:  # the reason is checked: its tensors planned, a gauge breaks it
+        problem = check_family(model, refused_rules(model_type), d, seed)
+        if problem is None or not problem.startswith("function changed"):
+            outcome = "preserves the function" if problem is None else f"fails: {problem}"
+            return Coverage(model_type, "failed",
+                            detail=f"refused ({why}), but a gauge through its rules {outcome}")
+        return Coverage(model_type, "refused", detail=f"{why} (checked: {problem})")
     known = next((f for f in families().values() if model_type in f.model_types), None)
     if known is not None:
         problem = check_family(model, known, d, seed)
+        offset = gain_offset(model, known) if problem is None else None
+        if offset not in (None, known.gain_offset):
+            problem = (f"its norms add {offset:g} to the stored gain; the map's norm "
+                       f"{known.norm!r} adds {known.gain_offset:g}")
         return Coverage(model_type, "failed" if problem else "supported", known.name,
                         known.gauge_group, problem or "")
-    reasons = []
+    unplanned: dict[str, list[str]] = {}
     for fam in families().values():
         problem = check_family(model, fam, d, seed)
         if problem is None and gain_offset(model, fam) not in (None, fam.gain_offset):
             problem = f"its norms add {gain_offset(model, fam):g} to the gain, {fam.name}'s " \
                       f"{fam.gain_offset:g}"
+        if problem is None and towers(cfg):
+            return Coverage(model_type, "not mapped", detail=(
+                f"multimodal ({', '.join(towers(cfg))}): its text model fits {fam.name}'s "
+                "rules, but the map does not scope rules to the text tower yet, and the "
+                "tower's tensors would be matched by name"))
         if problem is None:
             return Coverage(model_type, "candidate", fam.name, fam.gauge_group,
                             f"{fam.name}'s rules plan every tensor and preserve the function")
-        reasons.append((fam.name, problem))
-    planned = [(n, p) for n, p in reasons if "matches no rule" not in p]
-    why = planned[0] if planned else reasons[0]
-    return Coverage(model_type, "unsupported", detail=f"closest: {why[0]}: {why[1][:200]}")
+        unplanned[fam.name] = list(dict.fromkeys(
+            collapse_layers(k) for k in model.state_dict() if not fam.match(k)))
+        if not unplanned[fam.name]:
+            return Coverage(model_type, "not mapped", detail=(
+                f"{fam.name}'s rules plan every tensor, but {problem[:240]}"))
+    best = min(unplanned, key=lambda n: len(unplanned[n]))
+    names = unplanned[best]
+    return Coverage(model_type, "not mapped", detail=(
+        f"closest: {best}'s rules leave {len(names)} tensor name(s) unplanned: "
+        f"{', '.join(names[:6])}{', …' if len(names) > 6 else ''}"))
 
 
 def sweep(model_types: Iterable[str] | None = None, seed: int = 0) -> list[Coverage]:

@@ -75,7 +75,10 @@ TINY_SIZES: dict[str, Any] = {
     "num_experts_per_tok": 2, "moe_topk": 2, "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 64, "n_shared_experts": 1, "first_k_dense_replace": 1,
     "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
-    "v_head_dim": 16, "sliding_window": 32, "layer_types": None,
+    "v_head_dim": 16, "sliding_window": 32,
+    # SSM heads × head size = mamba_expand (2) × hidden
+    "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_ssm": 128,
+    "n_group": 2, "topk_group": 1,  # expert groups (DeepSeek routing) dividing 4 experts
 }
 
 
@@ -91,6 +94,23 @@ def _sub_configs(cfg: Any) -> list[Any]:
     return out
 
 
+def _per_layer_lists(cfg: Any) -> dict[str, list[Any]]:
+    """The config's per-layer lists (``layer_types``, ``mlp_layer_types``, ...): attributes
+    holding one entry per layer of the full-size model."""
+    n = getattr(cfg, "num_hidden_layers", None)
+    if not isinstance(n, int) or n <= TINY_SIZES["num_hidden_layers"]:
+        return {}
+    out = {}
+    for key in dir(cfg):
+        if key.startswith("_") or not ("layer" in key or "block" in key):
+            continue
+        with contextlib.suppress(Exception):
+            value = getattr(cfg, key)
+            if isinstance(value, list | tuple) and len(value) == n:
+                out[key] = list(value)
+    return out
+
+
 def shrunk_config(model_type: str) -> Any:
     """The model type's own config, shrunk to tiny sizes where it (or a config nested in it)
     has them."""
@@ -98,17 +118,28 @@ def shrunk_config(model_type: str) -> Any:
 
     cfg = AutoConfig.for_model(model_type)
     for target in _sub_configs(cfg):
+        per_layer = _per_layer_lists(target)
         for key, value in TINY_SIZES.items():
-            if not hasattr(target, key):
-                continue
-            if key == "layer_types":
-                lt = getattr(target, key)
-                if isinstance(lt, list | tuple) and lt:
-                    with contextlib.suppress(AttributeError, TypeError, ValueError):
-                        setattr(target, key, list(lt[:TINY_SIZES["num_hidden_layers"]]))
-                continue
+            if hasattr(target, key):
+                with contextlib.suppress(AttributeError, TypeError, ValueError):
+                    setattr(target, key, value)
+        if per_layer:  # one layer of each kind (attention, SSM, MoE, ...), at least two
+            keep: list[int] = []
+            for values in per_layer.values():
+                first = {repr(v): i for i, v in reversed(list(enumerate(values)))}
+                if len(first) <= 4:  # kinds of layer, not per-layer values (indices, sizes)
+                    keep.extend(first.values())
+            keep = sorted(set(keep) | set(range(TINY_SIZES["num_hidden_layers"])))
+            keep = keep if len(keep) > 2 else keep[:2]
             with contextlib.suppress(AttributeError, TypeError, ValueError):
-                setattr(target, key, value)
+                target.num_hidden_layers = len(keep)
+                for key, values in per_layer.items():
+                    setattr(target, key, [values[i] for i in keep])
+        if hasattr(target, "qk_rope_head_dim") and hasattr(target, "qk_nope_head_dim"):
+            # MLA: derived sizes the config computed from the originals
+            with contextlib.suppress(AttributeError, TypeError, ValueError):
+                target.qk_head_dim = target.qk_rope_head_dim + target.qk_nope_head_dim
+                target.head_dim = target.qk_rope_head_dim
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
             v = getattr(target, key, None)
             if isinstance(v, int) and v >= TINY_SIZES["vocab_size"]:
@@ -125,6 +156,11 @@ def shrunk_config(model_type: str) -> Any:
 # structure a tiny config would otherwise leave out (dotted paths into nested configs)
 STRUCTURE: dict[str, dict[str, Any]] = {
     "mllama": {"text_config.cross_attention_layers": [1]},  # its cross-attention layers
+    "opt": {"word_embed_proj_dim": 64},  # OPT-350m's embedding projection is not mapped
+    "gptj": {"rotary_dim": 8}, "codegen": {"rotary_dim": 8},  # at most the head size 16
+    "mamba2": {"num_heads": 8},  # heads × head_dim (16) = expand (2) × hidden
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]],  # one layer of each kind
+                "attention_layers": ["global", "local"]},
 }
 MAX_PARAMETERS = 20_000_000  # a tiny config that still builds more is refused, not built
 

@@ -62,8 +62,8 @@ def probe_tokens(vocab_size: int, n_tokens: int, max_len: int, seed: int = 0) ->
 @torch.no_grad()
 def compare_models(model_a: torch.nn.Module, model_b: torch.nn.Module, gauge: SignedPerm,
                    input_ids: torch.Tensor, tol: float | None = None) -> VerifyReport:
-    out_a = model_a(input_ids, output_hidden_states=True)
-    out_b = model_b(input_ids, output_hidden_states=True)
+    out_a = model_a(input_ids, output_hidden_states=True, use_cache=False)
+    out_b = model_b(input_ids, output_hidden_states=True, use_cache=False)
     hidden = [
         rel_err(hb, gauge.apply(ha, -1))
         for ha, hb in zip(out_a.hidden_states, out_b.hidden_states, strict=True)

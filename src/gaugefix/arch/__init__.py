@@ -22,7 +22,7 @@ from functools import cache
 from importlib import resources
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import GaugefixError
 from ..group import SignedPerm
@@ -89,6 +89,18 @@ class FamilySpec(BaseModel):
     conv1d: bool = Field(False, description="linear weights stored [in, out] (GPT-2 Conv1D)")
 
 
+class Refusal(BaseModel):
+    """A model type whose residual stream admits no signed-permutation gauge: why, and the
+    rules that plan its tensors (the coverage sweep shows a gauge applied by them changes the
+    function, so the reason is checked, not only stated)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    reason: str
+    norm: str
+    rule_sets: list[str] = Field(min_length=1)
+    layers: str = "model.layers"
+
+
 RuleSpec = tuple[str, OpKind, int | None]
 
 
@@ -100,66 +112,86 @@ class FamilyTable(BaseModel):
     norms: dict[str, Norm]
     rule_sets: dict[str, list[RuleSpec]]
     families: dict[str, FamilySpec]
-    refused: dict[str, str] = Field(default_factory=dict,
-                                    description="model type -> why no gauge exists")
+    refused: dict[str, Refusal] = Field(default_factory=dict,
+                                        description="model type -> why no gauge exists")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> FamilyTable:
-        problems: list[str] = []
-        for name, rules in self.rule_sets.items():
-            for suffix, kind, axis in rules:
-                try:
-                    re.compile(suffix)
-                except re.error as exc:
-                    problems.append(f"rule set {name!r}: {suffix!r} is not a regex ({exc})")
-                if (kind == "H") != (axis is not None):
-                    problems.append(f"rule set {name!r}: {suffix!r}: op {kind} "
-                                    f"{'needs' if kind == 'H' else 'takes no'} axis")
-        used: set[str] = set()
-        owner: dict[str, str] = {}
-        for name, fam in self.families.items():
-            if fam.norm not in self.norms:
-                problems.append(f"family {name!r}: unknown norm {fam.norm!r} (known: "
-                                f"{', '.join(sorted(self.norms))})")
-            for s in fam.rule_sets:
-                used.add(s)
-                if s not in self.rule_sets:
-                    problems.append(f"family {name!r}: unknown rule set {s!r}")
-            norm = self.norms.get(fam.norm)
-            kinds = {k for s in fam.rule_sets for _, k, _ in self.rule_sets.get(s, [])}
-            if norm is not None and "LB" in kinds and not norm.bias:
-                problems.append(f"family {name!r}: its rules move a norm bias (LB) but norm "
-                                f"{fam.norm!r} has no bias")
-            if norm is not None and "G" in kinds and not norm.gain:
-                problems.append(f"family {name!r}: its rules move a norm gain (G) but norm "
-                                f"{fam.norm!r} has no gain")
-            for t in fam.model_types:
-                if t in owner:
-                    problems.append(f"model type {t!r} is in families {owner[t]!r} and {name!r}")
-                owner[t] = name
-        for t in self.refused:
+def _cross_check(doc: Mapping[str, Any]) -> list[str]:
+    """References between the table's parts, checked on the raw document so that they are
+    reported together with the field errors (unknown norms and rule sets, bad regexes,
+    a model type in two families, LB or G rules a norm cannot have, dead rule sets)."""
+    def section(name: str) -> dict[str, Any]:
+        value = doc.get(name)
+        return value if isinstance(value, dict) else {}
+
+    norms, rule_sets = section("norms"), section("rule_sets")
+    problems: list[str] = []
+    for name, rules in rule_sets.items():
+        for rule in rules if isinstance(rules, list) else []:
+            if not (isinstance(rule, list) and len(rule) == 3 and isinstance(rule[0], str)):
+                continue  # a field error
+            suffix, kind, axis = rule
+            try:
+                re.compile(suffix)
+            except re.error as exc:
+                problems.append(f"rule set {name!r}: {suffix!r} is not a regex ({exc})")
+            if (kind == "H") != (axis is not None):
+                problems.append(f"rule set {name!r}: {suffix!r}: op {kind} "
+                                f"{'needs' if kind == 'H' else 'takes no'} axis")
+    used: set[str] = set()
+    owner: dict[str, str] = {}
+    specs = [(f"family {n!r}", n, f) for n, f in section("families").items()]
+    specs += [(f"refusal {t!r}", None, r) for t, r in section("refused").items()]
+    for what, name, fam in specs:
+        if not isinstance(fam, dict):
+            continue
+        norm_name = fam.get("norm")
+        if isinstance(norm_name, str) and norm_name not in norms:
+            problems.append(f"{what}: unknown norm {norm_name!r} (known: "
+                            f"{', '.join(sorted(norms))})")
+        sets = [x for x in fam.get("rule_sets") or [] if isinstance(x, str)]
+        for x in sets:
+            used.add(x)
+            if x not in rule_sets:
+                problems.append(f"{what}: unknown rule set {x!r}")
+        norm = norms.get(norm_name) if isinstance(norm_name, str) else None
+        kinds = {r[1] for x in sets for r in rule_sets.get(x) or []
+                 if isinstance(r, list) and len(r) == 3}
+        if isinstance(norm, dict) and "LB" in kinds and not norm.get("bias", False):
+            problems.append(f"{what}: its rules move a norm bias (LB) but norm {norm_name!r} "
+                            "has no bias")
+        if isinstance(norm, dict) and "G" in kinds and not norm.get("gain", True):
+            problems.append(f"{what}: its rules move a norm gain (G) but norm {norm_name!r} "
+                            "has no gain")
+        if name is None:
+            continue
+        for t in fam.get("model_types") or []:
             if t in owner:
-                problems.append(f"model type {t!r} is both refused and in family {owner[t]!r}")
-        unused = sorted(set(self.rule_sets) - used)
-        if unused:
-            problems.append(f"rule sets used by no family: {', '.join(unused)}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+                problems.append(f"model type {t!r} is in families {owner[t]!r} and {name!r}")
+            owner[t] = name
+    for t in section("refused"):
+        if t in owner:
+            problems.append(f"model type {t!r} is both refused and in family {owner[t]!r}")
+    unused = sorted(set(rule_sets) - used)
+    if unused:
+        problems.append(f"rule sets used by no family: {', '.join(unused)}")
+    return problems
 
 
 def validate_table(doc: Mapping[str, Any], where: str = "families.json") -> FamilyTable:
-    """The table, validated; every problem in one :class:`GaugefixError`."""
+    """The table, validated: field errors (pydantic) and cross-references, every problem in
+    one :class:`GaugefixError`."""
+    problems: list[str] = []
+    tab = None
     try:
-        return FamilyTable.model_validate(doc)
+        tab = FamilyTable.model_validate(doc)
     except ValidationError as exc:
-        problems = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{loc}: {msg}" if loc else msg)
-        raise GaugefixError(f"{where}: {len(problems)} problem(s): "
-                            + "; ".join(problems)) from None
+            problems.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    problems += _cross_check(doc)
+    if problems or tab is None:
+        raise GaugefixError(f"{where}: {len(problems)} problem(s): " + "; ".join(problems))
+    return tab
 
 
 @cache
@@ -283,19 +315,29 @@ def _compile_rule(suffix: str, kind: OpKind, axis: int | None) -> Rule:
     return Rule(suffix, Op(kind, axis), re.compile(rf"(?:^|\.){suffix}$"))
 
 
+def _compile(tab: FamilyTable, name: str, spec: FamilySpec | Refusal,
+             model_types: tuple[str, ...]) -> Family:
+    return Family(
+        name=name,
+        model_types=model_types,
+        norm=spec.norm,
+        norm_spec=tab.norms[spec.norm],
+        rules=tuple(_compile_rule(*r) for s in spec.rule_sets for r in tab.rule_sets[s]),
+        layers=spec.layers,
+        conv1d=getattr(spec, "conv1d", False),
+    )
+
+
 def compile_families(tab: FamilyTable) -> dict[str, Family]:
-    return {
-        name: Family(
-            name=name,
-            model_types=tuple(spec.model_types),
-            norm=spec.norm,
-            norm_spec=tab.norms[spec.norm],
-            rules=tuple(_compile_rule(*r) for s in spec.rule_sets for r in tab.rule_sets[s]),
-            layers=spec.layers,
-            conv1d=spec.conv1d,
-        )
-        for name, spec in tab.families.items()
-    }
+    return {name: _compile(tab, name, spec, tuple(spec.model_types))
+            for name, spec in tab.families.items()}
+
+
+def refused_rules(model_type: str) -> Family:
+    """The rules that plan a refused model type's tensors (for the sweep's check only:
+    gaugefix never applies them)."""
+    tab = table()
+    return _compile(tab, f"refused:{model_type}", tab.refused[model_type], (model_type,))
 
 
 @cache
@@ -306,7 +348,8 @@ def families() -> dict[str, Family]:
 
 def refusal(model_type: str | None) -> str | None:
     """Why ``model_type``'s residual stream admits no signed-permutation gauge, if it does not."""
-    return table().refused.get(model_type or "")
+    spec = table().refused.get(model_type or "")
+    return None if spec is None else spec.reason
 
 
 def _refuse(model_type: str) -> None:
@@ -365,6 +408,7 @@ __all__ = [
     "get_family",
     "hidden_size_of",
     "refusal",
+    "refused_rules",
     "table",
     "validate_table",
 ]
