@@ -7,15 +7,18 @@ through :class:`~gaugefix.arch.Op`. Nothing here permutes or flips by itself.
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..arch import Op
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..shards import Move
+from ..io import atomic_dir, copy_files
+from ..shards import Layout, Move, read_layout, rewrite
 
 H0, H1, H2 = Op("H", 0), Op("H", 1), Op("H", 2)
 GAIN = Op("G")  # unsigned gather on axis 0
@@ -45,6 +48,48 @@ def ops_for(name: str, table: Sequence[TensorRule], what: str) -> tuple[Op, ...]
     return hits[0].ops
 
 
+def plan_names(names: Iterable[str], table: Sequence[TensorRule], what: str, *,
+               required: Mapping[str, str] | None = None, where: object = ""
+               ) -> dict[str, tuple[Op, ...]]:
+    """Each name's ops. Every name that matches no rule (or several) and every ``required``
+    tensor (label: pattern) that is missing is named in one error."""
+    names = list(names)
+    plan: dict[str, tuple[Op, ...]] = {}
+    unknown: list[str] = []
+    for name in names:
+        hits = [r for r in table if r.matches(name)]
+        if len(hits) == 1:
+            plan[name] = hits[0].ops
+        else:
+            unknown.append(name)
+    missing = [label for label, pattern in (required or {}).items()
+               if not any(re.fullmatch(pattern, n) for n in names)]
+    problems = []
+    if unknown:
+        listed = ", ".join(map(repr, unknown))
+        problems.append(f"tensor {listed} matches no rule" if len(unknown) == 1
+                        else f"tensors {listed} match no rule")
+    if missing:
+        problems.append(f"required tensor{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(map(repr, missing))} missing")
+    if problems:
+        at = f" in {where}" if where else ""
+        raise GaugefixError(f"{what}: {'; '.join(problems)}{at}; unknown layout")
+    return plan
+
+
+def check_width(name: str, shape: Sequence[int], ops: Sequence[Op], gauge: SignedPerm,
+                what: str) -> None:
+    """Every residual axis of ``ops`` has the gauge's width (an error naming the tensor)."""
+    for op in ops:
+        axis = op.residual_axis
+        if axis is None:
+            continue
+        if not -len(shape) <= axis < len(shape) or shape[axis] != gauge.d:
+            raise GaugefixError(f"width mismatch: {what} tensor {name} has shape "
+                                f"{list(shape)}, expected {gauge.d} on axis {axis} ({op})")
+
+
 def move(tensor: Any, ops: Sequence[Op], gauge: SignedPerm, *, unsigned: bool = False) -> Any:
     """Apply each op in turn (e.g. both axes of a skip matrix)."""
     for op in ops:
@@ -67,11 +112,8 @@ def table_moves(layout: Any, plan: Mapping[str, tuple[Op, ...]], gauge: SignedPe
     moves: dict[str, Any] = {}
     for e in layout.entries:
         ops = plan[e.name]
+        check_width(e.name, e.shape, ops, gauge, what)
         axes = [op.residual_axis for op in ops if op.residual_axis is not None]
-        for op, axis in zip(ops, axes, strict=False):
-            if axis >= len(e.shape) or e.shape[axis] != gauge.d:
-                raise GaugefixError(f"width mismatch: {what} tensor {e.name} has shape "
-                                    f"{list(e.shape)}, expected {gauge.d} on axis {axis} ({op})")
         if not axes:
             moves[e.name] = None
         elif len(ops) == 1:
@@ -81,6 +123,43 @@ def table_moves(layout: Any, plan: Mapping[str, tuple[Op, ...]], gauge: SignedPe
         else:  # several residual axes (a skip matrix): the whole tensor, op after op
             moves[e.name] = Move(gauge, 0, whole=lambda t, ops=ops: move(t, ops, gauge))
     return moves
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One safetensors file of a folder with its tensors' moves planned (nothing read but the
+    header): :func:`write_folder` streams it through :func:`gaugefix.shards.rewrite`."""
+
+    layout: Layout
+    moves: dict[str, Any]
+
+
+def plan_file(path: Path, table: Sequence[TensorRule], gauge: SignedPerm, what: str,
+              file_what: str, *, required: Mapping[str, str] | None = None) -> Planned:
+    """Read a safetensors header and plan every tensor by ``table`` (unknown and missing
+    tensors named at once, residual widths checked)."""
+    layout = read_layout(path, file_what)
+    plan = plan_names((e.name for e in layout.entries), table, what, required=required,
+                      where=path.name)
+    return Planned(layout, table_moves(layout, plan, gauge, what))
+
+
+FileWriter = Callable[[Path, Path], None]
+
+
+def write_folder(src: Path, dst: Path, files: Mapping[str, Planned | FileWriter], *,
+                 record: Mapping[str, Any], overwrite: bool) -> None:
+    """The moved folder, published atomically: every other top-level file copied along, each
+    planned safetensors file rewritten (the transport recorded in its metadata), each other
+    named file written by its writer ``(source file, output file)``."""
+    with atomic_dir(dst, overwrite=overwrite, inputs=(src,)) as tmp:
+        copy_files(src, tmp, set(files))
+        for name, how in files.items():
+            if isinstance(how, Planned):
+                rewrite(src / name, tmp / name, how.moves,
+                        metadata={**how.layout.metadata, "gaugefix": json.dumps(record)})
+            else:
+                how(src / name, tmp / name)
 
 
 def transport_record(gauge: SignedPerm, inverse: bool, gauge_file: str | None) -> dict[str, Any]:

@@ -8,20 +8,21 @@ architecture using the same tensor names). EleutherAI sparsify folders
 Forward pass ``(x − b_dec) W_enc + b_enc → acts → acts W_dec + b_dec``: the
 encoder reads the residual on axis 0, the decoder writes it on axis 1, ``b_dec``
 lives in it, a skip matrix has it on both axes; latent-space tensors are untouched.
+A cfg saying the SAE was trained on a TransformerLens model with centred writing weights
+refuses per-coordinate signs (:mod:`gaugefix.transport.tlens`).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_dir, copy_files, json_type, read_json
-from ..shards import read_layout, rewrite
-from .base import H0, H1, UNTOUCHED, ops_for, rules, table_moves
+from ..io import json_type, read_json
+from .base import H0, H1, UNTOUCHED, plan_file, rules, write_folder
+from .tlens import check_tl_processing
 
 LATENT = r"b_enc|threshold|log_threshold|b_gate|b_mag|r_mag"
 SAELENS_RULES = rules([
@@ -78,6 +79,7 @@ def check_residual(cfg: dict[str, Any], gauge: SignedPerm, where: Path) -> None:
         raise GaugefixError(f"{where}: normalize_activations='layer_norm' subtracts the mean, "
                             "which commutes only with permutations and one global sign; this "
                             "gauge has per-coordinate signs")
+    check_tl_processing(cfg, gauge, where)
 
 
 def transport_sae(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
@@ -99,13 +101,7 @@ def transport_sae(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
     if layout == "sparsify" and "hookpoint" not in cfg and re.search(r"(layers|h)\.\d", src.name):
         cfg = {**cfg, "hookpoint": src.name}  # sparsify names the folder after the hookpoint
     check_residual(cfg, gauge, src)
-    what = f"sae ({layout})"
-    files = read_layout(src / weights, "SAE weights file")
-    moves = table_moves(files, {e.name: ops_for(e.name, table, what) for e in files.entries},
-                        gauge, what)
-    with atomic_dir(dst, overwrite=overwrite, inputs=(src,)) as tmp:
-        copy_files(src, tmp, {weights})
-        rewrite(src / weights, tmp / weights, moves,
-                metadata={**files.metadata, "gaugefix": json.dumps(record)})
+    planned = plan_file(src / weights, table, gauge, f"sae ({layout})", "SAE weights file")
+    write_folder(src, dst, {weights: planned}, record=record, overwrite=overwrite)
     return {"layout": layout, "architecture": cfg.get("architecture", "standard"),
-            "tensors": len(files.entries), "hooks": hook_names(cfg)}
+            "tensors": len(planned.layout.entries), "hooks": hook_names(cfg)}
