@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - older typer
     from click.exceptions import ClickException, NoArgsIsHelpError
 
 from .errors import GaugefixError, GaugefixWarning
+from .registry import check_options, kinds_help, methods_help, transport_kind
 
 
 class Interrupted(KeyboardInterrupt):
@@ -728,9 +729,10 @@ def compare(
 # ---------------------------------------------------------------------------- transport
 @command(inputs=("source", "gauge", "model", "checkpoint"), outputs=("output",))
 def transport(
-    kind: Annotated[str, typer.Argument(help="steering, sae, neurons, lora or optim")],
+    kind: Annotated[str, typer.Argument(help=kinds_help())],
     source: Annotated[Path, typer.Argument(help="the object, in chart A (B with --inverse)")],
-    gauge: Annotated[Path, typer.Option(help="gauge A → B")],
+    gauge: Annotated[list[str], typer.Option(help="gauge A → B; a per-slot kind takes one "
+                     "per slot, in order ('-' leaves a slot unchanged)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="where to write the moved "
                       "object (same format as the input)")],
     inverse: Annotated[bool, typer.Option(help="move from B back to A")] = False,
@@ -742,27 +744,23 @@ def transport(
         "fingerprint")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
-    """Move a steering vector, SAE, neuron list, LoRA adapter or optimizer state to chart B."""
+    """Move a coordinate-indexed object (steering vector, SAE, transcoder, crosscoder, neuron
+    list, LoRA adapter, optimizer state, ...) to chart B, in its own format."""
     from .group import SignedPerm
     from .transport import transport as run
 
-    options: dict[str, Any] = {}
-    if model is not None:
-        if kind not in ("lora", "optim"):
-            raise GaugefixError("--model goes with the lora and optim kinds")
-        options["model"] = model
-    if family is not None:
-        if kind != "lora":
-            raise GaugefixError("--family goes with the lora kind")
-        options["family"] = family
-    g = SignedPerm.load(gauge)
+    options: dict[str, Any] = {k: v for k, v in (("model", model), ("family", family))
+                               if v is not None}
+    check_options(transport_kind(kind), options)
+    gauges = [None if g == "-" else SignedPerm.load(Path(g)) for g in gauge]
+    g: Any = gauges[0] if len(gauges) == 1 and gauges[0] is not None else gauges
     if checkpoint is not None:
         from .canonical import fingerprint as fp
 
         options["checkpoint"] = {"name": checkpoint,
                                  "fingerprint": fp(checkpoint, discrete_only=True).fingerprint}
     info = run(kind, source, output, g, inverse=inverse, overwrite=overwrite,
-               gauge_file=str(gauge), **options)
+               gauge_file=", ".join(gauge), **options)
     detail = ", ".join(f"{k} {v}" for k, v in info.items())
     written(f"{kind}: {detail} → {output} ({'B → A' if inverse else 'A → B'})")
 
@@ -774,7 +772,7 @@ def merge(
     output: Annotated[Path, typer.Option("-o", "--output", help="merged checkpoint")],
     gauge: Annotated[Path | None, typer.Option(help="gauge A → B (B is moved by its "
                      "inverse); omit only with --unaligned")] = None,
-    method: Annotated[str, typer.Option(help="linear, slerp or task-arithmetic")] = "linear",
+    method: Annotated[str, typer.Option(help=methods_help())] = "linear",
     weight: Annotated[float, typer.Option(callback=_range(), help="weight of B (0..1 for "
                                           "linear and slerp)")] = 0.5,
     base: Annotated[Path | None, typer.Option(help="task-arithmetic: the common base, in "

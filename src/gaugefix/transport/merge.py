@@ -27,17 +27,18 @@ from ..checkpoint import Checkpoint
 from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import atomic_dir, copy_files, no_bar, transaction
+from ..registry import MERGE_METHODS, merge_method
 from ..shards import ElementReader, Entry, element_blocks, read_layout, torch_dtype
-
-MERGE_METHODS = ("linear", "slerp", "task-arithmetic")
 
 
 def check_weight(method: str, weight: float) -> None:
     if not math.isfinite(weight):
         raise GaugefixError(f"merge weight must be a finite number, got {weight}")
-    if method in ("linear", "slerp") and not 0.0 <= weight <= 1.0:
-        raise GaugefixError(f"a {method} merge weight must lie in 0..1, got {weight} "
-                            "(task-arithmetic takes any scale)")
+    lo_hi = merge_method(method).weight_range
+    if lo_hi is not None and not lo_hi[0] <= weight <= lo_hi[1]:
+        free = [m.name for m in MERGE_METHODS.values() if m.weight_range is None]
+        raise GaugefixError(f"a {method} merge weight must lie in {lo_hi[0]:g}..{lo_hi[1]:g}, "
+                            f"got {weight} ({' and '.join(free)} takes any scale)")
 
 
 def check_same_layout(reference: Checkpoint, others: dict[str, Checkpoint]) -> None:
@@ -73,12 +74,9 @@ def merge_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPer
     weight, every tensor's name and shape), and the merge and ``export_aligned`` appear
     together or not at all.
     """
-    if method not in MERGE_METHODS:
-        raise GaugefixError(f"unknown merge method {method!r}; choose from "
-                            f"{', '.join(MERGE_METHODS)}")
     check_weight(method, weight)
-    if method == "task-arithmetic" and base is None:
-        raise GaugefixError("task-arithmetic needs --base (the common base, in A's chart)")
+    if merge_method(method).needs_base and base is None:
+        raise GaugefixError(f"{method} needs --base (the common base, in A's chart)")
     ca, cb = Checkpoint.open(model_a), Checkpoint.open(model_b)
     cbase = Checkpoint.open(base) if base is not None else None
     if ca.family.name != cb.family.name:
