@@ -151,5 +151,5 @@ def test_hub_id_without_network_is_a_clear_error(tmp_path, cli, monkeypatch):
     before = _listing(tmp_path)
     res = cli("inspect", "some-org/some-model-that-is-not-cached", ok=False)
     assert res.exit_code == 2
-    assert "not a local directory, and fetching it from the hub failed" in res.stderr
+    assert "not a local directory, and not in the local Hugging Face cache" in res.stderr
     assert _listing(tmp_path) == before

@@ -26,7 +26,8 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "to
 
 
 def resolve_model_dir(model: str | Path) -> Path:
-    """A local checkpoint directory, downloading a hub id when the user has the network."""
+    """A local checkpoint directory, or a hub id: from the local Hugging Face cache, or
+    downloaded when the user has the network (with ``HF_HUB_OFFLINE=1``, the cache only)."""
     p = Path(model)
     if p.is_dir():
         note_input(p)
@@ -35,16 +36,31 @@ def resolve_model_dir(model: str | Path) -> Path:
         raise GaugefixError(f"{model} is a file; expected a checkpoint directory")
     text = str(model)
     if text.count("/") == 1 and not text.startswith((".", "/")):
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError
-
-        try:
-            return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
-        except (HfHubHTTPError, OSError, ValueError) as exc:  # offline, not found, bad id
-            first = str(exc).strip().split("\n", 1)[0]
-            raise GaugefixError(f"{model}: not a local directory, and fetching it from the hub "
-                                f"failed ({type(exc).__name__}: {first})") from None
+        snapshot = _hub_snapshot(text)
+        note_input(snapshot)
+        return snapshot
     raise GaugefixError(f"checkpoint directory not found: {model}")
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The snapshot directory of ``repo_id`` (default branch) in the HF cache, fetched first
+    unless the hub is off (``HF_HUB_OFFLINE``); every failure is one clear GaugefixError."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except (HfHubHTTPError, OSError, ValueError) as exc:  # offline, not found, bad id
+        first = str(exc).strip().split("\n", 1)[0]
+        if offline and type(exc) is LocalEntryNotFoundError:  # not an incomplete snapshot
+            raise GaugefixError(
+                f"{repo_id}: not a local directory, and not in the local Hugging Face cache "
+                f"({constants.HF_HUB_CACHE}); offline mode is on (HF_HUB_OFFLINE), so it was not "
+                "downloaded (download it once with network access, or unset HF_HUB_OFFLINE)"
+            ) from None
+        raise GaugefixError(f"{repo_id}: not a local directory, and fetching it from the hub "
+                            f"failed ({type(exc).__name__}: {first})") from None
 
 
 @dataclass
