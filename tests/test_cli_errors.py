@@ -50,7 +50,7 @@ def test_unknown_key(tmp_path, cli, llama):
     sd["model.layers.0.adapter.weight"] = torch.zeros(4, 64)
     save_file(sd, llama / "model.safetensors", metadata={"format": "pt"})
     _expect_error(cli, tmp_path, ["apply", llama, tmp_path / "B", "--random", 1],
-                  "'model.layers.0.adapter.weight' matches no rule")
+                  "match no rule of the architecture map: model.layers.0.adapter.weight;")
 
 
 def test_width_mismatch(tmp_path, cli, llama):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -20,6 +21,21 @@ from gaugefix.verify import compare_models, probe_tokens
 from .conftest import FAMILIES, LAYERNORM_FAMILIES
 
 
+def tolerance(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """What float32 rounding can do to this model's logits: a gauge reorders sums, which
+    perturbs each weight's contribution by about an ulp. A tiny random model may amplify that
+    a lot (Gemma 4 turns a 1e-7 relative weight noise into 1e-4 of its logits), so the bound
+    is measured, not assumed: 20× the effect of 1e-7 relative weight noise, at least 1e-5. A
+    wrong gauge changes logits by order one (the group test below asserts > 1e-2)."""
+    noisy = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.mul_(1 + 1e-7 * torch.randn(p.shape, generator=gen).to(p.dtype))
+        a, b = model(ids).logits, noisy(ids).logits
+    return max(1e-5, 20 * float((a - b).abs().max() / a.abs().max()))
+
+
 def _load_all(path):
     out = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -34,10 +50,11 @@ def test_apply_random_then_verify_from_the_cli(family, tiny_ckpt, tmp_path, cli)
     g_path, inv_path = tmp_path / "g.json", tmp_path / "inv.json"
 
     cli("apply", src, dst, "--random", 11, "--gauge-out", g_path)
-    res = cli("verify", src, dst, "--gauge", g_path, "--tol", "1e-5", "--json")
+    tol = tolerance(AutoModelForCausalLM.from_pretrained(src), probe_tokens(128, 128, 64))
+    res = cli("verify", src, dst, "--gauge", g_path, "--tol", str(tol), "--json")
     report = json.loads(res.stdout)
-    assert report["passed"] and report["max_rel_err"] < 1e-5, report
-    layers = AutoModelForCausalLM.from_pretrained(src).config.num_hidden_layers
+    assert report["passed"] and report["max_rel_err"] < tol, report
+    layers = AutoModelForCausalLM.from_pretrained(src).config.get_text_config().num_hidden_layers
     assert len(report["hidden_rel_err"]) == layers + 1  # embeddings + layers, all moved
 
     doc = json.loads(g_path.read_text())
@@ -74,7 +91,7 @@ def test_in_memory_api(family):
     model_b = gauge_model(model, g)
     ids = probe_tokens(128, 128, 64)
     rep = compare_models(model, model_b, g, ids)
-    assert rep.max_rel_err < 1e-5, rep
+    assert rep.max_rel_err < tolerance(model, ids), rep
     # the original is untouched; state-dict API agrees with the module API
     sd_b = gauge_state_dict(model.state_dict(), g, fam)
     for k, v in model_b.state_dict().items():
@@ -104,9 +121,10 @@ def test_the_family_table_states_the_group_the_model_computes(family):
     global_neg = SignedPerm(per_coord.perm, -np.ones(64, dtype=np.int64))
     kept = compare_models(model, force_gauge(model, global_neg), global_neg, ids)
     signed = compare_models(model, force_gauge(model, per_coord), per_coord, ids)
-    assert kept.max_rel_err < 1e-5, kept
+    tol = tolerance(model, ids)
+    assert tol < 5e-3 and kept.max_rel_err < tol, kept  # well below the O(1) of a wrong gauge
     if get_family(family).allows_signs:
-        assert signed.max_rel_err < 1e-5, signed
+        assert signed.max_rel_err < tol, signed
     else:
         assert signed.logits_rel_err > 1e-2, signed
 

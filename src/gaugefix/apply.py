@@ -95,6 +95,7 @@ class ApplyReport:
     d: int
     n_tensors: int = 0
     n_transformed: int = 0
+    n_tower: int = 0  # tensors of vision/audio towers, left as they are
     ops: dict[str, int] = field(default_factory=dict)
     shards: int = 0
     bytes_written: int = 0
@@ -150,6 +151,7 @@ def write_gauged_weights(ckpt: Checkpoint, out_dir: Path, gauge: SignedPerm,
         report.ops[str(op)] = report.ops.get(str(op), 0) + 1
     report.n_tensors = len(plan)
     report.n_transformed = sum(1 for op in plan.values() if op.residual_axis is not None)
+    report.n_tower = sum(1 for k in plan if ckpt.family.in_tower(k))
     if ckpt.index_file is not None:
         shutil.copy2(ckpt.index_file, out_dir / ckpt.index_file.name)
     hashes = Hashes(identities, identities)  # one stream over the shards, in order

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .arch import detect_family
+from .arch import detect_family, hidden_size_of
 from .errors import GaugefixError
 from .group import SignedPerm
 from .io import json_type, read_json
@@ -187,7 +187,7 @@ def last_token_states(model: torch.nn.Module, prompts: list[list[int]],
     by_len: dict[int, list[int]] = {}
     for n, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(n)  # equal lengths batch without padding
-    out = torch.empty(len(prompts), model.config.hidden_size, dtype=torch.float64)
+    out = torch.empty(len(prompts), hidden_size_of(model.config), dtype=torch.float64)
     with ResidualTap(model, detect_family(model.config), [position]) as tap:
         for idx in by_len.values():
             getattr(model, "base_model", model)(input_ids=torch.tensor([prompts[i] for i in idx]))

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .arch import Family
+from .arch import Family, hidden_size_of
 from .checkpoint import Checkpoint
 from .errors import GaugefixError
 from .group import SignedPerm
@@ -155,7 +155,7 @@ def canonical_chart(model: str | Path | Any, *, discrete_only: bool = False) -> 
         from .arch import detect_family
 
         fam: Family = detect_family(model.config)
-        d = int(model.config.hidden_size)
+        d = hidden_size_of(model.config)
         name = type(model).__name__
     else:
         ck = Checkpoint.open(model)

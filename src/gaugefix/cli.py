@@ -379,6 +379,9 @@ def apply(
         f"({', '.join(f'{k}×{n}' for k, n in sorted(rep.ops.items()))}) in {rep.shards} "
         f"shard(s), {rep.bytes_written / 1e6:.1f} MB → {output}"
     )
+    if rep.n_tower:
+        written(f"{rep.n_tower} tensors of the vision/audio tower(s) left as they are (they "
+                "never touch the text model's residual stream)")
     if gauge_out is not None:
         meta = {"source": checkpoint_identity(ckpt.path, rep.source_sha256),
                 "target": {"name": str(output), "sha256": rep.sha256}, "method": method}

@@ -160,11 +160,13 @@ def _hidden(cfg: Any) -> int | None:
 
 
 def towers(cfg: Any) -> list[str]:
-    """The non-text sub-configs (vision, audio, ...) of a multimodal config."""
+    """The non-text sub-configs (vision, audio, ...) a multimodal config class declares, set
+    or not (a tiny default may leave the vision tower out; real checkpoints have it)."""
     from transformers import PretrainedConfig
 
-    return sorted(k for k, v in vars(cfg).items()
-                  if isinstance(v, PretrainedConfig) and k != "text_config")
+    declared = set(getattr(type(cfg), "sub_configs", None) or {})
+    present = {k for k, v in vars(cfg).items() if isinstance(v, PretrainedConfig)}
+    return sorted((declared | present) - {"text_config"})
 
 
 def sweep_one(model_type: str, seed: int = 0) -> Coverage:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .arch import Family, detect_family
+from .arch import Family, detect_family, hidden_size_of
 from .checkpoint import Checkpoint
 from .errors import GaugefixError
 from .group import SignedPerm
@@ -55,7 +55,7 @@ PER_POSITION_BYTES = 2 << 30
 
 def _family_and_width(ref: ModelRef) -> tuple[Family, int, str]:
     if isinstance(ref, torch.nn.Module):
-        return detect_family(ref.config), int(ref.config.hidden_size), type(ref).__name__
+        return detect_family(ref.config), hidden_size_of(ref.config), type(ref).__name__
     ck = Checkpoint.open(ref)
     return ck.family, ck.hidden_size, str(ref)
 
@@ -169,7 +169,7 @@ class StatsOptions:
 
 
 def _vocab_size(ref: ModelRef) -> int:
-    return int(ref.config.vocab_size) if isinstance(ref, torch.nn.Module) else \
+    return int(ref.config.get_text_config().vocab_size) if isinstance(ref, torch.nn.Module) else \
         Checkpoint.open(ref).vocab_size
 
 
@@ -424,8 +424,8 @@ def evidence_options(ref: ModelRef, d: int, opts: StatsOptions | None) -> StatsO
         return opts
     positions = opts.positions
     if positions is None:
-        n_layers = int(ref.config.num_hidden_layers) if isinstance(ref, torch.nn.Module) \
-            else Checkpoint.open(ref).n_layers
+        n_layers = (int(ref.config.get_text_config().num_hidden_layers)
+                    if isinstance(ref, torch.nn.Module) else Checkpoint.open(ref).n_layers)
         positions = evidence_positions(n_layers, d)
     return dataclasses.replace(opts, per_position=True, positions=positions)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .arch import Family, detect_family
+from .arch import Family, detect_family, hidden_size_of
 from .distributed import World, all_reduce_count, all_reduce_moments, share, world
 from .errors import GaugefixError
 from .io import load_npy, no_bar, note_input, torch_load
@@ -391,7 +391,7 @@ def collect_stats(
     fam_a, fam_b = detect_family(model_a.config), detect_family(model_b.config)
     if fam_a.name != fam_b.name:
         raise GaugefixError(f"different families: {fam_a.name} vs {fam_b.name}")
-    d_a, d_b = model_a.config.hidden_size, model_b.config.hidden_size
+    d_a, d_b = hidden_size_of(model_a.config), hidden_size_of(model_b.config)
     if d_a != d_b:
         raise GaugefixError(f"different hidden sizes: {d_a} vs {d_b}")
     tap_a, tap_b = ResidualTap(model_a, fam_a, positions), ResidualTap(model_b, fam_b, positions)

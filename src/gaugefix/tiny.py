@@ -78,6 +78,8 @@ TINY_SIZES: dict[str, Any] = {
     "v_head_dim": 16, "sliding_window": 32,
     # SSM heads × head size = mamba_expand (2) × hidden
     "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_ssm": 128,
+    "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 16,
+    "num_kv_shared_layers": 0, "laurel_rank": 8,
     "n_group": 2, "topk_group": 1,  # expert groups (DeepSeek routing) dividing 4 experts
 }
 
@@ -94,15 +96,33 @@ def _sub_configs(cfg: Any) -> list[Any]:
     return out
 
 
+def _has(cfg: Any, key: str) -> bool:
+    """hasattr, where a per-layer attribute (which refuses a global read) counts."""
+    try:
+        return hasattr(cfg, key)
+    except Exception:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        return True
+
+
+def _per_layer_overrides(cfg: Any) -> dict[str, dict[str, Any]]:
+    """``per_layer_config``: per-layer exceptions keyed by the layer's index."""
+    with contextlib.suppress(Exception):
+        value = cfg.to_dict().get("per_layer_config")
+        if isinstance(value, dict) and all(str(k).isdigit() for k in value):
+            return {str(k): dict(v) for k, v in value.items() if isinstance(v, dict)}
+    return {}
+
+
 def _per_layer_lists(cfg: Any) -> dict[str, list[Any]]:
-    """The config's per-layer lists (``layer_types``, ``mlp_layer_types``, ...): attributes
-    holding one entry per layer of the full-size model."""
+    """The config's per-layer lists (``layer_types``, ``mlp_layer_types``, a per-layer
+    ``intermediate_size``, ...): attributes holding one entry per layer of the full-size
+    model."""
     n = getattr(cfg, "num_hidden_layers", None)
     if not isinstance(n, int) or n <= TINY_SIZES["num_hidden_layers"]:
         return {}
     out = {}
     for key in dir(cfg):
-        if key.startswith("_") or not ("layer" in key or "block" in key):
+        if key.startswith("_"):
             continue
         with contextlib.suppress(Exception):
             value = getattr(cfg, key)
@@ -119,22 +139,33 @@ def shrunk_config(model_type: str) -> Any:
     cfg = AutoConfig.for_model(model_type)
     for target in _sub_configs(cfg):
         per_layer = _per_layer_lists(target)
+        overrides = _per_layer_overrides(target)
         for key, value in TINY_SIZES.items():
-            if hasattr(target, key):
-                with contextlib.suppress(AttributeError, TypeError, ValueError):
-                    setattr(target, key, value)
-        if per_layer:  # one layer of each kind (attention, SSM, MoE, ...), at least two
+            if _has(target, key):
+                with contextlib.suppress(Exception):
+                    current = getattr(target, key)  # a per-layer list stays a list
+                    setattr(target, key, [value] * len(current)
+                            if isinstance(current, list) and value is not None else value)
+        if per_layer:  # one layer of each kind (attention, SSM, MoE, ...), the first two, the last
             keep: list[int] = []
             for values in per_layer.values():
                 first = {repr(v): i for i, v in reversed(list(enumerate(values)))}
                 if len(first) <= 4:  # kinds of layer, not per-layer values (indices, sizes)
                     keep.extend(first.values())
-            keep = sorted(set(keep) | set(range(TINY_SIZES["num_hidden_layers"])))
-            keep = keep if len(keep) > 2 else keep[:2]
+            # the last layer too: models constrain it (Gemma 4: full attention)
+            n = len(next(iter(per_layer.values())))
+            keep = sorted(set(keep) | set(range(TINY_SIZES["num_hidden_layers"])) | {n - 1})
             with contextlib.suppress(AttributeError, TypeError, ValueError):
                 target.num_hidden_layers = len(keep)
-                for key, values in per_layer.items():
+            for key, values in sorted(per_layer.items(), key=lambda kv: kv[0] != "layer_types"):
+                with contextlib.suppress(AttributeError, TypeError, ValueError):
                     setattr(target, key, [values[i] for i in keep])
+            if overrides:  # per-layer exceptions (Gemma 4's wider full-attention heads)
+                width = len(next(iter(overrides)))
+                target.per_layer_config = {
+                    f"{new:0{width}d}": {k: 2 * TINY_SIZES[k] if k == "head_dim" else
+                                         TINY_SIZES.get(k, v) for k, v in o.items()}
+                    for new, old in enumerate(keep) if (o := overrides.get(f"{old:0{width}d}"))}
         if hasattr(target, "qk_rope_head_dim") and hasattr(target, "qk_nope_head_dim"):
             # MLA: derived sizes the config computed from the originals
             with contextlib.suppress(AttributeError, TypeError, ValueError):
@@ -156,11 +187,18 @@ def shrunk_config(model_type: str) -> Any:
 # structure a tiny config would otherwise leave out (dotted paths into nested configs)
 STRUCTURE: dict[str, dict[str, Any]] = {
     "mllama": {"text_config.cross_attention_layers": [1]},  # its cross-attention layers
+    "gemma3": {"vision_config.image_size": 64, "mm_tokens_per_image": 4,  # 4×4 patches → 2×2
+               "image_token_id": 127, "image_token_index": 127, "boi_token_index": 126,
+               "eoi_token_index": 125},
     "opt": {"word_embed_proj_dim": 64},  # OPT-350m's embedding projection is not mapped
     "gptj": {"rotary_dim": 8}, "codegen": {"rotary_dim": 8},  # at most the head size 16
     "mamba2": {"num_heads": 8},  # heads × head_dim (16) = expand (2) × hidden
-    "gpt_neo": {"attention_types": [[["global", "local"], 1]],  # one layer of each kind
-                "attention_layers": ["global", "local"]},
+    # hybrid stacks whose default config has no attention layer: give them one
+    "jamba": {"attn_layer_offset": 1, "attn_layer_period": 2},
+    "bamba": {"attn_layer_indices": [1]},
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention", "linear_attention"]},
+    "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0},  # as released
+    "gpt_neo": {"attention_types": [[["global", "local"], 1], [["local"], 1]]},  # = its layers
 }
 MAX_PARAMETERS = 20_000_000  # a tiny config that still builds more is refused, not built
 

@@ -109,7 +109,7 @@ def verify_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPe
         raise GaugefixError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     a = load_causal_lm(ca.path, DTYPES[dtype])
     b = load_causal_lm(cb.path, DTYPES[dtype])
-    vocab = min(a.config.vocab_size, b.config.vocab_size)
+    vocab = min(a.config.get_text_config().vocab_size, b.config.get_text_config().vocab_size)
     max_len = getattr(a.config, "max_position_embeddings", None) or getattr(
         a.config, "n_positions", None) or 128
     ids = probe_tokens(vocab, n_tokens, min(128, max_len), seed)

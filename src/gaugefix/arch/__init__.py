@@ -87,6 +87,10 @@ class FamilySpec(BaseModel):
     rule_sets: list[str] = Field(min_length=1)
     layers: str = Field(description="module path of the decoder-layer list")
     conv1d: bool = Field(False, description="linear weights stored [in, out] (GPT-2 Conv1D)")
+    towers: list[str] = Field(default_factory=list, description="modules of a multimodal "
+                              "checkpoint outside the text model (vision or audio towers): "
+                              "their tensors never touch the residual stream and stay as "
+                              "they are, whatever rule their names would match")
 
 
 class Refusal(BaseModel):
@@ -134,6 +138,8 @@ def _cross_check(doc: Mapping[str, Any]) -> list[str]:
                 re.compile(suffix)
             except re.error as exc:
                 problems.append(f"rule set {name!r}: {suffix!r} is not a regex ({exc})")
+            if isinstance(axis, int) and not isinstance(axis, bool) and axis < 0:
+                problems.append(f"rule set {name!r}: {suffix!r}: axis {axis} (count from 0)")
             if (kind == "H") != (axis is not None):
                 problems.append(f"rule set {name!r}: {suffix!r}: op {kind} "
                                 f"{'needs' if kind == 'H' else 'takes no'} axis")
@@ -162,6 +168,11 @@ def _cross_check(doc: Mapping[str, Any]) -> list[str]:
         if isinstance(norm, dict) and "G" in kinds and not norm.get("gain", True):
             problems.append(f"{what}: its rules move a norm gain (G) but norm {norm_name!r} "
                             "has no gain")
+        for tower in fam.get("towers") or []:
+            try:
+                re.compile(tower)
+            except re.error as exc:
+                problems.append(f"{what}: tower {tower!r} is not a regex ({exc})")
         if name is None:
             continue
         for t in fam.get("model_types") or []:
@@ -236,6 +247,11 @@ class Family:
     rules: tuple[Rule, ...]
     layers: str = "model.layers"
     conv1d: bool = False
+    towers: re.Pattern[str] | None = None
+
+    def in_tower(self, key: str) -> bool:
+        """Whether ``key`` belongs to a vision/audio tower (untouched)."""
+        return self.towers is not None and self.towers.search(key) is not None
 
     @property
     def allows_signs(self) -> bool:
@@ -277,6 +293,9 @@ class Family:
         unmatched: list[str] = []
         ambiguous: list[str] = []
         for k in keys:
+            if self.in_tower(k):
+                out[k] = Op("-")
+                continue
             hits = self.match(k)
             if len(hits) == 1:
                 out[k] = hits[0].op
@@ -325,6 +344,8 @@ def _compile(tab: FamilyTable, name: str, spec: FamilySpec | Refusal,
         rules=tuple(_compile_rule(*r) for s in spec.rule_sets for r in tab.rule_sets[s]),
         layers=spec.layers,
         conv1d=getattr(spec, "conv1d", False),
+        towers=re.compile(rf"(?:^|\.)(?:{'|'.join(towers)})\.") if (
+            towers := getattr(spec, "towers", [])) else None,
     )
 
 
@@ -389,11 +410,14 @@ def detect_family(config: Mapping[str, Any] | Any) -> Family:
 
 
 def hidden_size_of(config: Mapping[str, Any] | Any) -> int:
+    """The residual width: the config's, or its text model's (a multimodal checkpoint)."""
     cfg = config if isinstance(config, Mapping) else config.to_dict()
-    for key in ("hidden_size", "n_embd", "d_model"):
-        if isinstance(cfg.get(key), int):
-            return int(cfg[key])
-    raise GaugefixError("config has no hidden size (hidden_size / n_embd / d_model)")
+    for c in (cfg, cfg.get("text_config") or {}):
+        for key in ("hidden_size", "n_embd", "d_model"):
+            if isinstance(c.get(key), int) and not isinstance(c.get(key), bool):
+                return int(c[key])
+    raise GaugefixError("config has no hidden size (hidden_size / n_embd / d_model, nor in "
+                        "text_config)")
 
 
 __all__ = [
