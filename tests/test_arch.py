@@ -144,3 +144,17 @@ def test_a_model_type_without_a_gauge_is_refused_with_the_reason():
 def test_tiny_config_translates_gpt2_size_names():
     cfg = tiny_config("gpt2", hidden_size=32, num_hidden_layers=3)
     assert (cfg.n_embd, cfg.n_layer) == (32, 3)
+
+
+def test_the_cli_refuses_a_model_without_a_gauge_in_one_line(tmp_path, cli):
+    from transformers import AutoModelForCausalLM
+
+    from gaugefix.tiny import shrunk_config
+
+    AutoModelForCausalLM.from_config(shrunk_config("xglm")).save_pretrained(tmp_path / "xglm")
+    res = cli("apply", tmp_path / "xglm", tmp_path / "B", "--random", 1, ok=False)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: model_type 'xglm' admits no residual gauge: adds a fixed "
+                               "sinusoidal position encoding")
+    assert not (tmp_path / "B").exists()
