@@ -27,7 +27,6 @@ $(STAMP): $(BIN)/python pyproject.toml
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pip install --quiet --no-deps 'steering-vectors==0.12.2'
-	$(BIN)/python -m pip install --quiet --no-deps 'mergekit==0.1.5' 'immutables==0.21'
 	touch $(TEST_STAMP)
 
 demo: $(STAMP)
