@@ -158,3 +158,23 @@ def test_the_cli_refuses_a_model_without_a_gauge_in_one_line(tmp_path, cli):
     assert lines[0].startswith("error: model_type 'xglm' admits no residual gauge: adds a fixed "
                                "sinusoidal position encoding")
     assert not (tmp_path / "B").exists()
+
+
+def test_a_residual_map_moves_on_both_axes():
+    """HH: a d×d map from the residual stream to itself (Gemma 3n's AltUp projections)
+    becomes P·W·Pᵀ with signs on both sides; the op takes no axis."""
+    from gaugefix.arch import Op
+    from gaugefix.group import SignedPerm
+
+    g = SignedPerm.random(8, seed=1, positive_fraction=0.5)
+    w = torch.randn(8, 8, generator=torch.Generator().manual_seed(2))
+    hh = Op("HH")
+    assert hh.axes == (0, 1) and hh.signed
+    assert torch.equal(hh(g, w), g.apply(g.apply(w, 0), 1))
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(g.apply(x @ w.T, -1), g.apply(x, -1) @ hh(g, w).T, atol=1e-6)
+    with pytest.raises(GaugefixError, match="takes no axis"):
+        Op("HH", 0)
+    fam = detect_family({"model_type": "gemma3n_text"})
+    assert fam.op_for("model.altup_projections.0.weight") == hh
+    assert fam.role("model.altup_projections.0.weight") == "residual map"

@@ -138,8 +138,8 @@ def test_gemmascope_bad_inputs(tmp_path, cli, gauge_file):
     src = _gemmascope_folder(tmp_path, arrays, sub="bad")
     _cli_error(cli, tmp_path, ["transport", "gemmascope", src, "--gauge", gauge_file, "-o",
                                tmp_path / "o"],
-               "tensors 'W_extra', 'log_threshold' match no rule",
-               "required tensor 'threshold' missing")
+               "2 tensor name(s) match no rule: W_extra, log_threshold",
+               "required tensor(s) missing: threshold")
     narrow = _gemmascope_folder(tmp_path, _gemmascope_arrays(d=32), sub="narrow")
     _cli_error(cli, tmp_path, ["transport", "gemmascope", narrow, "--gauge", gauge_file, "-o",
                                tmp_path / "o"], "width mismatch", "W_enc")
@@ -343,7 +343,7 @@ def test_crosscoder_bad_inputs(tmp_path, cli, gauge_file):
     torch.save({**_ck_state(), "W_gate": torch.zeros(2), "mystery": torch.zeros(1)},
                src / "cc_weights.pt")
     _cli_error(cli, tmp_path, ["transport", "crosscoder", src, "--gauge", gauge_file, "-o",
-                               tmp_path / "o"], "tensors 'W_gate', 'mystery' match no rule")
+                               tmp_path / "o"], "2 tensor name(s) match no rule: W_gate, mystery")
     narrow = tmp_path / "narrow"
     narrow.mkdir()
     torch.save({"W_enc": torch.zeros(2, 32, F), "W_dec": torch.zeros(F, 2, 32),
@@ -438,8 +438,8 @@ def test_circuit_tracer_bad_inputs(tmp_path, cli, gauge_file):
                "W_skip_1": torch.zeros(D, D), "junk": torch.zeros(1)},
               str(src / "W_enc_1.safetensors"))
     _cli_error(cli, tmp_path, ["transport", "clt", src, "--gauge", gauge_file, "-o",
-                               tmp_path / "o"], "'W_skip_1', 'junk' match no rule",
-               "required tensor 'b_enc_1' missing")
+                               tmp_path / "o"], "match no rule: W_skip_1, junk",
+               "required tensor(s) missing: b_enc_1")
     src2, _ = _clt(tmp_path / "clt2")
     (src2 / "W_dec_2.safetensors").unlink()
     _cli_error(cli, tmp_path, ["transport", "clt", src2, "--gauge", gauge_file, "-o",

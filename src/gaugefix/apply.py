@@ -29,15 +29,12 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int,
 
 def _check_widths(plan: Mapping[str, Op], shapes: Mapping[str, tuple[int, ...]], d: int) -> None:
     for key, op in plan.items():
-        axis = op.residual_axis
-        if axis is None:
-            continue
         shape = shapes[key]
-        if axis >= len(shape) or shape[axis] != d:
-            raise GaugefixError(
-                f"width mismatch: {key} has shape {list(shape)}, expected {d} on axis {axis} "
-                f"for op {op}"
-            )
+        for axis in op.axes:
+            if axis >= len(shape) or shape[axis] != d:
+                raise GaugefixError(
+                    f"width mismatch: {key} has shape {list(shape)}, expected {d} on axis "
+                    f"{axis} for op {op}")
 
 
 def gauge_state_dict(

@@ -165,7 +165,9 @@ def canonical_chart(model: str | Path | Any, *, discrete_only: bool = False) -> 
         keys = sorted(reader.slices.shapes)
         plan = fam.plan(keys)
         gains = [k for k in keys if plan[k].kind == "G"]
-        signed = [k for k in keys if plan[k].signed]
+        # the chart is read from tensors with one residual axis; a residual-to-residual map
+        # (HH) moves on both and is only carried along
+        signed = [k for k in keys if plan[k].signed and len(plan[k].axes) == 1]
         if not signed:
             raise GaugefixError(f"{name}: no residual tensor carries a sign")
         gain_bits = (np.stack([reader.block(k, 0, None, d)[:, 0] for k in gains], 1)
@@ -256,7 +258,7 @@ def _tensor_digests(model: str | Path, gauge: SignedPerm) -> dict[str, str]:
     import mmap
 
     from .apply import plan_checkpoint
-    from .shards import BLOCK_BYTES, Move, _blocks, _move, itemsize, read_layout
+    from .shards import BLOCK_BYTES, _blocks, _Job, _move, itemsize, move_of, read_layout
 
     ck = Checkpoint.open(model)
     plan = plan_checkpoint(ck, gauge)
@@ -294,11 +296,16 @@ def _tensor_digests(model: str | Path, gauge: SignedPerm) -> dict[str, str]:
             from .shards import torch_dtype
 
             h = hashlib.sha256(f"{torch_dtype(e.dtype)} {list(e.shape)}".encode())
-            axis = op.residual_axis
-            if axis is None:
+            move = move_of(op, gauge, len(e.shape))
+            if move is None:
                 h.update(data[e.begin:e.end])
                 return h.hexdigest()
-            move = Move(gauge, axis if axis >= 0 else axis + len(e.shape), op.signed)
+            if move.whole is not None:  # a residual-to-residual map: whole, in torch
+                dst = bytearray(e.end - e.begin)
+                _move(_Job(0, len(dst), move, e.dtype, e.shape), data[e.begin:e.end],
+                      memoryview(dst))
+                h.update(dst)
+                return h.hexdigest()
             buf = bytearray(BLOCK_BYTES)
             for job in _blocks(e, move):
                 if not job.n:

@@ -330,7 +330,9 @@ def weight_evidence(a: ModelRef, b: ModelRef, *, features: int | None = DEFAULT_
     fam, d = check_pair(a, b)
     sa, sb = _Slices(a), _Slices(b)
     try:
-        keys = [k for k in sorted(sa.shapes) if fam.op_for(k).residual_axis is not None]
+        # tensors with one residual axis (a residual-to-residual map moves on two: its
+        # slices along one are not equivariant, so it is no evidence here)
+        keys = [k for k in sorted(sa.shapes) if len(fam.op_for(k).axes) == 1]
         missing = [k for k in keys if k not in sb.shapes]
         if missing:
             raise GaugefixError(f"{_name(b)} lacks {', '.join(missing[:5])}")

@@ -421,19 +421,22 @@ def rewrite(src: Path, dst: Path, moves: Mapping[str, Move | None], *,
     return written
 
 
+def move_of(op: Any, gauge: SignedPerm, ndim: int) -> Move | None:
+    """How an :class:`~gaugefix.arch.Op` moves a tensor of ``ndim`` axes: along its residual
+    axis, in blocks; whole when it has two (a residual-to-residual map); None: untouched."""
+    axes = op.axes
+    if not axes:
+        return None
+    if len(axes) > 1:
+        return Move(gauge, 0, whole=lambda t: op(gauge, t))
+    return Move(gauge, axes[0] if axes[0] >= 0 else axes[0] + ndim, op.signed)
+
+
 def gauge_moves(plan: Mapping[str, Any], gauge: SignedPerm, layout: Layout
                 ) -> dict[str, Move | None]:
     """Per tensor of ``layout``: how the plan's :class:`~gaugefix.arch.Op` moves it (its
     residual axis, signed or not), or None for untouched tensors."""
-    out: dict[str, Move | None] = {}
-    for e in layout.entries:
-        op = plan[e.name]
-        axis = op.residual_axis
-        if axis is None:
-            out[e.name] = None
-            continue
-        out[e.name] = Move(gauge, axis if axis >= 0 else axis + len(e.shape), op.signed)
-    return out
+    return {e.name: move_of(plan[e.name], gauge, len(e.shape)) for e in layout.entries}
 
 
 class ElementReader:

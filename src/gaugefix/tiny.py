@@ -113,11 +113,10 @@ def _per_layer_overrides(cfg: Any) -> dict[str, dict[str, Any]]:
     return {}
 
 
-def _per_layer_lists(cfg: Any) -> dict[str, list[Any]]:
+def _per_layer_lists(cfg: Any, n: Any) -> dict[str, list[Any]]:
     """The config's per-layer lists (``layer_types``, ``mlp_layer_types``, a per-layer
     ``intermediate_size``, ...): attributes holding one entry per layer of the full-size
-    model."""
-    n = getattr(cfg, "num_hidden_layers", None)
+    model (``n`` layers)."""
     if not isinstance(n, int) or n <= TINY_SIZES["num_hidden_layers"]:
         return {}
     out = {}
@@ -138,7 +137,7 @@ def shrunk_config(model_type: str) -> Any:
 
     cfg = AutoConfig.for_model(model_type)
     for target in _sub_configs(cfg):
-        per_layer = _per_layer_lists(target)
+        n_layers = getattr(target, "num_hidden_layers", None)
         overrides = _per_layer_overrides(target)
         for key, value in TINY_SIZES.items():
             if _has(target, key):
@@ -146,6 +145,7 @@ def shrunk_config(model_type: str) -> Any:
                     current = getattr(target, key)  # a per-layer list stays a list
                     setattr(target, key, [value] * len(current)
                             if isinstance(current, list) and value is not None else value)
+        per_layer = _per_layer_lists(target, n_layers)  # sizes in them already shrunk
         if per_layer:  # one layer of each kind (attention, SSM, MoE, ...), the first two, the last
             keep: list[int] = []
             for values in per_layer.values():

@@ -16,30 +16,31 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import GaugefixError
 from ..group import SignedPerm
 
-OpKind = Literal["H", "G", "LB", "-"]
+OpKind = Literal["H", "HH", "G", "LB", "-"]
 LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 
 
 @dataclass(frozen=True)
 class Op:
-    """How one tensor transforms: H(axis), G, LB, or untouched (``-``)."""
+    """How one tensor transforms: H(axis), HH (a map from the residual stream to itself:
+    d on axes 0 and 1, moved on both), G, LB, or untouched (``-``)."""
 
     kind: OpKind
     axis: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("H", "G", "LB", "-"):
+        if self.kind not in ("H", "HH", "G", "LB", "-"):
             raise GaugefixError(f"unknown op {self.kind!r}")
         if (self.kind == "H") != (self.axis is not None):
             need = "needs" if self.kind == "H" else "takes no"
@@ -47,19 +48,26 @@ class Op:
 
     @property
     def residual_axis(self) -> int | None:
-        """The axis carrying the hidden dimension, or None for untouched tensors."""
-        return {"H": self.axis, "G": 0, "LB": 0, "-": None}[self.kind]
+        """The (first) axis carrying the hidden dimension, or None for untouched tensors."""
+        return {"H": self.axis, "HH": 0, "G": 0, "LB": 0, "-": None}[self.kind]
+
+    @property
+    def axes(self) -> tuple[int, ...]:
+        """Every axis carrying the hidden dimension."""
+        if self.kind == "HH":
+            return (0, 1)
+        return () if self.residual_axis is None else (self.residual_axis,)
 
     @property
     def signed(self) -> bool:
-        return self.kind in ("H", "LB")
+        return self.kind in ("H", "HH", "LB")
 
     def __call__(self, gauge: SignedPerm, tensor: Any, *, signed: bool | None = None) -> Any:
         """Transport ``tensor``; ``signed=False`` forces the unsigned version (second moments)."""
-        axis = self.residual_axis
-        if axis is None:
-            return tensor
-        return gauge.apply(tensor, axis, self.signed if signed is None else signed and self.signed)
+        sign = self.signed if signed is None else signed and self.signed
+        for axis in self.axes:
+            tensor = gauge.apply(tensor, axis, sign)
+        return tensor
 
     def __str__(self) -> str:
         return f"H({self.axis})" if self.kind == "H" else self.kind
@@ -238,6 +246,44 @@ def _summarise(keys: Iterable[str], limit: int = 12) -> str:
     return ", ".join(names[:limit]) + more
 
 
+T = TypeVar("T")
+
+
+def plan_rules(names: Iterable[str], hits: Callable[[str], Sequence[tuple[str, T]]], what: str,
+               *, of: str = "", required: Mapping[str, str] | None = None, where: object = "",
+               tail: str = "refusing to guess their residual axis") -> dict[str, T]:
+    """Each name's rule value, for checkpoints (a family's rules) and objects (a format's
+    table) alike: ``hits(name)`` gives the (label, value) of every rule the name matches.
+    Names no rule matches, names several rules match and ``required`` tensors (label: full
+    pattern) that are missing are all named in one error, layer numbers collapsed."""
+    names = list(names)
+    out: dict[str, T] = {}
+    unmatched: list[str] = []
+    several: list[str] = []
+    for k in names:
+        found = hits(k)
+        if len(found) == 1:
+            out[k] = found[0][1]
+        elif not found:
+            unmatched.append(k)
+        else:
+            several.append(f"{collapse_layers(k)} ({', '.join(label for label, _ in found)})")
+    missing = [label for label, pattern in (required or {}).items()
+               if not any(re.fullmatch(pattern, n) for n in names)]
+    if unmatched or several or missing:
+        parts = []
+        if unmatched:
+            n = len(dict.fromkeys(map(collapse_layers, unmatched)))
+            parts.append(f"{n} tensor name(s) match no rule{of}: {_summarise(unmatched)}")
+        if several:
+            parts.append(f"tensors matching several rules: {'; '.join(dict.fromkeys(several))}")
+        if missing:
+            parts.append(f"required tensor(s) missing: {', '.join(missing)}")
+        at = f" (in {where})" if where else ""
+        raise GaugefixError(f"{what}: {'; '.join(parts)}{at}; {tail}")
+    return out
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -281,6 +327,8 @@ class Family:
         """'reader' or 'writer' of the residual stream for a linear module's weight, from
         its name (never its shape); 'other' when it does not touch the stream."""
         op = self.op_for(weight_key)
+        if op.kind == "HH":
+            return "residual map"  # reads and writes the stream: no reader/writer table
         if op.kind != "H" or op.axis not in (0, 1):
             return "other"
         reads_on = 0 if self.conv1d else 1
@@ -288,31 +336,13 @@ class Family:
 
     def plan(self, keys: Iterable[str]) -> dict[str, Op]:
         """The op of every key. Keys no rule matches, or several do, are reported all at
-        once (layer numbers collapsed to ``{i}``), never guessed."""
-        out: dict[str, Op] = {}
-        unmatched: list[str] = []
-        ambiguous: list[str] = []
-        for k in keys:
-            if self.in_tower(k):
-                out[k] = Op("-")
-                continue
-            hits = self.match(k)
-            if len(hits) == 1:
-                out[k] = hits[0].op
-            elif not hits:
-                unmatched.append(k)
-            else:
-                ambiguous.append(f"{collapse_layers(k)} ({', '.join(r.suffix for r in hits)})")
-        if unmatched or ambiguous:
-            parts = []
-            if unmatched:
-                n = len(dict.fromkeys(map(collapse_layers, unmatched)))
-                parts.append(f"{n} tensor name(s) match no rule of the architecture map: "
-                             f"{_summarise(unmatched)}; refusing to guess their residual axis")
-            if ambiguous:
-                several = "; ".join(dict.fromkeys(ambiguous))
-                parts.append(f"tensors matching several rules: {several}")
-            raise GaugefixError(f"{self.name}: " + "; ".join(parts))
+        once (layer numbers collapsed to ``{i}``), never guessed; a tower's keys are
+        untouched."""
+        keys = list(keys)
+        out = {k: Op("-") for k in keys if self.in_tower(k)}
+        out.update(plan_rules((k for k in keys if k not in out),
+                              lambda k: [(r.suffix, r.op) for r in self.match(k)], self.name,
+                              of=" of the architecture map"))
         return out
 
     def check_gauge(self, gauge: SignedPerm, hidden_size: int | None = None) -> None:
@@ -431,6 +461,7 @@ __all__ = [
     "families",
     "get_family",
     "hidden_size_of",
+    "plan_rules",
     "refusal",
     "refused_rules",
     "table",

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..arch import Op
+from ..arch import Op, plan_rules
 from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import atomic_dir, copy_files
-from ..shards import Layout, Move, read_layout, rewrite
+from ..shards import Layout, Move, move_of, read_layout, rewrite
 
 H0, H1, H2 = Op("H", 0), Op("H", 1), Op("H", 2)
 GAIN = Op("G")  # unsigned gather on axis 0
@@ -41,51 +41,26 @@ def rules(table: Sequence[tuple[str, tuple[Op, ...]]]) -> tuple[TensorRule, ...]
 
 
 def ops_for(name: str, table: Sequence[TensorRule], what: str) -> tuple[Op, ...]:
-    hits = [r for r in table if r.matches(name)]
-    if len(hits) != 1:
-        reason = "matches no rule" if not hits else "matches several rules"
-        raise GaugefixError(f"{what}: tensor {name!r} {reason}; unknown layout")
-    return hits[0].ops
+    return plan_names([name], table, what)[name]
 
 
 def plan_names(names: Iterable[str], table: Sequence[TensorRule], what: str, *,
                required: Mapping[str, str] | None = None, where: object = ""
                ) -> dict[str, tuple[Op, ...]]:
     """Each name's ops. Every name that matches no rule (or several) and every ``required``
-    tensor (label: pattern) that is missing is named in one error."""
-    names = list(names)
-    plan: dict[str, tuple[Op, ...]] = {}
-    unknown: list[str] = []
-    for name in names:
-        hits = [r for r in table if r.matches(name)]
-        if len(hits) == 1:
-            plan[name] = hits[0].ops
-        else:
-            unknown.append(name)
-    missing = [label for label, pattern in (required or {}).items()
-               if not any(re.fullmatch(pattern, n) for n in names)]
-    problems = []
-    if unknown:
-        listed = ", ".join(map(repr, unknown))
-        problems.append(f"tensor {listed} matches no rule" if len(unknown) == 1
-                        else f"tensors {listed} match no rule")
-    if missing:
-        problems.append(f"required tensor{'s' if len(missing) > 1 else ''} "
-                        f"{', '.join(map(repr, missing))} missing")
-    if problems:
-        at = f" in {where}" if where else ""
-        raise GaugefixError(f"{what}: {'; '.join(problems)}{at}; unknown layout")
-    return plan
+    tensor (label: pattern) that is missing is named in one error (the same planning as a
+    checkpoint's, :func:`gaugefix.arch.plan_rules`)."""
+    return plan_rules(names, lambda n: [(r.pattern, r.ops) for r in table if r.matches(n)],
+                      what, required=required, where=where, tail="unknown layout")
 
 
 def check_width(name: str, shape: Sequence[int], ops: Sequence[Op], gauge: SignedPerm,
                 what: str) -> None:
     """Every residual axis of ``ops`` has the gauge's width (an error naming the tensor)."""
     for op in ops:
-        axis = op.residual_axis
-        if axis is None:
-            continue
-        if not -len(shape) <= axis < len(shape) or shape[axis] != gauge.d:
+        for axis in op.axes:
+            if -len(shape) <= axis < len(shape) and shape[axis] == gauge.d:
+                continue
             raise GaugefixError(f"width mismatch: {what} tensor {name} has shape "
                                 f"{list(shape)}, expected {gauge.d} on axis {axis} ({op})")
 
@@ -100,7 +75,7 @@ def move(tensor: Any, ops: Sequence[Op], gauge: SignedPerm, *, unsigned: bool = 
 def transport_tensors(tensors: Mapping[str, Any], table: Sequence[TensorRule],
                       gauge: SignedPerm, what: str) -> dict[str, Any]:
     """Every tensor moved by its rule; an unknown name is an error naming it."""
-    plan = {k: ops_for(k, table, what) for k in tensors}
+    plan = plan_names(tensors, table, what)
     return {k: move(v, plan[k], gauge).contiguous() if plan[k] else v
             for k, v in tensors.items()}
 
@@ -113,13 +88,9 @@ def table_moves(layout: Any, plan: Mapping[str, tuple[Op, ...]], gauge: SignedPe
     for e in layout.entries:
         ops = plan[e.name]
         check_width(e.name, e.shape, ops, gauge, what)
-        axes = [op.residual_axis for op in ops if op.residual_axis is not None]
-        if not axes:
-            moves[e.name] = None
-        elif len(ops) == 1:
-            axis = axes[0] if axes[0] >= 0 else axes[0] + len(e.shape)
-            signed = ops[0].signed
-            moves[e.name] = Move(gauge, axis, signed)
+        active = [op for op in ops if op.axes]
+        if len(active) <= 1:  # one op: blocks along its axis, or whole for a residual map
+            moves[e.name] = move_of(active[0], gauge, len(e.shape)) if active else None
         else:  # several residual axes (a skip matrix): the whole tensor, op after op
             moves[e.name] = Move(gauge, 0, whole=lambda t, ops=ops: move(t, ops, gauge))
     return moves

@@ -42,6 +42,9 @@ LORA_TABLE: dict[str, dict[str, tuple[Op, ...]]] = {
     "writer": {"lora_A.weight": UNTOUCHED, "lora_B.weight": (H0,), "lora_B.bias": (H0,),
                "lora_magnitude_vector": (GAIN,)},
     "embedding": {"lora_embedding_A": UNTOUCHED, "lora_embedding_B": (H0,)},
+    # a map from the residual stream to itself (HH): B·A moves as P·B·A·Pᵀ
+    "residual map": {"lora_A.weight": (H1,), "lora_B.weight": (H0,), "lora_B.bias": (H0,),
+                     "lora_magnitude_vector": (GAIN,)},
     "other": {"lora_A.weight": UNTOUCHED, "lora_B.weight": UNTOUCHED, "lora_B.bias": UNTOUCHED,
               "lora_magnitude_vector": UNTOUCHED},
 }
