@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .arch import Family, Op, detect_family, get_family, hidden_size_of
+from .arch import Family, Op, check_width, detect_family, get_family, hidden_size_of
 from .checkpoint import Checkpoint, load_shard
 from .errors import GaugefixError
 from .group import SignedPerm
@@ -29,12 +29,7 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int,
 
 def _check_widths(plan: Mapping[str, Op], shapes: Mapping[str, tuple[int, ...]], d: int) -> None:
     for key, op in plan.items():
-        shape = shapes[key]
-        for axis in op.axes:
-            if axis >= len(shape) or shape[axis] != d:
-                raise GaugefixError(
-                    f"width mismatch: {key} has shape {list(shape)}, expected {d} on axis "
-                    f"{axis} for op {op}")
+        check_width(key, shapes[key], (op,), d)
 
 
 def gauge_state_dict(

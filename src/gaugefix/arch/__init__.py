@@ -73,6 +73,18 @@ class Op:
         return f"H({self.axis})" if self.kind == "H" else self.kind
 
 
+def check_width(name: str, shape: Sequence[int], ops: Iterable[Op], d: int,
+                what: str = "") -> None:
+    """Every residual axis of ``ops`` has width ``d``: the one width check, for checkpoints
+    and objects alike, made before anything is written (an error naming the tensor)."""
+    for op in ops:
+        for axis in op.axes:
+            if not (-len(shape) <= axis < len(shape) and shape[axis] == d):
+                raise GaugefixError(f"width mismatch: {what + ' tensor ' if what else ''}{name} "
+                                    f"has shape {list(shape)}, expected {d} on axis {axis} "
+                                    f"({op})")
+
+
 # ---------------------------------------------------------------------------------------------
 # The table's schema (validated on load; every problem reported at once)
 
@@ -456,6 +468,7 @@ __all__ = [
     "Norm",
     "Op",
     "Rule",
+    "check_width",
     "collapse_layers",
     "detect_family",
     "families",

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..arch import Op, plan_rules
-from ..errors import GaugefixError
+from ..arch import Op, check_width, plan_rules
 from ..group import SignedPerm
 from ..io import atomic_dir, copy_files
 from ..shards import Layout, Move, move_of, read_layout, rewrite
@@ -54,17 +53,6 @@ def plan_names(names: Iterable[str], table: Sequence[TensorRule], what: str, *,
                       what, required=required, where=where, tail="unknown layout")
 
 
-def check_width(name: str, shape: Sequence[int], ops: Sequence[Op], gauge: SignedPerm,
-                what: str) -> None:
-    """Every residual axis of ``ops`` has the gauge's width (an error naming the tensor)."""
-    for op in ops:
-        for axis in op.axes:
-            if -len(shape) <= axis < len(shape) and shape[axis] == gauge.d:
-                continue
-            raise GaugefixError(f"width mismatch: {what} tensor {name} has shape "
-                                f"{list(shape)}, expected {gauge.d} on axis {axis} ({op})")
-
-
 def move(tensor: Any, ops: Sequence[Op], gauge: SignedPerm, *, unsigned: bool = False) -> Any:
     """Apply each op in turn (e.g. both axes of a skip matrix)."""
     for op in ops:
@@ -87,7 +75,7 @@ def table_moves(layout: Any, plan: Mapping[str, tuple[Op, ...]], gauge: SignedPe
     moves: dict[str, Any] = {}
     for e in layout.entries:
         ops = plan[e.name]
-        check_width(e.name, e.shape, ops, gauge, what)
+        check_width(e.name, e.shape, ops, gauge.d, what)
         active = [op for op in ops if op.axes]
         if len(active) <= 1:  # one op: blocks along its axis, or whole for a residual map
             moves[e.name] = move_of(active[0], gauge, len(e.shape)) if active else None

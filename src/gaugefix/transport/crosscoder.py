@@ -150,7 +150,7 @@ def plan_tensors(shapes: dict[str, tuple[int, ...]], gauge: Gauges, where: Path)
         piece = shape[:axis] + shape[axis + 1:]
         for g in gauges:
             if g is not None:
-                check_width(n, piece, ops[b], g, what)
+                check_width(n, piece, ops[b], g.d, what)
     return Plan(lay, {n: ops[b] for n, b in bare.items()}, slots, gauges)
 
 

@@ -123,7 +123,7 @@ def plan_npz(path: Path, gauge: SignedPerm, what: str) -> list[NpyMember]:
             for info, name in zip(infos, names, strict=True):
                 with z.open(info) as f:
                     shape, fortran, dtype, _ = _npy_header(f, f"{path}:{name}")
-                check_width(name, shape, plan[name], gauge, what)
+                check_width(name, shape, plan[name], gauge.d, what)
                 members.append(NpyMember(info, name, shape, fortran, dtype, plan[name]))
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise GaugefixError(f"{path}: not a readable .npz file ({exc})") from None
