@@ -178,3 +178,22 @@ def test_a_residual_map_moves_on_both_axes():
     fam = detect_family({"model_type": "gemma3n_text"})
     assert fam.op_for("model.altup_projections.0.weight") == hh
     assert fam.role("model.altup_projections.0.weight") == "residual map"
+
+
+def test_a_concatenation_of_streams_moves_block_by_block():
+    """An axis holding [h, e] (Zamba2's shared block reads the hidden state and the
+    embeddings side by side) moves by the gauge in each block: the tiled gauge."""
+    from gaugefix.arch import Op
+    from gaugefix.group import SignedPerm
+
+    g = SignedPerm.random(8, seed=4, positive_fraction=0.5)
+    h, e = (torch.randn(3, 8, generator=torch.Generator().manual_seed(s)) for s in (5, 6))
+    w = torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
+    reader = Op("H", 1, blocks=2)
+    x = torch.cat([h, e], -1)
+    moved_x = torch.cat([g.apply(h, -1), g.apply(e, -1)], -1)
+    assert torch.allclose(moved_x @ reader(g, w).T, x @ w.T, atol=1e-6)
+    assert g.tiled(2).tiled(1) == g.tiled(2) and g.tiled(2).d == 16
+    assert str(reader) == "H(1)×2"
+    with pytest.raises(GaugefixError, match="cannot have 2 blocks"):
+        Op("LB", None, 2)

@@ -57,3 +57,29 @@ def test_not_mapped_rows_name_the_closest_family_and_what_it_leaves(rows):
     rest = [r for r in rows if r.status == "not mapped"]
     assert all(("closest:" in r.detail and "unplanned" in r.detail) or "multimodal" in r.detail
                or "plan every tensor, but" in r.detail for r in rest), rest
+
+
+def test_the_check_fails_on_a_wrong_rule():
+    """The sweep's check can fail: a gain a rule leaves untouched, a reader moved on the wrong
+    axis, a concatenated axis moved as one stream. Every constant tensor is made generic
+    first, whatever the rules under test call it."""
+    import dataclasses
+
+    from gaugefix.arch import Op, get_family
+    from gaugefix.coverage import check_family
+    from gaugefix.tiny import build_tiny
+
+    def wrong(family: str, suffix: str, op: Op) -> str | None:
+        fam = get_family(family)
+        rules = tuple(dataclasses.replace(r, op=op) if suffix in r.suffix else r
+                      for r in fam.rules)
+        assert rules != fam.rules
+        return check_family(build_tiny(family, generic=False),
+                            dataclasses.replace(fam, rules=rules), 64)
+
+    assert check_family(build_tiny("llama", generic=False), get_family("llama"), 64) is None
+    assert wrong("llama", "input_layernorm", Op("-")).startswith("function changed")
+    assert wrong("llama", "mlp\\.(gate|up)_proj\\.weight", Op("H", 0)) is not None
+    assert wrong("zamba2", "shared_transformer\\.input_layernorm", Op("-")).startswith(
+        "function changed")
+    assert "width mismatch" in wrong("zamba2", "self_attn\\.[qkv]_proj", Op("H", 1))

@@ -164,10 +164,11 @@ def canonical_chart(model: str | Path | Any, *, discrete_only: bool = False) -> 
     try:
         keys = sorted(reader.slices.shapes)
         plan = fam.plan(keys)
-        gains = [k for k in keys if plan[k].kind == "G"]
-        # the chart is read from tensors with one residual axis; a residual-to-residual map
-        # (HH) moves on both and is only carried along
-        signed = [k for k in keys if plan[k].signed and len(plan[k].axes) == 1]
+        # the chart is read from tensors with one residual axis of width d; a residual map
+        # (HH, both axes) or a concatenation of streams (blocks) is only carried along
+        single = {k for k in keys if len(plan[k].axes) == 1 and plan[k].blocks == 1}
+        gains = [k for k in keys if plan[k].kind == "G" and k in single]
+        signed = [k for k in keys if plan[k].signed and k in single]
         if not signed:
             raise GaugefixError(f"{name}: no residual tensor carries a sign")
         gain_bits = (np.stack([reader.block(k, 0, None, d)[:, 0] for k in gains], 1)

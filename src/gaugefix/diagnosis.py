@@ -53,7 +53,7 @@ def gain_fingerprint(
     is_gain: list[bool] = []
     for key in sorted(tensors):
         op = family.op_for(key)
-        if op.kind in ("G", "LB"):
+        if op.kind in ("G", "LB") and op.blocks == 1:
             offset = family.gain_offset if op.kind == "G" else 0.0
             cols.append(tensors[key].detach().double().cpu().numpy() + offset)
             is_gain.append(op.kind == "G")

@@ -330,9 +330,10 @@ def weight_evidence(a: ModelRef, b: ModelRef, *, features: int | None = DEFAULT_
     fam, d = check_pair(a, b)
     sa, sb = _Slices(a), _Slices(b)
     try:
-        # tensors with one residual axis (a residual-to-residual map moves on two: its
-        # slices along one are not equivariant, so it is no evidence here)
-        keys = [k for k in sorted(sa.shapes) if len(fam.op_for(k).axes) == 1]
+        # tensors with one residual axis of width d (a residual-to-residual map moves on two,
+        # so its slices along one are not equivariant; a concatenation has width k·d)
+        keys = [k for k in sorted(sa.shapes)
+                if len(fam.op_for(k).axes) == 1 and fam.op_for(k).blocks == 1]
         missing = [k for k in keys if k not in sb.shapes]
         if missing:
             raise GaugefixError(f"{_name(b)} lacks {', '.join(missing[:5])}")

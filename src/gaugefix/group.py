@@ -176,6 +176,16 @@ class SignedPerm:
         """Matrix product ``self @ other``: apply ``other`` first, then ``self``."""
         return other.then(self)
 
+    def tiled(self, k: int) -> SignedPerm:
+        """This gauge on an axis of ``k`` residual streams side by side (a concatenation
+        ``[h, e]`` read as one vector): block-diagonal, every block this gauge."""
+        if k == 1:
+            return self
+        if k < 1:
+            raise GaugefixError(f"cannot tile a gauge {k} times")
+        return SignedPerm(np.concatenate([self.perm + i * self.d for i in range(k)]),
+                          np.tile(self.sign, k))
+
     def inverse(self) -> SignedPerm:
         inv = np.empty_like(self.perm)
         inv[self.perm] = np.arange(self.d)

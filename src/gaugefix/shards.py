@@ -429,7 +429,7 @@ def move_of(op: Any, gauge: SignedPerm, ndim: int) -> Move | None:
         return None
     if len(axes) > 1:
         return Move(gauge, 0, whole=lambda t: op(gauge, t))
-    return Move(gauge, axes[0] if axes[0] >= 0 else axes[0] + ndim, op.signed)
+    return Move(gauge.tiled(op.blocks), axes[0] if axes[0] >= 0 else axes[0] + ndim, op.signed)
 
 
 def gauge_moves(plan: Mapping[str, Any], gauge: SignedPerm, layout: Layout

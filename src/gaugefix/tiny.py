@@ -197,6 +197,9 @@ STRUCTURE: dict[str, dict[str, Any]] = {
     "jamba": {"attn_layer_offset": 1, "attn_layer_period": 2},
     "bamba": {"attn_layer_indices": [1]},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention", "linear_attention"]},
+    # Zamba2's shared block reads [hidden, embeddings]: twice the hidden size
+    "zamba2": {"attention_hidden_size": 128, "attention_head_dim": 32, "mamba_headdim": 16,
+               "hybrid_layer_ids": [2]},  # its shrunk layers: mamba, mamba, hybrid, mamba
     "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0},  # as released
     "gpt_neo": {"attention_types": [[["global", "local"], 1], [["local"], 1]]},  # = its layers
 }

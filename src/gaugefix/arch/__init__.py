@@ -38,10 +38,13 @@ class Op:
 
     kind: OpKind
     axis: int | None = None
+    blocks: int = 1  # >1: the axis holds that many residual streams side by side ([h, e])
 
     def __post_init__(self) -> None:
         if self.kind not in ("H", "HH", "G", "LB", "-"):
             raise GaugefixError(f"unknown op {self.kind!r}")
+        if self.blocks < 1 or (self.blocks > 1 and self.kind not in ("H", "G")):
+            raise GaugefixError(f"op {self.kind} cannot have {self.blocks} blocks")
         if (self.kind == "H") != (self.axis is not None):
             need = "needs" if self.kind == "H" else "takes no"
             raise GaugefixError(f"op {self.kind} {need} axis")
@@ -65,12 +68,14 @@ class Op:
     def __call__(self, gauge: SignedPerm, tensor: Any, *, signed: bool | None = None) -> Any:
         """Transport ``tensor``; ``signed=False`` forces the unsigned version (second moments)."""
         sign = self.signed if signed is None else signed and self.signed
+        gauge = gauge.tiled(self.blocks)
         for axis in self.axes:
             tensor = gauge.apply(tensor, axis, sign)
         return tensor
 
     def __str__(self) -> str:
-        return f"H({self.axis})" if self.kind == "H" else self.kind
+        name = f"H({self.axis})" if self.kind == "H" else self.kind
+        return name if self.blocks == 1 else f"{name}×{self.blocks}"
 
 
 def check_width(name: str, shape: Sequence[int], ops: Iterable[Op], d: int,
@@ -79,10 +84,10 @@ def check_width(name: str, shape: Sequence[int], ops: Iterable[Op], d: int,
     and objects alike, made before anything is written (an error naming the tensor)."""
     for op in ops:
         for axis in op.axes:
-            if not (-len(shape) <= axis < len(shape) and shape[axis] == d):
+            if not (-len(shape) <= axis < len(shape) and shape[axis] == d * op.blocks):
                 raise GaugefixError(f"width mismatch: {what + ' tensor ' if what else ''}{name} "
-                                    f"has shape {list(shape)}, expected {d} on axis {axis} "
-                                    f"({op})")
+                                    f"has shape {list(shape)}, expected {d * op.blocks} on axis "
+                                    f"{axis} ({op})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +130,8 @@ class Refusal(BaseModel):
     layers: str = "model.layers"
 
 
-RuleSpec = tuple[str, OpKind, int | None]
+# [suffix, op, axis] or [suffix, op, axis, blocks]
+RuleSpec = tuple[str, OpKind, int | None] | tuple[str, OpKind, int | None, int]
 
 
 class FamilyTable(BaseModel):
@@ -151,9 +157,9 @@ def _cross_check(doc: Mapping[str, Any]) -> list[str]:
     problems: list[str] = []
     for name, rules in rule_sets.items():
         for rule in rules if isinstance(rules, list) else []:
-            if not (isinstance(rule, list) and len(rule) == 3 and isinstance(rule[0], str)):
+            if not (isinstance(rule, list) and len(rule) in (3, 4) and isinstance(rule[0], str)):
                 continue  # a field error
-            suffix, kind, axis = rule
+            suffix, kind, axis = rule[:3]
             try:
                 re.compile(suffix)
             except re.error as exc:
@@ -181,7 +187,7 @@ def _cross_check(doc: Mapping[str, Any]) -> list[str]:
                 problems.append(f"{what}: unknown rule set {x!r}")
         norm = norms.get(norm_name) if isinstance(norm_name, str) else None
         kinds = {r[1] for x in sets for r in rule_sets.get(x) or []
-                 if isinstance(r, list) and len(r) == 3}
+                 if isinstance(r, list) and len(r) in (3, 4)}
         if isinstance(norm, dict) and "LB" in kinds and not norm.get("bias", False):
             problems.append(f"{what}: its rules move a norm bias (LB) but norm {norm_name!r} "
                             "has no bias")
@@ -372,8 +378,8 @@ class Family:
             )
 
 
-def _compile_rule(suffix: str, kind: OpKind, axis: int | None) -> Rule:
-    return Rule(suffix, Op(kind, axis), re.compile(rf"(?:^|\.){suffix}$"))
+def _compile_rule(suffix: str, kind: OpKind, axis: int | None, blocks: int = 1) -> Rule:
+    return Rule(suffix, Op(kind, axis, blocks), re.compile(rf"(?:^|\.){suffix}$"))
 
 
 def _compile(tab: FamilyTable, name: str, spec: FamilySpec | Refusal,
