@@ -130,6 +130,33 @@ def _per_layer_lists(cfg: Any, n: Any) -> dict[str, list[Any]]:
     return out
 
 
+def _one_layer_of_each_kind(cfg: Any, n_layers: Any, overrides: dict[str, dict[str, Any]]
+                            ) -> None:
+    """Keep one layer of each kind the per-layer lists name (attention, SSM, MoE, ...), the
+    first two and the last (models constrain it: Gemma 4's is full attention), and carry the
+    per-layer lists and ``per_layer_config`` exceptions over to the kept layers."""
+    per_layer = _per_layer_lists(cfg, n_layers)  # sizes in them already shrunk
+    if not per_layer:
+        return
+    keep: set[int] = set(range(TINY_SIZES["num_hidden_layers"])) | {n_layers - 1}
+    for values in per_layer.values():
+        first = {repr(v): i for i, v in reversed(list(enumerate(values)))}
+        if len(first) <= 4:  # kinds of layer, not per-layer values (indices, sizes)
+            keep.update(first.values())
+    kept = sorted(keep)
+    with contextlib.suppress(AttributeError, TypeError, ValueError):
+        cfg.num_hidden_layers = len(kept)
+    for key, values in sorted(per_layer.items(), key=lambda kv: kv[0] != "layer_types"):
+        with contextlib.suppress(AttributeError, TypeError, ValueError):
+            setattr(cfg, key, [values[i] for i in kept])
+    if overrides:  # per-layer exceptions (Gemma 4's wider full-attention heads)
+        width = len(next(iter(overrides)))
+        cfg.per_layer_config = {
+            f"{new:0{width}d}": {k: 2 * TINY_SIZES[k] if k == "head_dim" else
+                                 TINY_SIZES.get(k, v) for k, v in o.items()}
+            for new, old in enumerate(kept) if (o := overrides.get(f"{old:0{width}d}"))}
+
+
 def shrunk_config(model_type: str) -> Any:
     """The model type's own config, shrunk to tiny sizes where it (or a config nested in it)
     has them."""
@@ -145,27 +172,7 @@ def shrunk_config(model_type: str) -> Any:
                     current = getattr(target, key)  # a per-layer list stays a list
                     setattr(target, key, [value] * len(current)
                             if isinstance(current, list) and value is not None else value)
-        per_layer = _per_layer_lists(target, n_layers)  # sizes in them already shrunk
-        if per_layer:  # one layer of each kind (attention, SSM, MoE, ...), the first two, the last
-            keep: list[int] = []
-            for values in per_layer.values():
-                first = {repr(v): i for i, v in reversed(list(enumerate(values)))}
-                if len(first) <= 4:  # kinds of layer, not per-layer values (indices, sizes)
-                    keep.extend(first.values())
-            # the last layer too: models constrain it (Gemma 4: full attention)
-            n = len(next(iter(per_layer.values())))
-            keep = sorted(set(keep) | set(range(TINY_SIZES["num_hidden_layers"])) | {n - 1})
-            with contextlib.suppress(AttributeError, TypeError, ValueError):
-                target.num_hidden_layers = len(keep)
-            for key, values in sorted(per_layer.items(), key=lambda kv: kv[0] != "layer_types"):
-                with contextlib.suppress(AttributeError, TypeError, ValueError):
-                    setattr(target, key, [values[i] for i in keep])
-            if overrides:  # per-layer exceptions (Gemma 4's wider full-attention heads)
-                width = len(next(iter(overrides)))
-                target.per_layer_config = {
-                    f"{new:0{width}d}": {k: 2 * TINY_SIZES[k] if k == "head_dim" else
-                                         TINY_SIZES.get(k, v) for k, v in o.items()}
-                    for new, old in enumerate(keep) if (o := overrides.get(f"{old:0{width}d}"))}
+        _one_layer_of_each_kind(target, n_layers, overrides)
         if hasattr(target, "qk_rope_head_dim") and hasattr(target, "qk_nope_head_dim"):
             # MLA: derived sizes the config computed from the originals
             with contextlib.suppress(AttributeError, TypeError, ValueError):
