@@ -120,8 +120,8 @@ def check_family(model: torch.nn.Module, fam: Family, d: int, seed: int = 0,
     g = _group_gauge(fam, d, seed + 1)
     try:
         b = gauge_model(a, g, family=fam)
-        ids = probe_tokens(min(int(getattr(model.config, "vocab_size", 128) or 128), 128),
-                           64, 16, seed=seed)
+        vocab = getattr(model.config.get_text_config(), "vocab_size", None) or 128
+        ids = probe_tokens(min(int(vocab), 128), 64, 16, seed=seed)
         rep = compare_models(a, b, g, ids)
     except Exception as exc:  # the model itself may fail on a wrong plan: any error
         return f"{type(exc).__name__}: {exc}"
@@ -129,6 +129,15 @@ def check_family(model: torch.nn.Module, fam: Family, d: int, seed: int = 0,
     if not worst <= tol:
         return f"function changed (relative error {worst:.2e})"
     return None
+
+
+def _offset_problem(model: torch.nn.Module, fam: Family) -> str | None:
+    """What is wrong with ``fam``'s gain offset for this model, if anything."""
+    offset = gain_offset(model, fam)
+    if offset in (None, fam.gain_offset):
+        return None
+    return (f"its norms add {offset:g} to the stored gain; {fam.name}'s norm {fam.norm!r} "
+            f"adds {fam.gain_offset:g}")
 
 
 def gain_offset(model: torch.nn.Module, fam: Family) -> float | None:
@@ -207,24 +216,17 @@ def sweep_one(model_type: str, seed: int = 0) -> Coverage:
         return Coverage(model_type, "refused", detail=f"{why} (checked: {problem})")
     known = next((f for f in families().values() if model_type in f.model_types), None)
     if known is not None:
-        problem = check_family(model, known, d, seed)
-        offset = gain_offset(model, known) if problem is None else None
-        if offset not in (None, known.gain_offset):
-            problem = (f"its norms add {offset:g} to the stored gain; the map's norm "
-                       f"{known.norm!r} adds {known.gain_offset:g}")
+        problem = check_family(model, known, d, seed) or _offset_problem(model, known)
         return Coverage(model_type, "failed" if problem else "supported", known.name,
                         known.gauge_group, problem or "")
     unplanned: dict[str, list[str]] = {}
     for fam in families().values():
-        problem = check_family(model, fam, d, seed)
-        if problem is None and gain_offset(model, fam) not in (None, fam.gain_offset):
-            problem = f"its norms add {gain_offset(model, fam):g} to the gain, {fam.name}'s " \
-                      f"{fam.gain_offset:g}"
+        problem = check_family(model, fam, d, seed) or _offset_problem(model, fam)
         if problem is None and towers(cfg):
             return Coverage(model_type, "not mapped", detail=(
                 f"multimodal ({', '.join(towers(cfg))}): its text model fits {fam.name}'s "
-                "rules, but the map does not scope rules to the text tower yet, and the "
-                "tower's tensors would be matched by name"))
+                "rules, but no family declares its towers (their tensors would be matched "
+                "by name)"))
         if problem is None:
             return Coverage(model_type, "candidate", fam.name, fam.gauge_group,
                             f"{fam.name}'s rules plan every tensor and preserve the function")
