@@ -197,3 +197,22 @@ def test_a_concatenation_of_streams_moves_block_by_block():
     assert str(reader) == "H(1)×2"
     with pytest.raises(GaugefixError, match="cannot have 2 blocks"):
         Op("LB", None, 2)
+
+
+def test_a_lora_on_a_residual_map_moves_on_both_sides():
+    """PEFT's B·A on an HH module (Gemma 3n's AltUp projection) moves as P·B·A·Pᵀ: A on its
+    input (H1), B on its output (H0), in the same rule dialect as every format's tables."""
+    from gaugefix.arch import Op
+    from gaugefix.group import SignedPerm
+    from gaugefix.transport.lora import lora_ops
+
+    fam = detect_family({"model_type": "gemma3n_text"})
+    key = "base_model.model.model.altup_projections.1.{}.weight"
+    ops_a, ops_b = lora_ops(key.format("lora_A"), fam), lora_ops(key.format("lora_B"), fam)
+    g = SignedPerm.random(8, seed=8, positive_fraction=0.5)
+    gen = torch.Generator().manual_seed(9)
+    a, b = torch.randn(2, 8, generator=gen), torch.randn(8, 2, generator=gen)
+    moved_a, moved_b = ops_a[0](g, a), ops_b[0](g, b)
+    assert torch.allclose(moved_b @ moved_a, Op("HH")(g, b @ a), atol=1e-6)
+    with pytest.raises(GaugefixError, match="match no rule"):
+        lora_ops("base_model.model.model.altup_projections.1.lora_C.weight", fam)

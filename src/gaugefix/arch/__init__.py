@@ -244,9 +244,33 @@ def table() -> FamilyTable:
 
 @dataclass(frozen=True)
 class Rule:
-    suffix: str
-    op: Op
+    """The one rule dialect, for checkpoints and objects alike: tensors whose name matches
+    ``pattern`` take ``ops``, in sequence (one for a checkpoint's tensors; several for an
+    object's skip matrix, residual on both axes). A family's rules match a name's end at a
+    ``.`` boundary (prefixes differ between in-memory, on-disk and PEFT names); a format's
+    tables match whole names."""
+
+    pattern: str
+    ops: tuple[Op, ...]
     regex: re.Pattern[str]
+
+    @classmethod
+    def suffix(cls, pattern: str, *ops: Op) -> Rule:
+        return cls(pattern, ops, re.compile(rf"(?:^|\.){pattern}$"))
+
+    @classmethod
+    def full(cls, pattern: str, *ops: Op) -> Rule:
+        return cls(pattern, ops, re.compile(rf"^(?:{pattern})\Z"))
+
+    def matches(self, name: str) -> bool:
+        return self.regex.search(name) is not None
+
+    @property
+    def op(self) -> Op:
+        """The single op of a checkpoint rule."""
+        if len(self.ops) != 1:
+            raise GaugefixError(f"rule {self.pattern!r} has {len(self.ops)} ops, not one")
+        return self.ops[0]
 
 
 def collapse_layers(key: str) -> str:
@@ -336,7 +360,7 @@ class Family:
         return self.norm_spec.description
 
     def match(self, key: str) -> list[Rule]:
-        return [r for r in self.rules if r.regex.search(key)]
+        return [r for r in self.rules if r.matches(key)]
 
     def op_for(self, key: str) -> Op:
         return self.plan([key])[key]
@@ -359,7 +383,7 @@ class Family:
         keys = list(keys)
         out = {k: Op("-") for k in keys if self.in_tower(k)}
         out.update(plan_rules((k for k in keys if k not in out),
-                              lambda k: [(r.suffix, r.op) for r in self.match(k)], self.name,
+                              lambda k: [(r.pattern, r.op) for r in self.match(k)], self.name,
                               of=" of the architecture map"))
         return out
 
@@ -379,7 +403,7 @@ class Family:
 
 
 def _compile_rule(suffix: str, kind: OpKind, axis: int | None, blocks: int = 1) -> Rule:
-    return Rule(suffix, Op(kind, axis, blocks), re.compile(rf"(?:^|\.){suffix}$"))
+    return Rule.suffix(suffix, Op(kind, axis, blocks))
 
 
 def _compile(tab: FamilyTable, name: str, spec: FamilySpec | Refusal,

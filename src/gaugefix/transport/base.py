@@ -8,13 +8,12 @@ through :class:`~gaugefix.arch.Op`. Nothing here permutes or flips by itself.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..arch import Op, check_width, plan_rules
+from ..arch import Op, Rule, check_width, plan_rules
 from ..group import SignedPerm
 from ..io import atomic_dir, copy_files
 from ..shards import Layout, Move, move_of, read_layout, rewrite
@@ -24,26 +23,16 @@ GAIN = Op("G")  # unsigned gather on axis 0
 UNTOUCHED: tuple[Op, ...] = ()
 
 
-@dataclass(frozen=True)
-class TensorRule:
-    """Tensors whose name fully matches ``pattern`` take ``ops`` (in sequence)."""
-
-    pattern: str
-    ops: tuple[Op, ...]
-
-    def matches(self, name: str) -> bool:
-        return re.fullmatch(self.pattern, name) is not None
+def rules(table: Sequence[tuple[str, tuple[Op, ...]]]) -> tuple[Rule, ...]:
+    """A format's table: each (whole-name pattern, ops) as a :class:`~gaugefix.arch.Rule`."""
+    return tuple(Rule.full(p, *ops) for p, ops in table)
 
 
-def rules(table: Sequence[tuple[str, tuple[Op, ...]]]) -> tuple[TensorRule, ...]:
-    return tuple(TensorRule(p, ops) for p, ops in table)
-
-
-def ops_for(name: str, table: Sequence[TensorRule], what: str) -> tuple[Op, ...]:
+def ops_for(name: str, table: Sequence[Rule], what: str) -> tuple[Op, ...]:
     return plan_names([name], table, what)[name]
 
 
-def plan_names(names: Iterable[str], table: Sequence[TensorRule], what: str, *,
+def plan_names(names: Iterable[str], table: Sequence[Rule], what: str, *,
                required: Mapping[str, str] | None = None, where: object = ""
                ) -> dict[str, tuple[Op, ...]]:
     """Each name's ops. Every name that matches no rule (or several) and every ``required``
@@ -60,7 +49,7 @@ def move(tensor: Any, ops: Sequence[Op], gauge: SignedPerm, *, unsigned: bool = 
     return tensor
 
 
-def transport_tensors(tensors: Mapping[str, Any], table: Sequence[TensorRule],
+def transport_tensors(tensors: Mapping[str, Any], table: Sequence[Rule],
                       gauge: SignedPerm, what: str) -> dict[str, Any]:
     """Every tensor moved by its rule; an unknown name is an error naming it."""
     plan = plan_names(tensors, table, what)
@@ -93,7 +82,7 @@ class Planned:
     moves: dict[str, Any]
 
 
-def plan_file(path: Path, table: Sequence[TensorRule], gauge: SignedPerm, what: str,
+def plan_file(path: Path, table: Sequence[Rule], gauge: SignedPerm, what: str,
               file_what: str, *, required: Mapping[str, str] | None = None) -> Planned:
     """Read a safetensors header and plan every tensor by ``table`` (unknown and missing
     tensors named at once, residual widths checked)."""

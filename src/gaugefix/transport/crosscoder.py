@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..arch import Op
+from ..arch import Op, Rule
 from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import atomic_file, load_safetensors, torch_load
@@ -42,7 +42,6 @@ from .base import (
     H1,
     UNTOUCHED,
     Planned,
-    TensorRule,
     check_width,
     move,
     plan_names,
@@ -58,7 +57,7 @@ class SlotLayout:
     """A crosscoder layout: each tensor's ops on one slot's slice, and its slot axis."""
 
     name: str
-    table: tuple[TensorRule, ...]
+    table: tuple[Rule, ...]
     slot_axis: dict[str, int]  # rule pattern -> slot axis (absent: no slot axis)
     marker: str  # a tensor name only this layout has
 

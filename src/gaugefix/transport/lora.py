@@ -21,12 +21,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..arch import Family, Op
+from ..arch import Family, Op, Rule
 from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import atomic_dir, copy_files, read_json
 from ..shards import read_layout, rewrite
-from .base import GAIN, H0, H1, UNTOUCHED, table_moves
+from .base import GAIN, H0, H1, UNTOUCHED, plan_names, rules, table_moves
 
 PREFIX = "base_model.model."
 LORA_KEY = re.compile(
@@ -35,18 +35,18 @@ LORA_KEY = re.compile(
 BASE_LAYER = re.compile(r"(?P<module>.+?)\.base_layer\.(?P<param>weight|bias)$")
 MODULES_TO_SAVE = re.compile(r"(?P<module>.+?)\.modules_to_save\.(?:\w+\.)?(?P<param>weight|bias)$")
 
-# role -> part -> ops
-LORA_TABLE: dict[str, dict[str, tuple[Op, ...]]] = {
-    "reader": {"lora_A.weight": (H1,), "lora_B.weight": UNTOUCHED, "lora_B.bias": UNTOUCHED,
-               "lora_magnitude_vector": UNTOUCHED},
-    "writer": {"lora_A.weight": UNTOUCHED, "lora_B.weight": (H0,), "lora_B.bias": (H0,),
-               "lora_magnitude_vector": (GAIN,)},
-    "embedding": {"lora_embedding_A": UNTOUCHED, "lora_embedding_B": (H0,)},
+# role of the adapted module -> a table of its adapter's parts (the same dialect as a format's)
+LORA_RULES: dict[str, tuple[Rule, ...]] = {
+    "reader": rules([(r"lora_A\.weight", (H1,)), (r"lora_B\.(weight|bias)", UNTOUCHED),
+                     ("lora_magnitude_vector", UNTOUCHED)]),
+    "writer": rules([(r"lora_A\.weight", UNTOUCHED), (r"lora_B\.(weight|bias)", (H0,)),
+                     ("lora_magnitude_vector", (GAIN,))]),
+    "embedding": rules([("lora_embedding_A", UNTOUCHED), ("lora_embedding_B", (H0,))]),
     # a map from the residual stream to itself (HH): B·A moves as P·B·A·Pᵀ
-    "residual map": {"lora_A.weight": (H1,), "lora_B.weight": (H0,), "lora_B.bias": (H0,),
-                     "lora_magnitude_vector": (GAIN,)},
-    "other": {"lora_A.weight": UNTOUCHED, "lora_B.weight": UNTOUCHED, "lora_B.bias": UNTOUCHED,
-              "lora_magnitude_vector": UNTOUCHED},
+    "residual map": rules([(r"lora_A\.weight", (H1,)), (r"lora_B\.(weight|bias)", (H0,)),
+                           ("lora_magnitude_vector", (GAIN,))]),
+    "other": rules([(r"lora_A\.weight|lora_B\.(weight|bias)|lora_magnitude_vector",
+                     UNTOUCHED)]),
 }
 
 
@@ -57,11 +57,7 @@ def lora_ops(key: str, family: Family) -> tuple[Op, ...]:
         module, part = m["module"], m["part"]
         role = "embedding" if part.startswith("lora_embedding") else family.role(
             f"{module}.weight")
-        try:
-            return LORA_TABLE[role][part]
-        except KeyError:
-            raise GaugefixError(f"lora: {key}: {part} on a {role} module is not a known "
-                                "layout") from None
+        return plan_names([part], LORA_RULES[role], f"lora: {key} ({role} module)")[part]
     for pattern in (BASE_LAYER, MODULES_TO_SAVE):
         m = pattern.fullmatch(name)
         if m is not None:
