@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - older typer
     from click.exceptions import ClickException, NoArgsIsHelpError
 
 from .errors import GaugefixError, GaugefixWarning
-from .registry import check_options, kinds_help, methods_help, transport_kind
+from .registry import check_options, kinds_help, methods_help, transport_kind, weight_help
 
 
 class Interrupted(KeyboardInterrupt):
@@ -776,8 +776,8 @@ def merge(
     gauge: Annotated[Path | None, typer.Option(help="gauge A → B (B is moved by its "
                      "inverse); omit only with --unaligned")] = None,
     method: Annotated[str, typer.Option(help=methods_help())] = "linear",
-    weight: Annotated[float, typer.Option(callback=_range(), help="weight of B (0..1 for "
-                                          "linear and slerp)")] = 0.5,
+    weight: Annotated[float, typer.Option(callback=_range(), help=f"weight of B "
+                                          f"({weight_help()})")] = 0.5,
     base: Annotated[Path | None, typer.Option(help="task-arithmetic: the common base, in "
                     "A's chart")] = None,
     export_aligned: Annotated[Path | None, typer.Option(help="also write B in A's chart "

@@ -102,3 +102,13 @@ def kinds_help() -> str:
 
 def methods_help() -> str:
     return "; ".join(f"{m.name}: {m.help}" for m in MERGE_METHODS.values())
+
+
+def weight_help() -> str:
+    """Each method's weight range, as the merge command's help says it."""
+    ranges: dict[str, list[str]] = {}
+    for m in MERGE_METHODS.values():
+        r = "any finite scale" if m.weight_range is None else \
+            f"{m.weight_range[0]:g}..{m.weight_range[1]:g}"
+        ranges.setdefault(r, []).append(m.name)
+    return "; ".join(f"{r} for {' and '.join(names)}" for r, names in ranges.items())
