@@ -71,7 +71,7 @@ def test_the_check_fails_on_a_wrong_rule():
 
     def wrong(family: str, suffix: str, op: Op) -> str | None:
         fam = get_family(family)
-        rules = tuple(dataclasses.replace(r, op=op) if suffix in r.suffix else r
+        rules = tuple(dataclasses.replace(r, ops=(op,)) if suffix in r.pattern else r
                       for r in fam.rules)
         assert rules != fam.rules
         return check_family(build_tiny(family, generic=False),
