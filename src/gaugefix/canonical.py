@@ -166,7 +166,7 @@ def canonical_chart(model: str | Path | Any, *, discrete_only: bool = False) -> 
         plan = fam.plan(keys)
         # the chart is read from tensors with one residual axis of width d; a residual map
         # (HH, both axes) or a concatenation of streams (blocks) is only carried along
-        single = {k for k in keys if len(plan[k].axes) == 1 and plan[k].blocks == 1}
+        single = {k for k in keys if plan[k].one_stream}
         gains = [k for k in keys if plan[k].kind == "G" and k in single]
         signed = [k for k in keys if plan[k].signed and k in single]
         if not signed:

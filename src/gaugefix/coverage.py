@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .arch import Family, collapse_layers, families, refusal, refused_rules
+from .arch import Family, collapse_layers, families, hidden_size_of, refusal, refused_rules
 from .errors import GaugefixError
 from .group import SignedPerm
 from .tiny import MAX_PARAMETERS, shrunk_config
@@ -162,15 +162,6 @@ def gain_offset(model: torch.nn.Module, fam: Family) -> float | None:
     return None
 
 
-def _hidden(cfg: Any) -> int | None:
-    for key in ("hidden_size", "n_embd", "d_model", "dim"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int):
-            return v
-    text = getattr(cfg, "text_config", None)
-    return _hidden(text) if text is not None else None
-
-
 def towers(cfg: Any) -> list[str]:
     """The non-text sub-configs (vision, audio, ...) a multimodal config class declares, set
     or not (a tiny default may leave the vision tower out; real checkpoints have it)."""
@@ -203,9 +194,10 @@ def sweep_one(model_type: str, seed: int = 0) -> Coverage:
     except Exception as exc:
         return Coverage(model_type, "not buildable offline",
                         detail=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-    d = _hidden(model.config)
-    if d is None:
-        return Coverage(model_type, "not buildable offline", detail="no hidden size")
+    try:
+        d = hidden_size_of(model.config)
+    except GaugefixError as exc:
+        return Coverage(model_type, "not buildable offline", detail=str(exc))
     why = refusal(model_type)
     if why is not None:  # the reason is checked: its tensors planned, a gauge breaks it
         problem = check_family(model, refused_rules(model_type), d, seed)

@@ -330,19 +330,17 @@ def weight_evidence(a: ModelRef, b: ModelRef, *, features: int | None = DEFAULT_
     fam, d = check_pair(a, b)
     sa, sb = _Slices(a), _Slices(b)
     try:
-        # tensors with one residual axis of width d (a residual-to-residual map moves on two,
-        # so its slices along one are not equivariant; a concatenation has width k·d)
-        keys = [k for k in sorted(sa.shapes)
-                if len(fam.op_for(k).axes) == 1 and fam.op_for(k).blocks == 1]
+        plan = fam.plan(sa.shapes)
+        keys = [k for k in sorted(sa.shapes) if plan[k].one_stream]
         missing = [k for k in keys if k not in sb.shapes]
         if missing:
             raise GaugefixError(f"{_name(b)} lacks {', '.join(missing[:5])}")
-        signed_keys = [k for k in keys if fam.op_for(k).kind != "G"]
+        signed_keys = [k for k in keys if plan[k].kind != "G"]
         per_tensor = None if features is None else max(1, features // max(1, len(signed_keys)))
         ev = WeightEvidence(torch.zeros(d, d, dtype=torch.float64), None)
         gains_a, gains_b, cols_a, cols_b = [], [], [], []
         for key in keys:
-            op = fam.op_for(key)
+            op = plan[key]
             ra, rb = sa.shapes[key], sb.shapes[key]
             if len(ra) != len(rb):
                 raise GaugefixError(f"{key}: shapes {list(ra)} and {list(rb)} differ in rank")

@@ -62,6 +62,13 @@ class Op:
         return () if self.residual_axis is None else (self.residual_axis,)
 
     @property
+    def one_stream(self) -> bool:
+        """One residual axis of width d: slices along it move as whole coordinates (what
+        canonical charts and weight evidence read; a residual map or a concatenation of
+        streams is only carried along)."""
+        return len(self.axes) == 1 and self.blocks == 1
+
+    @property
     def signed(self) -> bool:
         return self.kind in ("H", "HH", "LB")
 

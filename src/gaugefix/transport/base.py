@@ -28,10 +28,6 @@ def rules(table: Sequence[tuple[str, tuple[Op, ...]]]) -> tuple[Rule, ...]:
     return tuple(Rule.full(p, *ops) for p, ops in table)
 
 
-def ops_for(name: str, table: Sequence[Rule], what: str) -> tuple[Op, ...]:
-    return plan_names([name], table, what)[name]
-
-
 def plan_names(names: Iterable[str], table: Sequence[Rule], what: str, *,
                required: Mapping[str, str] | None = None, where: object = ""
                ) -> dict[str, tuple[Op, ...]]:
