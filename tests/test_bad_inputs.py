@@ -601,3 +601,40 @@ def test_valid_edge_values_are_accepted(world, cli):
     cli("apply", "A", "out", "--random", 0, "--kind", "signed", "--positive-fraction", 0)
     (world / "n.json").write_text(json.dumps([{"index": "5", "score": -2, "gauge_sign": -1}]))
     cli("transport", "neurons", "n.json", "--gauge", "g.json", "-o", "n2.json")
+
+
+# ---------------------------------------------------------------------------- links
+# A checkpoint whose weight file is a symbolic link to a file elsewhere: the file behind the
+# link is an input too, whichever library reads it (gaugefix's readers or transformers').
+LINKED_WRITERS: dict[str, list] = {
+    "stats": ["stats", "A", "B", "-o", "ext/real.safetensors", "--tokens-from", "ids.npy",
+              "--tokens", 512, "--overwrite"],
+    "stats-max-memory": ["stats", "A", "B", "-o", "ext/real.safetensors", "--tokens-from",
+                         "ids.npy", "--tokens", 512, "--max-memory", "1GB", "--overwrite"],
+    "match-activations": ["match", "A", "B", "--source", "activations", "-o",
+                          "ext/real.safetensors", "--tokens-from", "ids.npy", "--tokens", 512,
+                          "--overwrite"],
+    "match-weights": ["match", "A", "B", "--source", "weights", "-o", "ext/real.safetensors",
+                      "--overwrite"],
+    "trajectory": ["trajectory", "A", "B", "--source", "activations", "-o",
+                   "ext/real.safetensors", "--tokens-from", "ids.npy", "--tokens", 512,
+                   "--overwrite"],
+    "apply": ["apply", "A", "ext", "--random", 1, "--overwrite"],
+    "canonicalize": ["canonicalize", "A", "ext", "--overwrite"],
+    "audit": ["audit", "claim.json", "B", "--source", "A", "-o", "ext/real.safetensors",
+              "--gauges", 1, "--tokens-from", "ids.npy", "--tokens", 512, "--overwrite"],
+}
+
+
+@pytest.mark.parametrize("argv", LINKED_WRITERS.values(), ids=LINKED_WRITERS)
+def test_a_file_behind_a_link_is_an_input(argv, world, cli):
+    ext = world / "ext"
+    ext.mkdir()
+    (world / "A" / "model.safetensors").rename(ext / "real.safetensors")
+    (world / "A" / "model.safetensors").symlink_to(ext / "real.safetensors")
+    before = _snapshot(world)
+    res = cli(*argv, ok=False)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2, (res.exit_code, res.stderr, res.exception)
+    assert len(lines) == 1 and "inputs are never modified" in lines[0], res.stderr
+    assert _snapshot(world) == before

@@ -177,10 +177,16 @@ class Transaction:
     outputs: list[_Output] = field(default_factory=list)
 
     def add_inputs(self, paths: Iterable[str | os.PathLike[str]]) -> None:
+        """Record inputs. A directory brings every symbolic link below it too: a file a
+        library reads through the directory (transformers' ``from_pretrained``, a tokenizer)
+        may live elsewhere, and overlap is checked against where each link leads."""
         for p in paths:
             p = Path(p)
-            if os.path.lexists(p) and p not in self.inputs:
-                self.inputs.append(p)
+            if not os.path.lexists(p) or p in self.inputs:
+                continue
+            self.inputs.append(p)
+            if p.is_dir():
+                self.inputs.extend(q for q in _links_below(p) if q not in self.inputs)
 
     def check(self, path: Path, overwrite: bool, others: Iterable[Path] = ()) -> None:
         """Refuse ``path`` as an output (see :func:`check_output`), also if it overlaps
@@ -238,6 +244,17 @@ class Transaction:
             if o.backup is not None:
                 _remove(o.backup)
         self.outputs.clear()
+
+
+def _links_below(root: Path) -> list[Path]:
+    """Every symbolic link inside ``root`` (links to directories are not descended)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in (*dirnames, *filenames):
+            q = Path(dirpath) / name
+            if q.is_symlink():
+                found.append(q)
+    return found
 
 
 def _publish(o: _Output) -> None:
