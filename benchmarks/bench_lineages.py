@@ -43,6 +43,7 @@ from gaugefix.demo.markov import MarkovCorpus
 from gaugefix.estimate import StatsOptions, compose_gauges, estimate_gauge, trajectory
 from gaugefix.group import SignedPerm
 from gaugefix.match import MatchResult
+from gaugefix.model import Model, open_model
 
 FAMILIES = ["llama", "qwen3", "gpt_neox"]
 CORPORA = ["grammar", "markov"]
@@ -86,7 +87,7 @@ def evaluate(lin: Lineage, probe: np.ndarray, sources: tuple[str, ...] = SOURCES
     truth = lin.true_gauge(a_n, b_n)
     path = [*lin.run_a[::-1], lin.base, *lin.run_b]
     opts = StatsOptions(tokens=probe, n_tokens=len(probe))
-    models: dict[Path, torch.nn.Module] = {}
+    models: dict[Path, Model] = {}  # each opened once, its module loaded once
     row: dict[str, Any] = {}
     for source in sources:
         cache: dict[tuple[Path, Path], MatchResult] = {}
@@ -96,9 +97,8 @@ def evaluate(lin: Lineage, probe: np.ndarray, sources: tuple[str, ...] = SOURCES
             if (x, y) not in cache:
                 for m in (x, y):
                     if m not in models:
-                        models[m] = lin.load(m)
-                cache[(x, y)] = estimate_gauge(x, y, source=source, opts=opts,
-                                               _models=(models[x], models[y]))
+                        models[m] = open_model(m)
+                cache[(x, y)] = estimate_gauge(models[x], models[y], source=source, opts=opts)
             return cache[(x, y)]
 
         def chain(p: list[Path], match: Callable[[Path, Path], MatchResult] = match

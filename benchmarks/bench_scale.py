@@ -112,20 +112,17 @@ def bench_weights(root: Path) -> dict:
 def _extrapolated_full(a: Path, b: Path, layers: int) -> tuple[float, float]:
     """Time the every-entry method on a one-layer copy of the checkpoint pair and scale by
     the number of residual tensors (its cost is one d×d product per tensor)."""
-    from gaugefix.checkpoint import Checkpoint
+    from gaugefix.model import open_model
 
-    ck = Checkpoint.open(a)
-    keys = [k for _, k, _ in ck.entries() if ck.family.op_for(k).kind == "H"]
+    sa, sb = open_model(a), open_model(b)
+    keys = [k for k, op in sa.plan.items() if op.kind == "H"]
     one = [k for k in keys if ".layers.0." in k]
-    from gaugefix.estimate import _Slices
-
-    sa, sb = _Slices(a), _Slices(b)
     t = time.perf_counter()
     for k in one:
-        axis = ck.family.op_for(k).residual_axis
+        axis = sa.plan[k].residual_axis
         full = tuple(slice(0, n) for n in sa.shapes[k])
-        xa = torch.movedim(sa.get(k, full), axis, 0).reshape(sa.shapes[k][axis], -1).float()
-        xb = torch.movedim(sb.get(k, full), axis, 0).reshape(sa.shapes[k][axis], -1).float()
+        xa = torch.movedim(sa.slice(k, full), axis, 0).reshape(sa.shapes[k][axis], -1).float()
+        xb = torch.movedim(sb.slice(k, full), axis, 0).reshape(sa.shapes[k][axis], -1).float()
         _ = xa @ xb.T
     per_tensor = (time.perf_counter() - t) / len(one)
     sa.close()

@@ -621,7 +621,7 @@ LINKED_WRITERS: dict[str, list] = {
                    "--overwrite"],
     "apply": ["apply", "A", "ext", "--random", 1, "--overwrite"],
     "canonicalize": ["canonicalize", "A", "ext", "--overwrite"],
-    "audit": ["audit", "claim.json", "B", "--source", "A", "-o", "ext/real.safetensors",
+    "audit": ["audit", "claim.json", "B", "--claim-source", "A", "-o", "ext/real.safetensors",
               "--gauges", 1, "--tokens-from", "ids.npy", "--tokens", 512, "--overwrite"],
 }
 

@@ -17,7 +17,8 @@ from .arch import Family, Op, check_width, detect_family, get_family, hidden_siz
 from .checkpoint import Checkpoint, load_shard
 from .errors import GaugefixError
 from .group import SignedPerm
-from .io import atomic_dir, copy_files, no_bar, sha256_files
+from .io import atomic_dir, copy_files, no_bar
+from .model import ModelLike, open_model
 
 if TYPE_CHECKING:  # imported where tensors are: a safetensors checkpoint is moved without it
     import torch
@@ -98,7 +99,7 @@ class ApplyReport:
 
 
 def gauge_checkpoint(
-    model: str | Path,
+    model: ModelLike,
     out: str | Path,
     gauge: SignedPerm,
     *,
@@ -112,7 +113,11 @@ def gauge_checkpoint(
     written; non-weight files (config, tokenizer, generation config, ...) are copied.
     ``identities``: also hash the input's and the output's weight files on the way.
     """
-    ckpt = Checkpoint.open(model)
+    m = open_model(model).check()
+    if m.checkpoint is None:
+        raise GaugefixError(f"{m.name} is a model in memory: gauge_model moves it; "
+                            "gauge_checkpoint writes a checkpoint on disk")
+    ckpt = m.checkpoint
     ckpt.family.check_gauge(gauge, ckpt.hidden_size)
     plan = plan_checkpoint(ckpt, gauge)
     with atomic_dir(out, overwrite=overwrite, inputs=(ckpt.path,)) as tmp:
@@ -171,8 +176,7 @@ def write_gauged_weights(ckpt: Checkpoint, out_dir: Path, gauge: SignedPerm,
     return report
 
 
-def checkpoint_identity(model: str | Path, sha256: str | None = None) -> dict[str, str]:
+def checkpoint_identity(model: ModelLike, sha256: str | None = None) -> dict[str, str]:
     """Name and content hash of a checkpoint's weights (sha256 of its weight files in shard
     order), for gauge-file metadata; ``sha256`` when already computed on the way."""
-    ckpt = Checkpoint.open(model)
-    return {"name": str(model), "sha256": sha256 or sha256_files(ckpt.shards)}
+    return open_model(model).identity(sha256)

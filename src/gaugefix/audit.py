@@ -142,8 +142,10 @@ def load_claim(path: str | Path) -> Claim:
                  negative=_prompts(concept["negative"], f"{where}: negative"), source=source)
 
 
-def check_claim(claim: Claim, *, name: str, n_layers: int, d: int, vocab_size: int) -> None:
-    """Refuse a claim that cannot be evaluated on a model (before any work is done)."""
+def check_claim(claim: Claim, *, name: str, n_layers: int, d: int, vocab_size: int,
+                max_positions: int | None = None, tokenizer: Any = None) -> None:
+    """Refuse a claim that cannot be evaluated on a model (before any work is done); text
+    prompts are measured once a ``tokenizer`` is given."""
     if claim.layer > n_layers:
         raise GaugefixError(f"the claim's layer {claim.layer} is out of range for {name} "
                             f"(residual positions 0..{n_layers})")
@@ -161,6 +163,12 @@ def check_claim(claim: Claim, *, name: str, n_layers: int, d: int, vocab_size: i
             if isinstance(p, list) and max(p) >= vocab_size:
                 raise GaugefixError(f"{what}[{n}] has token id {max(p)}, outside the vocabulary "
                                     f"of {name} (0..{vocab_size - 1})")
+            if isinstance(p, str) and tokenizer is None:
+                continue
+            length = len(p) if isinstance(p, list) else len(tokenizer(p)["input_ids"])
+            if max_positions is not None and length > max_positions:
+                raise GaugefixError(f"{what}[{n}] is {length} tokens long; {name} takes at most "
+                                    f"{max_positions} positions")
 
 
 def _encode(prompts: list[Any], tokenizer: Any) -> list[list[int]]:

@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from .arch import Family, hidden_size_of
-from .checkpoint import Checkpoint
+from .arch import Family
 from .errors import GaugefixError
 from .group import SignedPerm
+from .model import Model, ModelLike, open_model
 
 # entries read along each non-residual axis at each depth; the last depth reads everything
 _DEPTHS = (2, 16, 256, None)
@@ -58,6 +58,10 @@ class CanonicalChart:
         """Whether this is a canonical chart of the model (False: of its signed permutations
         only, every gain being equal)."""
         return not (self.rotatable and len(self.rotatable[0]) == self.gauge.d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "canonical": self.defined,
+                "gauge": self.gauge.to_json(), "open": self.describe()}
 
     def describe(self) -> list[str]:
         """One line per thing the weights leave open (empty: the chart is unique)."""
@@ -96,25 +100,12 @@ def _bits(t: Any) -> np.ndarray:
     return t.contiguous().view(signed).numpy().view(unsigned)
 
 
-class _Reader:
-    """Per-coordinate slices of a checkpoint's residual tensors, read lazily."""
-
-    def __init__(self, ref: str | Path | Any) -> None:
-        from .estimate import _Slices
-
-        self.slices = _Slices(ref)
-
-    def block(self, key: str, axis: int, depth: int | None, d: int) -> np.ndarray:
-        """[d, n] bits: the tensor's entries at each residual coordinate, the first ``depth``
-        along every other axis (all of them when None), in a fixed order."""
-        shape = self.slices.shapes[key]
-        idx = tuple(slice(0, d) if a == axis else slice(0, depth) for a in range(len(shape)))
-        t = self.slices.get(key, idx)
-        bits = _bits(t)
-        return np.moveaxis(bits, axis, 0).reshape(d, -1)
-
-    def close(self) -> None:
-        self.slices.close()
+def _block(model: Model, key: str, axis: int, depth: int | None, d: int) -> np.ndarray:
+    """[d, n] bits: the tensor's entries at each residual coordinate, the first ``depth``
+    along every other axis (all of them when None), in a fixed order (read lazily)."""
+    shape = model.shapes[key]
+    idx = tuple(slice(0, d) if a == axis else slice(0, depth) for a in range(len(shape)))
+    return np.moveaxis(_bits(model.slice(key, idx)), axis, 0).reshape(d, -1)
 
 
 def _groups(keys: np.ndarray, order: np.ndarray) -> list[list[int]]:
@@ -143,27 +134,17 @@ def _sort(keys: np.ndarray) -> np.ndarray:
     return np.lexsort(keys.T[::-1])
 
 
-def canonical_chart(model: str | Path | Any, *, discrete_only: bool = False) -> CanonicalChart:
+def canonical_chart(model: ModelLike, *, discrete_only: bool = False) -> CanonicalChart:
     """The gauge into ``model``'s canonical chart (a checkpoint directory, hub id or loaded
     model), from its weights alone. Refuses (GaugefixError) where no canonical chart exists:
     all gains equal (untrained, or a family without gains), so rotations of the whole stream
     are symmetries too; ``discrete_only`` then gives the chart that is canonical for the
     signed-permutation gauges alone (and says so in :meth:`CanonicalChart.describe`)."""
-    import torch
-
-    if isinstance(model, torch.nn.Module):
-        from .arch import detect_family
-
-        fam: Family = detect_family(model.config)
-        d = hidden_size_of(model.config)
-        name = type(model).__name__
-    else:
-        ck = Checkpoint.open(model)
-        fam, d, name = ck.family, ck.hidden_size, str(model)
-    reader = _Reader(model)
+    m = open_model(model).check()
+    fam, d, name = m.family, m.hidden_size, m.name
     try:
-        keys = sorted(reader.slices.shapes)
-        plan = fam.plan(keys)
+        keys = sorted(m.shapes)
+        plan = m.plan
         # the chart is read from tensors with one residual axis of width d; a residual map
         # (HH, both axes) or a concatenation of streams (blocks) is only carried along
         single = {k for k in keys if plan[k].one_stream}
@@ -171,7 +152,7 @@ def canonical_chart(model: str | Path | Any, *, discrete_only: bool = False) -> 
         signed = [k for k in keys if plan[k].signed and k in single]
         if not signed:
             raise GaugefixError(f"{name}: no residual tensor carries a sign")
-        gain_bits = (np.stack([reader.block(k, 0, None, d)[:, 0] for k in gains], 1)
+        gain_bits = (np.stack([_block(m, k, 0, None, d)[:, 0] for k in gains], 1)
                      if gains else np.zeros((d, 0), np.uint64)).astype(np.uint64)
         rotatable = _groups(gain_bits, _sort(gain_bits))
         if rotatable and len(rotatable[0]) == d and not discrete_only:
@@ -180,15 +161,15 @@ def canonical_chart(model: str | Path | Any, *, discrete_only: bool = False) -> 
                 f"gain-free {fam.name} model): rotations of the whole residual stream (O({d})) "
                 "preserve its function, so the canonical chart is not defined (--discrete-only: "
                 "the chart canonical for signed permutations alone)")
-        return _chart(reader, fam, d, signed, gain_bits, rotatable, plan)
+        return _chart(m, fam, d, signed, gain_bits, rotatable, plan)
     finally:
-        reader.close()
+        m.close()
 
 
-def _chart(reader: _Reader, fam: Family, d: int, signed: list[str], gain_bits: np.ndarray,
+def _chart(m: Model, fam: Family, d: int, signed: list[str], gain_bits: np.ndarray,
            rotatable: list[list[int]], plan: dict[str, Any]) -> CanonicalChart:
     for depth in _DEPTHS:
-        blocks = [reader.block(k, plan[k].residual_axis, depth, d) for k in signed]
+        blocks = [_block(m, k, plan[k].residual_axis, depth, d) for k in signed]
         raw = np.concatenate([b.astype(np.uint64) for b in blocks], 1)
         top = np.concatenate([np.full(b.shape[1], 8 * b.dtype.itemsize - 1, np.uint64)
                               for b in blocks])
@@ -237,13 +218,14 @@ def _decide(fam: Family, raw: np.ndarray, mask: np.ndarray, gain_bits: np.ndarra
                           sign_symmetric=not diff.size)
 
 
-def canonicalize(model: str | Path, out: str | Path, *, overwrite: bool = False,
+def canonicalize(model: ModelLike, out: str | Path, *, overwrite: bool = False,
                  progress: bool = False, discrete_only: bool = False) -> CanonicalChart:
     """Write ``model`` in its canonical chart to ``out`` (atomically, as ``apply`` does)."""
     from .apply import gauge_checkpoint
 
-    chart = canonical_chart(model, discrete_only=discrete_only)
-    gauge_checkpoint(model, out, chart.gauge, overwrite=overwrite, progress=progress)
+    m = open_model(model)
+    chart = canonical_chart(m, discrete_only=discrete_only)
+    gauge_checkpoint(m, out, chart.gauge, overwrite=overwrite, progress=progress)
     return chart
 
 
@@ -251,7 +233,7 @@ def canonicalize(model: str | Path, out: str | Path, *, overwrite: bool = False,
 FINGERPRINT_VERSION = "gf1"
 
 
-def _tensor_digests(model: str | Path, gauge: SignedPerm) -> dict[str, str]:
+def _tensor_digests(model: Model, gauge: SignedPerm) -> dict[str, str]:
     """sha256 of each tensor's bytes in the chart ``gauge`` leads to (name order-free: one
     digest per tensor), streamed in blocks through the primitive, tensors on two threads."""
     import concurrent.futures
@@ -261,7 +243,9 @@ def _tensor_digests(model: str | Path, gauge: SignedPerm) -> dict[str, str]:
     from .apply import plan_checkpoint
     from .shards import BLOCK_BYTES, _blocks, _Job, _move, itemsize, move_of, read_layout
 
-    ck = Checkpoint.open(model)
+    ck = model.checkpoint
+    if ck is None:
+        raise GaugefixError(f"{model.name}: a fingerprint is of a checkpoint on disk")
     plan = plan_checkpoint(ck, gauge)
     if not ck.is_safetensors:  # legacy torch files: whole tensors
         out = {}
@@ -347,31 +331,30 @@ class Fingerprint:
                 "open": self.chart.describe(), "fuzzy": self.fuzzy}
 
 
-def fingerprint(model: str | Path, *, discrete_only: bool = False) -> Fingerprint:
+def fingerprint(model: ModelLike, *, discrete_only: bool = False) -> Fingerprint:
     """The fingerprint of a checkpoint on disk (see :class:`Fingerprint`)."""
     import hashlib
     import json
 
-    ck = Checkpoint.open(model)
-    chart = canonical_chart(model, discrete_only=discrete_only)
-    digests = _tensor_digests(model, chart.gauge)
-    shapes = {k: (str(s)) for _, k, s in ck.entries()}
+    m = open_model(model)
+    chart = canonical_chart(m, discrete_only=discrete_only)
+    digests = _tensor_digests(m, chart.gauge)
+    shapes = {k: (str(s)) for k, s in m.shapes.items()}
     doc = [[k, shapes[k], digests[k]] for k in sorted(digests)]
     full = hashlib.sha256(json.dumps([FINGERPRINT_VERSION, chart.family, doc]).encode()
                           ).hexdigest()
     fuzzy = {}
-    reader = _Reader(model)
     try:
         import torch
 
-        for key in sorted(reader.slices.shapes):
-            if ck.family.op_for(key).kind == "G":
-                g = reader.slices.get(key, (slice(None),)).to(torch.float64)
+        for key in sorted(m.shapes):
+            if m.plan[key].kind == "G":
+                g = m.slice(key, (slice(None),)).to(torch.float64)
                 q = torch.linspace(0, 1, 17, dtype=torch.float64)
                 fuzzy[key] = [round(float(v), 6) for v in torch.quantile(g, q)]
     finally:
-        reader.close()
-    return Fingerprint(f"{FINGERPRINT_VERSION}:{full[:32]}", full, chart.family, ck.hidden_size,
+        m.close()
+    return Fingerprint(f"{FINGERPRINT_VERSION}:{full[:32]}", full, chart.family, m.hidden_size,
                        chart, digests, fuzzy)
 
 
@@ -396,50 +379,50 @@ class Identity:
     gauge: SignedPerm | None
     evidence: dict[str, Any]
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "reason": self.reason,
+                "gauge": None if self.gauge is None else self.gauge.to_json(), **self.evidence}
 
-def _relative_distances(a: str | Path, b: str | Path, gauge: SignedPerm) -> dict[str, float]:
+
+def _relative_distances(a: Model, b: Model, gauge: SignedPerm) -> dict[str, float]:
     """Per tensor: ||B - g(A)|| / max(||A||, ||B||), tensor by tensor (one pair in memory)."""
     import torch
 
-    ca, cb = Checkpoint.open(a), Checkpoint.open(b)
-    get_b = cb.getter()
-    plan = ca.family.plan(k for _, k, _ in ca.entries())
     out = {}
-    for key, ta in ca.iter_tensors():
-        tb = get_b(key).to(torch.float64)
-        moved = plan[key](gauge, ta).to(torch.float64)
+    for key, op in a.plan.items():
+        tb = b.tensor(key).to(torch.float64)
+        moved = op(gauge, a.tensor(key)).to(torch.float64)
         scale = max(float(moved.norm()), float(tb.norm()))
         out[key] = float((tb - moved).norm()) / scale if scale > 0 else 0.0
     return out
 
 
-def identify(a: str | Path, b: str | Path) -> Identity:
+def identify(a: ModelLike, b: ModelLike) -> Identity:
     """Whether B is A up to gauge, derived from A, or unrelated, from the weights alone."""
     from .estimate import match_weights
 
-    ca, cb = Checkpoint.open(a), Checkpoint.open(b)
+    ca, cb = open_model(a), open_model(b)
     if ca.family.name != cb.family.name:
         return Identity("unrelated", f"different families: {ca.family.name} and "
                         f"{cb.family.name}", None, {})
     if ca.hidden_size != cb.hidden_size:
         return Identity("unrelated", f"different widths: d={ca.hidden_size} and "
                         f"d={cb.hidden_size}", None, {})
-    sa = {k: s for _, k, s in ca.entries()}
-    sb = {k: s for _, k, s in cb.entries()}
+    sa, sb = ca.shapes, cb.shapes
     if sa != sb:
         diff = sorted(set(sa) ^ set(sb)) or sorted(k for k in sa if sa[k] != sb[k])
         return Identity("unrelated", f"different architectures: {len(diff)} tensors differ in "
                         f"name or shape (e.g. {diff[0]})", None, {})
-    fa = fingerprint(a, discrete_only=True)
-    fb = fingerprint(b, discrete_only=True)
+    fa = fingerprint(ca, discrete_only=True)
+    fb = fingerprint(cb, discrete_only=True)
     if fa.sha256 == fb.sha256:
         gauge = fa.chart.gauge.then(fb.chart.gauge.inverse())
         return Identity("same", "every tensor is bit-identical after moving A into B's chart "
                         "(through both canonical charts)", gauge,
                         {"fingerprint": fa.fingerprint, "tensors_compared": len(fa.tensors),
                          "open": fa.chart.describe()})
-    result = match_weights(a, b)
-    dist = _relative_distances(a, b, result.gauge)
+    result = match_weights(ca, cb)
+    dist = _relative_distances(ca, cb, result.gauge)
     median = float(np.median(list(dist.values())))
     evidence = {"fingerprint_a": fa.fingerprint, "fingerprint_b": fb.fingerprint,
                 "median_relative_distance": median,

@@ -1,22 +1,24 @@
-"""Command-line interface: a thin layer over the API.
+"""Command-line interface: parse, one library call (:mod:`gaugefix.jobs`), print.
 
 Every user error is a :class:`GaugefixError` (or a usage error, or an OSError),
 printed as one line (``error: ...``) with exit status 2; a failed check
 (``verify``) exits 1; SIGINT, SIGTERM and SIGHUP remove every partial output and
-exit 128 + the signal number.
+exit 128 + the signal number (after the outputs were published, they stay, and the
+message says so). Text that comes from the user or a file is printed literally: the
+consoles interpret no markup, and gaugefix's own styling is built from ``Text`` parts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect as _inspect
 import json
 import logging
 import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,8 +28,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 try:  # typer vendors click from 0.2x on; before, it used click itself
@@ -36,7 +38,14 @@ except ImportError:  # pragma: no cover - older typer
     from click.exceptions import ClickException, NoArgsIsHelpError
 
 from .errors import GaugefixError, GaugefixWarning
-from .registry import check_options, kinds_help, methods_help, transport_kind, weight_help
+from .registry import (
+    check_options,
+    kinds_help,
+    methods_help,
+    option_help,
+    transport_kind,
+    weight_help,
+)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -81,22 +90,43 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# no markup, no emoji codes: a path or a tensor name holding "[/]" or ":x:" prints as it is
+out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
+# upper bounds of counts: seeds as numpy and torch take them; tokens as one id array holds them
+# (shards of statistics add up: `stats` per shard, then `match --stats`)
+MAX_SEED = 2**32 - 1
+MAX_TOKENS = 1 << 27
+MAX_SEQ_LEN = 1 << 20
+MAX_BATCH = 1 << 16
 
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def _labelled(label: str, style: str, message: object, *, one_line: bool = True) -> None:
+    """``label: message`` on stderr, the label styled, the message literal."""
+    text = _one_line(message) if one_line else str(message)
+    err.print(Text.assemble((label, style), " ", text), soft_wrap=True)
+
+
 def _error_line(message: object) -> None:
-    err.print(f"[bold red]error:[/] {escape(_one_line(message))}", soft_wrap=True)
+    _labelled("error:", "bold red", message)
+
+
+def _warn_line(message: object) -> None:
+    _labelled("warning:", "bold yellow", message)
+
+
+def _note_line(message: object) -> None:
+    _labelled("note:", "bold yellow", message)
 
 
 def _show_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-    err.print(f"[bold yellow]warning:[/] {escape(_one_line(message))}", soft_wrap=True)
+    _warn_line(message)
 
 
 def _quiet_libraries() -> None:
@@ -139,7 +169,7 @@ def _signals_unwind() -> Iterator[None]:
 @contextlib.contextmanager
 def _quiet_unless_main_rank() -> Iterator[None]:
     """Under torchrun every rank computes the same result: rank 0 alone reports it."""
-    from .io import is_main_rank
+    from .distributed import is_main_rank
 
     if is_main_rank():
         yield
@@ -159,18 +189,27 @@ def _existing_paths(value: Any) -> list[Path]:
 
 
 def command(*, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> Callable[[F], F]:
-    """Register a command. ``inputs``/``outputs`` name its path parameters: outputs are
-    checked (existence, overlap with any input) before any work, and everything the command
-    writes is published together when it succeeds, or not at all. A GaugefixError or an
-    OSError becomes one ``error:`` line and exit 2; a signal, one line and 128+signum."""
+    """Register a command. ``inputs``/``outputs`` name its path parameters (a name that is not
+    a parameter fails here, at import): outputs are checked (existence, overlap with any
+    input) before any work, and everything the command writes is published together when it
+    succeeds, or not at all. A GaugefixError or an OSError becomes one ``error:`` line and
+    exit 2; a signal, one line and 128+signum, saying whether the outputs were published."""
 
     def register(fn: F) -> F:
+        params = set(_inspect.signature(fn).parameters)
+        unknown = [n for n in (*inputs, *outputs) if n not in params]
+        if unknown:
+            raise TypeError(f"command {fn.__name__}: {', '.join(unknown)} declared as inputs "
+                            f"or outputs but not among its parameters ({', '.join(params)})")
+
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            from .distributed import barrier
-            from .io import is_main_rank, transaction
+            from .distributed import barrier, is_main_rank
+            from .io import transaction
 
             code = 0
+            named: list[Path] = []
+            published = False
             try:
                 with _signals_unwind(), warnings.catch_warnings():
                     warnings.simplefilter("always", GaugefixWarning)
@@ -191,15 +230,22 @@ def command(*, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> C
                         except typer.Exit as exc:  # the command's own verdict
                             code = exc.exit_code
                         barrier()  # under torchrun: publish only if every rank got here
+                    published = bool(outputs)
                     if is_main_rank():
                         for line in _after_commit.get():
-                            out.print(line)
+                            (err if _json_printed.get() else out).print(line)
             except GaugefixError as exc:
                 _error_line(exc)
                 raise typer.Exit(2) from None
             except Interrupted as exc:
-                cleaned = "; nothing was written (temporary outputs removed)" if outputs else ""
-                _error_line(f"interrupted by {signal.Signals(exc.signum).name}{cleaned}")
+                name = signal.Signals(exc.signum).name
+                if published and all(os.path.lexists(p) for p in named):
+                    _error_line(f"interrupted by {name} after the outputs were written; they "
+                                f"are complete: {', '.join(map(str, named))}")
+                else:
+                    cleaned = "; nothing was written (temporary outputs removed)" \
+                        if outputs else ""
+                    _error_line(f"interrupted by {name}{cleaned}")
                 raise typer.Exit(128 + exc.signum) from None
             except OSError as exc:
                 where = f"{exc.filename}: " if exc.filename else ""
@@ -207,6 +253,7 @@ def command(*, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> C
                 raise typer.Exit(2) from None
             finally:
                 _after_commit.set(())
+                _json_printed.set(False)
             if code:
                 raise typer.Exit(code)
 
@@ -217,6 +264,8 @@ def command(*, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> C
 
 
 _after_commit: ContextVar[tuple[str, ...]] = ContextVar("gaugefix_after_commit", default=())
+# once a command printed JSON on stdout, its other lines go to stderr (stdout stays parseable)
+_json_printed: ContextVar[bool] = ContextVar("gaugefix_json_printed", default=False)
 
 
 def written(line: str) -> None:
@@ -225,7 +274,15 @@ def written(line: str) -> None:
 
 
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    """JSON on stdout; a value that is not a finite number (NaN weights) is written as null,
+    with a warning, since JSON has no NaN."""
+    from .jobs import has_non_finite, json_safe
+
+    if has_non_finite(obj):
+        _warn_line("some values are not finite numbers (NaN or infinite weights?); they are "
+                   "written as null")
+    sys.stdout.write(json.dumps(json_safe(obj), indent=2) + "\n")
+    _json_printed.set(True)
 
 
 def _range(lo: float | None = None, hi: float | None = None) -> Callable[[Any], Any]:
@@ -263,7 +320,12 @@ def inspect(
     t.add_row("family", f"{rep.family} (model_type {rep.model_type})")
     t.add_row("norm", rep.norm_description)
     t.add_row("hidden size d", str(rep.hidden_size))
-    t.add_row("gauge group", f"{rep.gauge_group} (among signed permutations, generic gains)")
+    if rep.gains_all_one:
+        t.add_row("gauge group", f"O({rep.hidden_size}): every gain is equal, so rotations are "
+                  f"symmetries too ({rep.gauge_group} among signed permutations)")
+    else:
+        t.add_row("gauge group", f"{rep.gauge_group} (among signed permutations, generic "
+                  "gains)")
     t.add_row("tied embeddings", str(rep.tied_embeddings))
     t.add_row("norm vectors", f"{rep.n_norm_vectors} (fingerprint d×{rep.n_norm_vectors})")
     t.add_row("tied coordinates", f"{rep.n_tied_coordinates} in {len(rep.tie_groups)} groups")
@@ -271,7 +333,7 @@ def inspect(
         t.add_row("closest pair", f"{rep.closest_pair} at max|Δ| = {rep.min_separation:.3g}")
     out.print(t)
     for w in rep.warnings:
-        err.print(f"[bold yellow]warning:[/] {w}", soft_wrap=True)
+        _warn_line(w)
 
 
 # ---------------------------------------------------------------------------- identity
@@ -291,14 +353,13 @@ def canonicalize(
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Write MODEL in its canonical chart: gauge-equivalent checkpoints give identical bytes."""
-    from .canonical import canonicalize as run
+    from . import jobs
 
-    chart = run(model, output, overwrite=overwrite, discrete_only=discrete_only)
+    chart = jobs.canonicalize(model, output, overwrite=overwrite, discrete_only=discrete_only)
     if as_json:
-        _print_json({"family": chart.family, "canonical": chart.defined,
-                     "gauge": chart.gauge.to_json(), "open": chart.describe()})
+        _print_json(chart.to_dict())
     for line in chart.describe():
-        err.print(f"[bold yellow]note:[/] {escape(line)}", soft_wrap=True)
+        _note_line(line)
     written(f"canonical chart written to {output}")
 
 
@@ -309,15 +370,15 @@ def fingerprint(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """A gauge-invariant identifier: equal for re-gauged copies, changed by any weight."""
-    from .canonical import fingerprint as run
+    from . import jobs
 
-    fp = run(model, discrete_only=discrete_only)
+    fp = jobs.fingerprint(model, discrete_only=discrete_only)
     if as_json:
         _print_json(fp.to_dict())
         return
     out.print(fp.fingerprint)
     for line in fp.chart.describe():
-        err.print(f"[bold yellow]note:[/] {escape(line)}", soft_wrap=True)
+        _note_line(line)
 
 
 @command(inputs=("model_a", "model_b"))
@@ -327,12 +388,11 @@ def identify(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Same function up to gauge, derived (e.g. fine-tuned), or unrelated: from weights alone."""
-    from .canonical import identify as run
+    from . import jobs
 
-    r = run(model_a, model_b)
+    r = jobs.identify(model_a, model_b)
     if as_json:
-        _print_json({"verdict": r.verdict, "reason": r.reason,
-                     "gauge": None if r.gauge is None else r.gauge.to_json(), **r.evidence})
+        _print_json(r.to_dict())
         return
     out.print(f"{r.verdict}: {r.reason}")
 
@@ -343,9 +403,9 @@ def apply(
     model: Annotated[str, typer.Argument(help="checkpoint directory (chart A) or hub id")],
     output: Annotated[Path, typer.Argument(help="output directory (chart B)")],
     gauge: Annotated[Path | None, typer.Option(help="gauge file to apply")] = None,
-    random: Annotated[int | None, typer.Option("--random", callback=_range(0), help="apply a "
-                      "random gauge "
-                      "drawn with this seed (B_d for RMSNorm, S_d×{±1} for LayerNorm)")] = None,
+    random: Annotated[int | None, typer.Option("--random", callback=_range(0, MAX_SEED),
+                      help="apply a random gauge drawn with this seed (B_d for RMSNorm, "
+                      "S_d×{±1} for LayerNorm)")] = None,
     kind: Annotated[str | None, typer.Option(help="random gauge kind: signed, perm or "
                     "global (default: the family's full group)")] = None,
     positive_fraction: Annotated[float | None, typer.Option(
@@ -354,26 +414,12 @@ def apply(
     overwrite: Annotated[bool, typer.Option(help="replace existing outputs")] = False,
 ) -> None:
     """Write MODEL in another gauge: same function, weights gathered and sign-flipped."""
-    from .apply import checkpoint_identity, gauge_checkpoint
-    from .checkpoint import Checkpoint
-    from .group import SignedPerm
+    from . import jobs
 
-    if (gauge is None) == (random is None):
-        raise GaugefixError("give exactly one of --gauge G.json or --random SEED")
-    ckpt = Checkpoint.open(model)
-    if gauge is not None:
-        if kind is not None or positive_fraction is not None:
-            raise GaugefixError("--kind and --positive-fraction only go with --random")
-        g = SignedPerm.load(gauge)
-        method = f"file:{gauge}"
-    else:
-        k = kind or ("signed" if ckpt.family.allows_signs else "global")
-        g = SignedPerm.random(ckpt.hidden_size, random, kind=k,  # type: ignore[arg-type]
-                              positive_fraction=positive_fraction)
-        method = f"random(seed={random}, kind={k})"
-    ckpt.family.check_gauge(g, ckpt.hidden_size)
-    rep = gauge_checkpoint(ckpt.path, output, g, overwrite=overwrite,
-                           identities=gauge_out is not None)
+    res = jobs.apply(model, output, gauge, random=random, kind=kind,
+                     positive_fraction=positive_fraction, gauge_out=gauge_out,
+                     overwrite=overwrite)
+    rep = res.report
     written(
         f"{rep.family}: d={rep.d}, {rep.n_transformed}/{rep.n_tensors} tensors transformed "
         f"({', '.join(f'{k}×{n}' for k, n in sorted(rep.ops.items()))}) in {rep.shards} "
@@ -383,9 +429,6 @@ def apply(
         written(f"{rep.n_tower} tensors of the vision/audio tower(s) left as they are (they "
                 "never touch the text model's residual stream)")
     if gauge_out is not None:
-        meta = {"source": checkpoint_identity(ckpt.path, rep.source_sha256),
-                "target": {"name": str(output), "sha256": rep.sha256}, "method": method}
-        g.save(gauge_out, meta, overwrite=overwrite)
         written(f"gauge written to {gauge_out}")
 
 
@@ -395,20 +438,22 @@ def verify(
     model_a: Annotated[str, typer.Argument(help="checkpoint in chart A")],
     model_b: Annotated[str, typer.Argument(help="checkpoint in chart B")],
     gauge: Annotated[Path, typer.Option(help="gauge A → B")],
-    tokens: Annotated[int, typer.Option(callback=_range(1), help="number of probe tokens")] = 256,
-    tol: Annotated[float, typer.Option(callback=_range(0), help="maximum relative error")
-                   ] = 1e-4,
+    tokens: Annotated[int, typer.Option(callback=_range(1, 1 << 20),
+                                        help="number of probe tokens")] = 256,
+    tol: Annotated[float | None, typer.Option(
+        callback=_range(0), help="maximum relative error [default: from the dtype: 1e-10 "
+        "float64, 1e-4 float32, 2e-2 float16, 0.15 bfloat16]")] = None,
     dtype: Annotated[str, typer.Option(help="float32, float64, bfloat16, float16")] = "float32",
-    seed: Annotated[int, typer.Option(callback=_range(0), help="probe-token seed")] = 0,
+    seed: Annotated[int, typer.Option(callback=_range(0, MAX_SEED),
+                                      help="probe-token seed")] = 0,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Check that MODEL_B computes MODEL_A's function in chart B (logits, all hidden states)."""
     from .group import SignedPerm
     from .verify import verify_checkpoints
 
-    g = SignedPerm.load(gauge)
-    rep = verify_checkpoints(model_a, model_b, g, n_tokens=tokens, tol=tol, dtype=dtype,
-                             seed=seed)
+    rep = verify_checkpoints(model_a, model_b, SignedPerm.load(gauge), n_tokens=tokens,
+                             tol=tol, dtype=dtype, seed=seed)
     if as_json:
         _print_json(rep.to_dict())
     else:
@@ -419,8 +464,10 @@ def verify(
         for i, e in enumerate(rep.hidden_rel_err):
             t.add_row(f"hidden_states[{i}]", f"{e:.2e}")
         out.print(t)
-        verdict = "[green]PASS[/]" if rep.passed else "[red]FAIL[/]"
-        out.print(f"{verdict}: max {rep.max_rel_err:.2e} (tol {tol:.0e})")
+        verdict = ("PASS", "green") if rep.passed else ("FAIL", "red")
+        source = "" if tol is not None else f", the default for {dtype}"
+        out.print(Text.assemble(verdict, f": max {rep.max_rel_err:.2e} (tol {rep.tol:.0e}"
+                                f"{source})"))
     if not rep.passed:
         raise typer.Exit(1)
 
@@ -429,9 +476,12 @@ def verify(
 TokensFrom = Annotated[str | None, typer.Option(
     "--tokens-from", help="token source: a text file or directory (tokenised with MODEL_A's "
     "tokenizer), token ids in .npy/.pt, or 'synthetic' (default)")]
-NTokens = Annotated[int, typer.Option("--tokens", callback=_range(1), help="number of tokens")]
-SeqLen = Annotated[int, typer.Option(callback=_range(1), help="sequence length")]
-BatchSize = Annotated[int, typer.Option(callback=_range(1), help="sequences per forward pass")]
+NTokens = Annotated[int, typer.Option("--tokens", callback=_range(1, MAX_TOKENS),
+                                      help="number of tokens")]
+SeqLen = Annotated[int, typer.Option(callback=_range(1, MAX_SEQ_LEN), help="sequence length "
+                                     "(at most the model's positions)")]
+BatchSize = Annotated[int, typer.Option(callback=_range(1, MAX_BATCH),
+                                        help="sequences per forward pass")]
 Device = Annotated[str, typer.Option(help="cpu or cuda")]
 DType = Annotated[str, typer.Option(help="model dtype: float32, bfloat16, float16, float64")]
 Layers = Annotated[str | None, typer.Option(
@@ -441,12 +491,14 @@ PerLayer = Annotated[bool, typer.Option(
     help="keep every position's statistics even beyond the 2 GiB in-memory budget (otherwise "
     "evenly spaced positions), and (match) report how each position's own gauge agrees with "
     "the combined one")]
-Seed = Annotated[int, typer.Option(callback=_range(0), help="seed of the synthetic token stream")]
+Seed = Annotated[int, typer.Option(callback=_range(0, MAX_SEED),
+                                   help="seed of the synthetic token stream")]
 MethodOpt = Annotated[str, typer.Option(help="signmarg (default), signed, or perm")]
 SourceOpt = Annotated[str, typer.Option(
-    help="both (default: activations at every residual position and weight signatures, each "
-    "weighed by how clearly it singles out partners), activations, weights (data-free), or "
-    "pooled (the seed paper's estimator: co-moments pooled over positions, one matrix)")]
+    help="evidence: both (default: activations at every residual position and weight "
+    "signatures, each weighed by how clearly it singles out partners), activations, weights "
+    "(data-free), or pooled (the seed paper's estimator: co-moments pooled over positions, one "
+    "matrix)")]
 MinConfidence = Annotated[float | None, typer.Option(
     callback=_range(0), help="coordinates whose confidence (matched score minus the best "
     "alternative, in standard deviations of the score) is below this are flagged [default: "
@@ -464,9 +516,11 @@ DeviceMap = Annotated[str | None, typer.Option(
     "--device-map", help="'auto': spread each model over the GPUs (and CPU) with accelerate")]
 
 
-def _stats_options(tokens_from: str | None, n_tokens: int, seq_len: int, batch_size: int,
-                   device: str, dtype: str, layers: str | None, per_layer: bool, seed: int,
-                   max_memory: str | None = None, device_map: str | None = None):
+def _stats_options(tokens_from: str | None, n_tokens: int, seq_len: int = 128,
+                   batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
+                   layers: str | None = None, per_layer: bool = False, seed: int = 0,
+                   max_memory: str | None = None, device_map: str | None = None,
+                   progress: bool = True):
     from .estimate import StatsOptions
     from .layerwise import parse_size
 
@@ -479,7 +533,7 @@ def _stats_options(tokens_from: str | None, n_tokens: int, seq_len: int, batch_s
                                 ) from None
     return StatsOptions(tokens=tokens_from, n_tokens=n_tokens, seq_len=seq_len,
                         batch_size=batch_size, device=device, dtype=dtype, positions=positions,
-                        per_position=per_layer, seed=seed, progress=True,
+                        per_position=per_layer, seed=seed, progress=progress,
                         max_memory=None if max_memory is None else parse_size(max_memory),
                         device_map=device_map)
 
@@ -488,24 +542,12 @@ def _listed(items: list[int], n: int = 20) -> str:
     return ", ".join(map(str, items[:n])) + (" ..." if len(items) > n else "")
 
 
-def _strict_verdict(confidence: Any, threshold: float, strict: bool) -> None:
+def _strict_verdict(low: list[int], d: int, threshold: float, strict: bool) -> None:
     """With --strict, flagged coordinates are the command's verdict: one line, exit 1."""
-    low = [i for i, c in enumerate(confidence) if c < threshold]
     if strict and low:
-        err.print(f"strict: {len(low)} of {len(confidence)} coordinates below confidence "
-                  f"{threshold:g} ({_listed(low)})", soft_wrap=True, markup=False)
+        err.print(f"strict: {len(low)} of {d} coordinates below confidence {threshold:g} "
+                  f"({_listed(low)})", soft_wrap=True)
         raise typer.Exit(1)
-
-
-def _print_match(result: Any, title: str, threshold: float) -> None:
-    summ = result.summary(threshold)
-    out.print(f"{title}: mean matched |corr| {summ['mean_abs_corr']:.3f}, confidence min "
-              f"{summ['min_confidence']:.3f} / median {summ['median_confidence']:.3f}; "
-              f"{summ['n_low_confidence']} of {result.gauge.d} coordinates below "
-              f"{summ['low_confidence_threshold']}")
-    low = result.low_confidence(threshold)
-    if low:
-        err.print(f"[yellow]low-confidence B coordinates:[/] {_listed(low)}", soft_wrap=True)
 
 
 @command(inputs=("model_a", "model_b", "tokens_from"), outputs=("output",))
@@ -521,14 +563,11 @@ def stats(
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Accumulate cross-statistics of two residual streams (shards add up: match --stats)."""
-    from .estimate import activation_stats, check_pair, evidence_options
+    from . import jobs
 
-    _, d = check_pair(model_a, model_b)
-    # every position kept one by one, as match weighs them (up to the in-memory budget)
-    opts = evidence_options(model_a, d, _stats_options(
+    st = jobs.collect_stats(model_a, model_b, _stats_options(
         tokens_from, tokens, seq_len, batch_size, device, dtype, layers, per_layer, seed,
         max_memory, device_map))
-    st = activation_stats(model_a, model_b, opts)
     st.save(output, overwrite=overwrite)
     written(f"statistics of {st.n_tokens} tokens × {len(st.positions)} positions "
             f"(d={st.d}) → {output}")
@@ -551,68 +590,41 @@ def match(
         callback=_range(0, 1), help="weights source: blend of the unsigned "
         "gain-fingerprint similarity into the sign-blind score")] = 0.0,
     features: Annotated[int, typer.Option(
-        callback=_range(0), help="weights source: signature entries sampled over all "
-        "residual tensors (0: every entry of every tensor, slow at real widths)")] = 8192,
+        callback=_range(0, 1 << 24), help="weights source: signature entries sampled over "
+        "all residual tensors (0: every entry of every tensor, slow at real widths)")] = 8192,
     min_confidence: MinConfidence = None, strict: Strict = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Estimate the gauge A → B (sign-marginalised Hungarian matching)."""
-    from .estimate import (
-        activation_stats,
-        check_choices,
-        check_pair,
-        evidence_options,
-        gauge_metadata,
-        match_stats,
-        match_weights,
-        weight_evidence,
-    )
-    from .match import match_correlation
-    from .stats import CrossStats, sum_stats
+    from . import jobs
 
-    check_choices(method, source, solver)
-    fam, d = check_pair(model_a, model_b)
-    extra: dict[str, Any] = {}
-    if source == "weights":
-        if stats_files:
-            raise GaugefixError("--stats goes with --source both, activations or pooled")
-        result = match_weights(model_a, model_b, method, gain_weight=gain_weight, solver=solver,
-                               features=features or None)
-    else:
-        if stats_files:
-            st = sum_stats(CrossStats.load(p) for p in stats_files)
-        else:
-            st = activation_stats(model_a, model_b, evidence_options(model_a, d, _stats_options(
-                tokens_from, tokens, seq_len, batch_size, device, dtype, layers, per_layer,
-                seed, max_memory, device_map)))
-        if st.d != d:
-            raise GaugefixError(f"width mismatch: statistics have d={st.d}, the models d={d}")
-        weights = weight_evidence(model_a, model_b, features=features or None) \
-            if source == "both" else None
-        result = match_correlation(st.pooled.correlation(), method, global_sign_only=not
-                                   fam.allows_signs, solver=solver) if source == "pooled" \
-            else match_stats(st, fam, method, solver, weights)
-        extra = {"n_tokens": st.n_tokens, "positions": st.positions}
-        if per_layer and st.per_position:
-            t = Table(title="per-position agreement with the combined gauge")
-            t.add_column("position")
-            t.add_column("full agreement", justify="right")
-            t.add_column("mean |corr|", justify="right")
-            agree = {}
-            for p, m in sorted(st.per_position.items()):
-                r = match_correlation(m.correlation(), method,
-                                      global_sign_only=not fam.allows_signs, solver=solver)
-                agree[p] = r.gauge.compare(result.gauge)["full_accuracy"]
-                t.add_row(str(p), f"{agree[p]:.3f}", f"{r.mean_abs_corr:.3f}")
-            out.print(t)
-            extra["per_position_agreement"] = {str(k): v for k, v in agree.items()}
-    threshold = result.threshold if min_confidence is None else min_confidence
-    meta = gauge_metadata(result, model_a, model_b, source=source, extra=extra,
-                          threshold=threshold)
-    result.gauge.save(output, meta, overwrite=overwrite)
-    _print_match(result, f"{method} ({source})", threshold)
+    est = jobs.match(model_a, model_b, source=source, method=method, stats=stats_files or None,
+                     opts=_stats_options(tokens_from, tokens, seq_len, batch_size, device,
+                                         dtype, layers, per_layer, seed, max_memory,
+                                         device_map),
+                     solver=solver, gain_weight=gain_weight, features=features or None,
+                     min_confidence=min_confidence, agreement=per_layer)
+    est.save(output, overwrite=overwrite)
+    if est.agreement:
+        t = Table(title="per-position agreement with the combined gauge")
+        t.add_column("position")
+        t.add_column("full agreement", justify="right")
+        t.add_column("mean |corr|", justify="right")
+        for row in est.agreement:
+            t.add_row(str(row["position"]), f"{row['full_agreement']:.3f}",
+                      f"{row['mean_abs_corr']:.3f}")
+        out.print(t)
+    summ = est.summary()
+    out.print(f"{method} ({source}): mean matched |corr| {summ['mean_abs_corr']:.3f}, "
+              f"confidence min {summ['min_confidence']:.3f} / median "
+              f"{summ['median_confidence']:.3f}; {summ['n_low_confidence']} of {est.gauge.d} "
+              f"coordinates below {summ['low_confidence_threshold']}")
+    low = est.low_confidence()
+    if low:
+        err.print(Text.assemble(("low-confidence B coordinates:", "yellow"),
+                                f" {_listed(low)}"), soft_wrap=True)
     written(f"gauge written to {output}")
-    _strict_verdict(result.confidence, threshold, strict)
+    _strict_verdict(low, est.gauge.d, est.threshold, strict)
 
 
 @command(inputs=("checkpoints", "tokens_from"), outputs=("output",))
@@ -634,33 +646,21 @@ def trajectory(
 ) -> None:
     """Match consecutive checkpoints (bridging weak steps) and compose the local gauges
     (CKPT_0's chart → CKPT_n's)."""
-    from .estimate import gauge_metadata
-    from .estimate import trajectory as run_trajectory
+    from . import jobs
 
     opts = _stats_options(tokens_from, tokens, seq_len, batch_size, device, dtype, layers,
-                          False, seed, max_memory, device_map)
-    opts.progress = False
-    res = run_trajectory(checkpoints, source=source, method=method, opts=opts, solver=solver,
-                         bridge=bridge)
-    min_confidence = res.threshold if min_confidence is None else min_confidence
-    table = res.step_table(min_confidence)
-    conf = res.confidence()
-    bridges = [{"from": i, "to": j, "n_low_confidence": n} for (i, j), n in res.bridges.items()]
-    meta = gauge_metadata(res.steps[0], checkpoints[0], checkpoints[-1], source=source,
-                          extra={"steps": table, "composed_from": len(res.steps),
-                                 "path": res.path, "bridges": bridges})
-    meta["confidence"] = [round(float(c), 6) for c in conf]
-    meta["summary"] = {"min_step_confidence": float(conf.min()),
-                       "n_low_confidence": int((conf < min_confidence).sum()),
-                       "low_confidence_threshold": min_confidence}
-    res.gauge.save(output, meta, overwrite=overwrite)
+                          False, seed, max_memory, device_map, progress=False)
+    est = jobs.trajectory(checkpoints, source=source, method=method, opts=opts, solver=solver,
+                          bridge=bridge, min_confidence=min_confidence)
+    est.save(output, overwrite=overwrite)
+    res = est.result
     if as_json:
-        _print_json(table)
+        _print_json(est.table)
     else:
         t = Table(title=f"{len(res.steps)} local gauges ({method}, {source})")
         for col in ("step", "from → to", "mean |corr|", "min conf.", "median conf.", "low"):
             t.add_column(col, justify="right" if col != "from → to" else "left")
-        for k, row in enumerate(table):
+        for k, row in enumerate(est.table):
             style = "bold yellow" if k == res.weakest_step else None
             t.add_row(str(k), f"{row['from']} → {row['to']}", f"{row['mean_abs_corr']:.3f}",
                       f"{row['min_confidence']:.3f}", f"{row['median_confidence']:.3f}",
@@ -674,7 +674,7 @@ def trajectory(
                       + (f"; skipped {', '.join(map(str, skipped))})" if skipped else ")"),
                       soft_wrap=True)
         written(f"composed gauge written to {output}")
-    _strict_verdict(conf, min_confidence, strict)
+    _strict_verdict(est.low_confidence(), est.gauge.d, est.threshold, strict)
 
 
 # ---------------------------------------------------------------------------- algebra
@@ -739,9 +739,8 @@ def transport(
     output: Annotated[Path, typer.Option("-o", "--output", help="where to write the moved "
                       "object (same format as the input)")],
     inverse: Annotated[bool, typer.Option(help="move from B back to A")] = False,
-    model: Annotated[Path | None, typer.Option(help="lora: the base checkpoint (for its "
-                     "family); optim: the checkpoint a bare optimizer.pt belongs to")] = None,
-    family: Annotated[str | None, typer.Option(help="lora: the base model's family")] = None,
+    model: Annotated[Path | None, typer.Option(help=option_help("model"))] = None,
+    family: Annotated[str | None, typer.Option(help=option_help("family"))] = None,
     checkpoint: Annotated[str | None, typer.Option(
         help="the checkpoint the moved object belongs to: recorded with its gauge-invariant "
         "fingerprint")] = None,
@@ -749,21 +748,13 @@ def transport(
 ) -> None:
     """Move a coordinate-indexed object (steering vector, SAE, transcoder, crosscoder, neuron
     list, LoRA adapter, optimizer state, ...) to chart B, in its own format."""
-    from .group import SignedPerm
-    from .transport import transport as run
+    from . import jobs
 
-    options: dict[str, Any] = {k: v for k, v in (("model", model), ("family", family))
-                               if v is not None}
+    options = {k: v for k, v in (("model", model), ("family", family)) if v is not None}
     check_options(transport_kind(kind), options)
-    gauges = [None if g == "-" else SignedPerm.load(Path(g)) for g in gauge]
-    g: Any = gauges[0] if len(gauges) == 1 and gauges[0] is not None else gauges
-    if checkpoint is not None:
-        from .canonical import fingerprint as fp
-
-        options["checkpoint"] = {"name": checkpoint,
-                                 "fingerprint": fp(checkpoint, discrete_only=True).fingerprint}
-    info = run(kind, source, output, g, inverse=inverse, overwrite=overwrite,
-               gauge_file=", ".join(gauge), **options)
+    info = jobs.transport(kind, source, output, [None if g == "-" else g for g in gauge],
+                          inverse=inverse, checkpoint=checkpoint, overwrite=overwrite,
+                          **options)
     detail = ", ".join(f"{k} {v}" for k, v in info.items())
     written(f"{kind}: {detail} → {output} ({'B → A' if inverse else 'A → B'})")
 
@@ -787,30 +778,28 @@ def merge(
     overwrite: Annotated[bool, typer.Option(help="replace existing outputs")] = False,
 ) -> None:
     """Coordinate-preserving merge: put B into A's chart, then merge."""
-    from .group import SignedPerm
-    from .transport import merge_checkpoints
+    from . import jobs
 
     if (gauge is None) != unaligned:
         raise GaugefixError("give --gauge G.json, or --unaligned for the unaligned baseline")
-    g = SignedPerm.load(gauge) if gauge is not None else None
-    info = merge_checkpoints(model_a, model_b, g, output, method=method, weight=weight,
-                             base=base, export_aligned=export_aligned, overwrite=overwrite,
-                             progress=True)
+    info = jobs.merge(model_a, model_b, output, gauge, method=method, weight=weight, base=base,
+                      export_aligned=export_aligned, overwrite=overwrite)
     written(f"merged {info['tensors']} tensors ({method}, w={weight}, "
             f"{'aligned' if info['aligned'] else 'UNALIGNED'}) → {output}")
 
 
 # ---------------------------------------------------------------------------- audit
-@command(inputs=("claim", "models", "source", "tokens_from"), outputs=("output",))
+@command(inputs=("claim", "models", "claim_source", "tokens_from"), outputs=("output",))
 def audit(
     claim: Annotated[Path, typer.Argument(help="claim file (gaugefix.claim/1 JSON)")],
     models: Annotated[list[str], typer.Argument(help="checkpoints to audit the claim on")],
-    source: Annotated[str | None, typer.Option(help="the claim's source checkpoint (default: "
-                      "the claim's 'source' field)")] = None,
-    gauges: Annotated[int, typer.Option(callback=_range(0), help="random B_d and S_d "
-                                        "re-gaugings per "
-                                        "model")] = 4,
-    seed: Annotated[int, typer.Option(callback=_range(0), help="seed of the random gauges")] = 0,
+    claim_source: Annotated[str | None, typer.Option(
+        "--claim-source", help="the checkpoint the claim was made on (default: the claim's "
+        "'source' field)")] = None,
+    gauges: Annotated[int, typer.Option(callback=_range(0, 1000), help="random B_d and S_d "
+                                        "re-gaugings per model")] = 4,
+    seed: Annotated[int, typer.Option(callback=_range(0, MAX_SEED),
+                                      help="seed of the random gauges")] = 0,
     tokens_from: TokensFrom = None, tokens: NTokens = 16384, max_memory: MaxMemory = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="write the report "
                       "(JSON) here")] = None,
@@ -821,63 +810,22 @@ def audit(
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Does an index-level claim reproduce by raw index, or only through the explicit gauge?"""
-    import torch
+    from . import jobs
 
-    from .audit import audit_models, check_claim, load_claim
-    from .checkpoint import Checkpoint
-    from .estimate import StatsOptions, estimate_gauge
-    from .group import SignedPerm
-    from .io import atomic_write_text
-    from .layerwise import open_offloaded, parse_size
-    from .stats import load_tokenizer
-    from .verify import load_causal_lm
-
-    c = load_claim(claim)
-    src = source or c.source
-    if src is None:
-        raise GaugefixError("the claim names no source checkpoint; pass --source")
-    src_ckpt = Checkpoint.open(src)
-    ckpts = [Checkpoint.open(m) for m in models]
-    for ck in (src_ckpt, *ckpts):  # everything refused before any model is loaded
-        check_claim(c, name=str(ck.path), n_layers=ck.n_layers, d=ck.hidden_size,
-                    vocab_size=ck.vocab_size)
-        if ck.family.name != src_ckpt.family.name or ck.hidden_size != src_ckpt.hidden_size:
-            raise GaugefixError(f"{ck.path} ({ck.family.name}, d={ck.hidden_size}) cannot be "
-                                f"compared with the source {src} ({src_ckpt.family.name}, "
-                                f"d={src_ckpt.hidden_size})")
-    tokenizer = None
-    if any(isinstance(p, str) for p in (c.positive or []) + (c.negative or [])):
-        tokenizer = load_tokenizer(src_ckpt.path, why="the claim has text prompts")
-    budget = None if max_memory is None else parse_size(max_memory)
-    opts = StatsOptions(tokens=tokens_from, n_tokens=tokens, seed=seed, max_memory=budget)
-    with tempfile.TemporaryDirectory(prefix="gaugefix-offload-") as off:
-
-        def load(ck: Any) -> Any:  # whole, or every decoder layer left on disk
-            if budget is None:
-                return load_causal_lm(ck.path, torch.float32)
-            return open_offloaded(ck, torch.float32, Path(off) / str(len(os.listdir(off)))
-                                  ).model
-
-        source_model = load(src_ckpt)
-        triples = []
-        for m, ck in zip(models, ckpts, strict=True):
-            model = load(ck)
-            same = ck.path.resolve() == src_ckpt.path.resolve()
-            est = SignedPerm.identity(ck.hidden_size) if same else estimate_gauge(
-                src, m, opts=opts, _models=None if budget else (source_model, model)).gauge
-            triples.append((m, model, est))
-        rep = audit_models(c, triples, n_gauges=gauges, seed=seed, tokenizer=tokenizer)
-    doc = {**rep.to_dict(), "summary": rep.summary(), "claim": str(claim), "source": src}
-    if fingerprints:
-        from .canonical import fingerprint as fp
-
-        doc["fingerprints"] = {m: fp(m, discrete_only=True).fingerprint
-                               for m in dict.fromkeys([src, *models])}
+    res = jobs.audit(claim, models, source=claim_source, gauges=gauges, seed=seed,
+                     opts=_stats_options(tokens_from, tokens, seed=seed, max_memory=max_memory,
+                                         progress=False),
+                     fingerprints=fingerprints)
     if output is not None:
-        atomic_write_text(output, json.dumps(doc, indent=2) + "\n", overwrite=overwrite)
+        res.save(output, overwrite=overwrite)
+    own = res.source_reproduction
+    if own is not None and own < 1:
+        _warn_line(f"the claim's coordinates are not the top-{res.report.claim_k} of its own "
+                   f"prompts on its source {res.document['source']}: {own:.0%} reproduce there")
     if as_json:
-        _print_json(doc)
+        _print_json(res.document)
         return
+    rep = res.report
     t = Table(title=f"audit of {claim.name}: top-{rep.claim_k} coordinates at position "
               f"{rep.layer}")
     for col in ("model", "gauge", "raw index", "through gauge"):
@@ -885,6 +833,8 @@ def audit(
     for r in rep.rows:
         t.add_row(r.model, r.gauge, f"{r.raw:.0%}", f"{r.transported:.0%}")
     out.print(t)
+    if own is not None:
+        out.print(f"on its own source: reproduces {own:.0%}")
     for kind, v in rep.summary().items():
         out.print(f"{kind}: reproduces {v['raw']:.0%} by raw index, {v['transported']:.0%} "
                   "through the explicit gauge")
@@ -899,9 +849,9 @@ def demo(
     quick: Annotated[bool, typer.Option(help="a smaller, faster version (used by the tests)")
                      ] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    seed: Annotated[int, typer.Option(callback=_range(0), help="random seed")] = 0,
+    seed: Annotated[int, typer.Option(callback=_range(0, MAX_SEED), help="random seed")] = 0,
     seeds: Annotated[int, typer.Option(
-        callback=_range(1), help="repeat the run-dependent headline figures on this many "
+        callback=_range(1, 100), help="repeat the run-dependent headline figures on this many "
         "training runs (seeds SEED, SEED+1, ...) and report each as mean and range")] = 1,
 ) -> None:
     """Reproduce the seed paper's headline results on tiny models trained here."""
@@ -914,7 +864,11 @@ def demo(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # before a command's own handler was installed
+        _error_line("interrupted; nothing was written")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

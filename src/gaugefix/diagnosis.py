@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from .arch import Family
-from .checkpoint import Checkpoint
+from .model import ModelLike, open_model
 
 
 @dataclass
@@ -141,19 +140,21 @@ def diagnose(
     return rep
 
 
-def inspect_checkpoint(model: str | Path) -> GaugeGroupReport:
-    ckpt = Checkpoint.open(model)
-    fam = ckpt.family
-    keys = {k for _, k, _ in ckpt.entries()}
-    plan = fam.plan(keys)
-    norm_keys = {k for k, op in plan.items() if op.kind in ("G", "LB")}
-    tensors = ckpt.tensors(norm_keys)
+def inspect_checkpoint(model: ModelLike) -> GaugeGroupReport:
+    """The gauge group of a checkpoint (or a model in memory), read from its norm tensors."""
+    m = open_model(model).check()
+    plan = m.plan
+    norm_keys = [k for k, op in plan.items() if op.kind in ("G", "LB")]
+    try:
+        tensors = {k: m.tensor(k) for k in norm_keys}
+    finally:
+        m.close()
     return diagnose(
         tensors,
-        fam,
-        ckpt.hidden_size,
-        model_type=ckpt.config.get("model_type"),
-        tied_embeddings=_tied(ckpt.config),
+        m.family,
+        m.hidden_size,
+        model_type=m.config.get("model_type"),
+        tied_embeddings=_tied(m.config),
     )
 
 

@@ -61,11 +61,10 @@ def share(n: int, w: World | None) -> slice:
 
 
 def all_reduce_moments(m, device: str = "cpu"):  # Moments -> Moments
-    """The moments of the union of every rank's samples, on every rank."""
+    """The moments of the union of every rank's samples, on every rank (of ``m``'s type:
+    :class:`gaugefix.stats.Moments`, which imports this module)."""
     import torch
     import torch.distributed as dist
-
-    from .stats import Moments
 
     dev = torch.device("cuda", torch.cuda.current_device()) if device.startswith(
         "cuda") else torch.device("cpu")
@@ -81,7 +80,7 @@ def all_reduce_moments(m, device: str = "cpu"):  # Moments -> Moments
     parts = torch.cat([(m.m2_a.to(dev) + m.n * da * da), (m.m2_b.to(dev) + m.n * db * db),
                        (m.cross.to(dev) + m.n * torch.outer(da, db)).reshape(-1)])
     dist.all_reduce(parts)
-    return Moments(n, mean_a.cpu(), mean_b.cpu(), parts[:d].cpu(), parts[d:2 * d].cpu(),
+    return type(m)(n, mean_a.cpu(), mean_b.cpu(), parts[:d].cpu(), parts[d:2 * d].cpu(),
                    parts[2 * d:].reshape(d, d).cpu())
 
 
@@ -94,6 +93,14 @@ def all_reduce_count(n: int, device: str = "cpu") -> int:
     t = torch.tensor([n], dtype=torch.int64, device=dev)
     dist.all_reduce(t)
     return int(t.item())
+
+
+def is_main_rank() -> bool:
+    """False in a process that belongs to an initialised torch.distributed group (gaugefix's
+    own under torchrun, or a caller's) with a rank other than 0: every rank computed the
+    same result, and one writes it."""
+    dist = sys.modules.get("torch.distributed")  # never imported just to ask
+    return dist is None or not dist.is_initialized() or dist.get_rank() == 0
 
 
 def barrier() -> None:

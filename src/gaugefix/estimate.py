@@ -1,7 +1,8 @@
 """High-level estimation: the gauge between two checkpoints, and along trajectories.
 
-Checkpoints are paths (local directories or hub ids) or loaded modules. Two
-sources of evidence, and their combination:
+Every function takes models as :data:`gaugefix.model.ModelLike` (a checkpoint directory,
+a hub id, a loaded module, or an opened :class:`gaugefix.model.Model`) and opens each
+once, at its boundary. Two sources of evidence, and their combination:
 
 * ``activations`` — cross-correlation of residual streams on shared tokens
   (:mod:`gaugefix.stats`), one matrix per residual position;
@@ -18,7 +19,6 @@ sources of evidence, and their combination:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import math
@@ -30,8 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .arch import Family, detect_family, hidden_size_of
-from .checkpoint import Checkpoint
+from .arch import Family
 from .errors import GaugefixError
 from .group import SignedPerm
 from .match import (
@@ -42,10 +41,10 @@ from .match import (
     match_correlation,
     match_evidence,
 )
+from .model import DTYPE_NAMES, Model, ModelLike, open_model, torch_dtype
+from .model import check_pair as _check_models
 from .stats import CrossStats, collect_stats, load_token_source, resolve_positions
-from .verify import DTYPES, load_causal_lm
 
-ModelRef = str | Path | torch.nn.Module
 MIN_TOKENS_PER_DIM = 2
 SOURCES: tuple[str, ...] = ("both", "activations", "weights", "pooled")
 DEFAULT_SOURCE = "both"
@@ -53,21 +52,9 @@ DEFAULT_SOURCE = "both"
 PER_POSITION_BYTES = 2 << 30
 
 
-def _family_and_width(ref: ModelRef) -> tuple[Family, int, str]:
-    if isinstance(ref, torch.nn.Module):
-        return detect_family(ref.config), hidden_size_of(ref.config), type(ref).__name__
-    ck = Checkpoint.open(ref)
-    return ck.family, ck.hidden_size, str(ref)
-
-
-def check_pair(a: ModelRef, b: ModelRef) -> tuple[Family, int]:
-    fa, da, na = _family_and_width(a)
-    fb, db, nb = _family_and_width(b)
-    if fa.name != fb.name:
-        raise GaugefixError(f"different families: {na} is {fa.name}, {nb} is {fb.name}")
-    if da != db:
-        raise GaugefixError(f"different hidden sizes: {na} has d={da}, {nb} has d={db}")
-    return fa, da
+def check_pair(a: ModelLike, b: ModelLike) -> tuple[Family, int]:
+    """Refuse two models of different families or widths; their family and width."""
+    return _check_models(open_model(a), open_model(b))
 
 
 def check_choices(method: str = "signmarg", source: str = DEFAULT_SOURCE,
@@ -88,18 +75,6 @@ def _check_tokens(n: int, d: int) -> None:
         raise GaugefixError(
             f"too few tokens for the width: {n} tokens for d={d}; the correlation needs at "
             f"least {min_tokens(d)} ({MIN_TOKENS_PER_DIM}·d), and more gives sharper matches")
-
-
-def _load(ref: ModelRef, dtype: str, device: str, device_map: str | None = None
-          ) -> torch.nn.Module:
-    if isinstance(ref, torch.nn.Module):
-        return ref
-    if dtype not in DTYPES:
-        raise GaugefixError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    path = Checkpoint.open(ref).path
-    if device_map is not None:  # accelerate places the layers; inputs go to the first device
-        return load_causal_lm(path, DTYPES[dtype], device_map=device_map)
-    return load_causal_lm(path, DTYPES[dtype]).to(device)
 
 
 def check_device(device: str) -> None:
@@ -155,56 +130,46 @@ class StatsOptions:
                 raise GaugefixError(f"{name} must be a positive integer, got {value!r}")
         if self.seed < 0:
             raise GaugefixError(f"seed must be ≥ 0, got {self.seed}")
-        if self.dtype not in DTYPES:
-            raise GaugefixError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.dtype not in DTYPE_NAMES:
+            raise GaugefixError(f"unknown dtype {self.dtype!r}; choose from "
+                                f"{', '.join(DTYPE_NAMES)}")
         check_device(self.device)
 
-    def token_ids(self, vocab_size: int, ref: ModelRef, d: int) -> np.ndarray:
+    def token_ids(self, vocab_size: int, model: Model, d: int) -> np.ndarray:
         _check_tokens(self.n_tokens, d)
-        tok_dir = None if isinstance(ref, torch.nn.Module) else Checkpoint.open(ref).path
         ids = load_token_source(self.tokens, vocab_size=vocab_size, n_tokens=self.n_tokens,
-                                tokenizer_dir=tok_dir, seed=self.seed)
+                                tokenizer_dir=model.tokenizer_dir, seed=self.seed)
         _check_tokens(len(ids), d)
         return ids
 
 
-def _vocab_size(ref: ModelRef) -> int:
-    return int(ref.config.get_text_config().vocab_size) if isinstance(ref, torch.nn.Module) else \
-        Checkpoint.open(ref).vocab_size
-
-
-def activation_stats(a: ModelRef, b: ModelRef, opts: StatsOptions | None = None,
-                     *, _models: tuple[torch.nn.Module, torch.nn.Module] | None = None
+def activation_stats(a: ModelLike, b: ModelLike, opts: StatsOptions | None = None
                      ) -> CrossStats:
     """Cross-statistics of A's and B's residual streams on the options' tokens: both models
     in memory, or within ``opts.max_memory`` layer by layer (:mod:`gaugefix.layerwise`)."""
     opts = opts or StatsOptions()
-    _, d = check_pair(a, b)
-    for ref in (a, b):  # positions refused before any model is loaded
-        if not isinstance(ref, torch.nn.Module):
-            resolve_positions(opts.positions, Checkpoint.open(ref).n_layers)
-    vocab = min(_vocab_size(a), _vocab_size(b))
-    ids = opts.token_ids(vocab, a, d)
-    meta = {"model_a": _name(a), "model_b": _name(b), "n_tokens": len(ids),
+    ma, mb = open_model(a), open_model(b)
+    _, d = _check_models(ma, mb)
+    for m in (ma, mb):  # everything refused before any model is loaded
+        m.check()
+        resolve_positions(opts.positions, m.n_layers)
+    ids = opts.token_ids(min(ma.vocab_size, mb.vocab_size), ma, d)
+    meta = {"model_a": ma.name, "model_b": mb.name, "n_tokens": len(ids),
             "seq_len": opts.seq_len}
     if opts.max_memory is not None:
-        if isinstance(a, torch.nn.Module) or isinstance(b, torch.nn.Module):
+        if ma.in_memory or mb.in_memory:
             raise GaugefixError("a memory budget needs checkpoints on disk, not loaded models")
         from .layerwise import collect_stats_layerwise
 
         return collect_stats_layerwise(
-            Checkpoint.open(a), Checkpoint.open(b), ids, budget=opts.max_memory,
+            ma, mb, ids, budget=opts.max_memory,
             positions=opts.positions, per_position=opts.per_position, seq_len=opts.seq_len,
-            batch_size=opts.batch_size, dtype=DTYPES[opts.dtype], meta=meta)
-    ma, mb = _models or (_load(a, opts.dtype, opts.device, opts.device_map),
-                         _load(b, opts.dtype, opts.device, opts.device_map))
-    return collect_stats(ma, mb, ids, positions=opts.positions, per_position=opts.per_position,
+            batch_size=opts.batch_size, dtype=torch_dtype(opts.dtype), meta=meta)
+    return collect_stats(ma.load(opts.dtype, opts.device, opts.device_map),
+                         mb.load(opts.dtype, opts.device, opts.device_map), ids,
+                         positions=opts.positions, per_position=opts.per_position,
                          seq_len=opts.seq_len, batch_size=opts.batch_size, device=opts.device,
                          progress=opts.progress, meta=meta)
-
-
-def _name(ref: ModelRef) -> str:
-    return type(ref).__name__ if isinstance(ref, torch.nn.Module) else str(ref)
 
 
 def evidence_positions(n_layers: int, d: int, budget: int = PER_POSITION_BYTES
@@ -246,43 +211,6 @@ def match_stats(stats: CrossStats, family: Family, method: str = "signmarg",
 DEFAULT_FEATURES = 8192
 
 
-class _Slices:
-    """Every tensor's shape, and slices of any tensor read on demand: for safetensors only
-    the slice's bytes (safetensors' lazy slices), for a loaded model its own tensors."""
-
-    def __init__(self, ref: ModelRef) -> None:
-        self._handles: dict[Path, Any] = {}
-        self._stack = contextlib.ExitStack()
-        if isinstance(ref, torch.nn.Module):
-            sd = {k: v.detach() for k, v in ref.state_dict().items()}
-            self.shapes = {k: tuple(v.shape) for k, v in sd.items()}
-            self._get = lambda k, idx: sd[k][idx]
-            return
-        ck = Checkpoint.open(ref)
-        where = {k: (shard, shape) for shard, k, shape in ck.entries()}
-        self.shapes = {k: shape for k, (_, shape) in where.items()}
-        if not ck.is_safetensors:
-            get = ck.getter()
-            self._get = lambda k, idx: get(k)[idx]
-            return
-        from .io import open_safetensors
-
-        def get_slice(k: str, idx: tuple[slice, ...]) -> torch.Tensor:
-            shard = where[k][0]
-            if shard not in self._handles:
-                self._handles[shard] = self._stack.enter_context(
-                    open_safetensors(shard, "weight shard"))
-            return self._handles[shard].get_slice(k)[idx]
-
-        self._get = get_slice
-
-    def get(self, key: str, idx: tuple[slice, ...]) -> torch.Tensor:
-        return self._get(key, idx)
-
-    def close(self) -> None:
-        self._stack.close()
-
-
 def _sample(shape: tuple[int, ...], axis: int, per_tensor: int | None,
             rng: np.random.Generator, blocks: int = 4) -> list[tuple[slice, ...]]:
     """Slices covering the residual axis whole and, on the other axes, ``blocks`` random
@@ -316,7 +244,7 @@ class WeightEvidence:
     keys: list[str] = field(default_factory=list)
 
 
-def weight_evidence(a: ModelRef, b: ModelRef, *, features: int | None = DEFAULT_FEATURES,
+def weight_evidence(a: ModelLike, b: ModelLike, *, features: int | None = DEFAULT_FEATURES,
                     seed: int = 0) -> WeightEvidence:
     """Per-coordinate weight signatures of A and B, correlated.
 
@@ -327,14 +255,14 @@ def weight_evidence(a: ModelRef, b: ModelRef, *, features: int | None = DEFAULT_
     lazily (only the sampled bytes), then one d×features product; None: every entry of every
     tensor, accumulated tensor by tensor (d×d products per tensor; slow at real widths).
     Non-residual axes are restricted to their shared extent (e.g. the shared vocabulary)."""
-    fam, d = check_pair(a, b)
-    sa, sb = _Slices(a), _Slices(b)
+    sa, sb = open_model(a).check(), open_model(b).check()
+    fam, d = _check_models(sa, sb)
     try:
-        plan = fam.plan(sa.shapes)
+        plan = sa.plan
         keys = [k for k in sorted(sa.shapes) if plan[k].one_stream]
         missing = [k for k in keys if k not in sb.shapes]
         if missing:
-            raise GaugefixError(f"{_name(b)} lacks {', '.join(missing[:5])}")
+            raise GaugefixError(f"{sb.name} lacks {', '.join(missing[:5])}")
         signed_keys = [k for k in keys if plan[k].kind != "G"]
         per_tensor = None if features is None else max(1, features // max(1, len(signed_keys)))
         ev = WeightEvidence(torch.zeros(d, d, dtype=torch.float64), None)
@@ -346,17 +274,17 @@ def weight_evidence(a: ModelRef, b: ModelRef, *, features: int | None = DEFAULT_
                 raise GaugefixError(f"{key}: shapes {list(ra)} and {list(rb)} differ in rank")
             shape = tuple(min(x, y) for x, y in zip(ra, rb, strict=True))
             if op.kind == "G":
-                gains_a.append(sa.get(key, (slice(0, d),)).double().reshape(-1) +
+                gains_a.append(sa.slice(key, (slice(0, d),)).double().reshape(-1) +
                                fam.gain_offset)
-                gains_b.append(sb.get(key, (slice(0, d),)).double().reshape(-1) +
+                gains_b.append(sb.slice(key, (slice(0, d),)).double().reshape(-1) +
                                fam.gain_offset)
                 continue
             axis = op.residual_axis
             rng = np.random.default_rng([seed, *key.encode()])
-            xa = torch.cat([torch.movedim(sa.get(key, idx), axis, 0).reshape(d, -1).float()
+            xa = torch.cat([torch.movedim(sa.slice(key, idx), axis, 0).reshape(d, -1).float()
                             for idx in _sample(shape, axis, per_tensor, rng)], 1)
             rng = np.random.default_rng([seed, *key.encode()])
-            xb = torch.cat([torch.movedim(sb.get(key, idx), axis, 0).reshape(d, -1).float()
+            xb = torch.cat([torch.movedim(sb.slice(key, idx), axis, 0).reshape(d, -1).float()
                             for idx in _sample(shape, axis, per_tensor, rng)], 1)
             scale = float(xa.norm() * xb.norm())
             if scale == 0:
@@ -397,7 +325,7 @@ def weight_evidence(a: ModelRef, b: ModelRef, *, features: int | None = DEFAULT_
     return ev
 
 
-def match_weights(a: ModelRef, b: ModelRef, method: str = "signmarg", *,
+def match_weights(a: ModelLike, b: ModelLike, method: str = "signmarg", *,
                   gain_weight: float = 0.0, solver: str = "lapjvs",
                   features: int | None = DEFAULT_FEATURES) -> MatchResult:
     """Data-free gauge estimate from the checkpoints alone (no forward pass).
@@ -406,7 +334,8 @@ def match_weights(a: ModelRef, b: ModelRef, method: str = "signmarg", *,
     sign-blind score: ``(1 - w)|C| + w * C_gain``. ``features``: see
     :func:`weight_evidence`.
     """
-    fam, _ = check_pair(a, b)
+    a, b = open_model(a), open_model(b)
+    fam, _ = _check_models(a, b)
     ev = weight_evidence(a, b, features=features)
     if gain_weight > 0 and ev.unsigned is not None:  # confidence: a correlation margin
         magnitude = ((1 - gain_weight) * ev.signed.abs() + gain_weight * ev.unsigned).numpy()
@@ -417,7 +346,7 @@ def match_weights(a: ModelRef, b: ModelRef, method: str = "signmarg", *,
 
 
 # ---------------------------------------------------------------------------- one pair
-def evidence_options(ref: ModelRef, d: int, opts: StatsOptions | None) -> StatsOptions:
+def evidence_options(model: ModelLike, d: int, opts: StatsOptions | None) -> StatsOptions:
     """The statistics options an estimate needs: every residual position kept one by one (or
     as many as :data:`PER_POSITION_BYTES` holds, unless positions were chosen)."""
     opts = opts or StatsOptions()
@@ -425,30 +354,38 @@ def evidence_options(ref: ModelRef, d: int, opts: StatsOptions | None) -> StatsO
         return opts
     positions = opts.positions
     if positions is None:
-        n_layers = (int(ref.config.get_text_config().num_hidden_layers)
-                    if isinstance(ref, torch.nn.Module) else Checkpoint.open(ref).n_layers)
-        positions = evidence_positions(n_layers, d)
+        positions = evidence_positions(open_model(model).n_layers, d)
     return dataclasses.replace(opts, per_position=True, positions=positions)
 
 
-def estimate_gauge(a: ModelRef, b: ModelRef, *, source: str = DEFAULT_SOURCE,
+def estimate_gauge(a: ModelLike, b: ModelLike, *, source: str = DEFAULT_SOURCE,
                    method: str = "signmarg", opts: StatsOptions | None = None,
                    solver: str = "lapjvs", gain_weight: float = 0.0,
-                   _models: tuple[torch.nn.Module, torch.nn.Module] | None = None
-                   ) -> MatchResult:
+                   features: int | None = DEFAULT_FEATURES,
+                   stats: CrossStats | None = None) -> MatchResult:
     """The gauge A → B from ``source``: ``both`` (activations at every residual position and
-    weight signatures, weighed by reliability), ``activations`` or ``weights``."""
+    weight signatures, weighed by reliability), ``activations``, ``weights`` or ``pooled``.
+    ``stats``: saved statistics to use instead of a forward pass."""
     check_choices(method, source, solver)
-    fam, d = check_pair(a, b)
+    a, b = open_model(a), open_model(b)
+    fam, d = _check_models(a, b)
     if source == "weights":
-        return match_weights(a, b, method, gain_weight=gain_weight, solver=solver)
+        if stats is not None:
+            raise GaugefixError("saved statistics go with the sources both, activations or "
+                                "pooled")
+        return match_weights(a, b, method, gain_weight=gain_weight, solver=solver,
+                             features=features)
+    if stats is None:
+        stats = activation_stats(a, b, opts if source == "pooled" else
+                                 evidence_options(a, d, opts))
+    if stats.d != d:
+        raise GaugefixError(f"width mismatch: statistics have d={stats.d}, the models d={d}")
     if source == "pooled":
-        stats = activation_stats(a, b, opts, _models=_models)
         stats.check_finite()
+        _check_tokens(stats.n_tokens, d)
         return match_correlation(stats.pooled.correlation(), method,
                                  global_sign_only=not fam.allows_signs, solver=solver)
-    stats = activation_stats(a, b, evidence_options(a, d, opts), _models=_models)
-    weights = weight_evidence(a, b) if source == "both" else None
+    weights = weight_evidence(a, b, features=features) if source == "both" else None
     return match_stats(stats, fam, method, solver, weights)
 
 
@@ -507,7 +444,7 @@ def _most_confident_path(n: int, matches: Mapping[tuple[int, int], MatchResult])
     return best[n - 1][1]
 
 
-def trajectory(ckpts: Sequence[ModelRef], *, source: str = DEFAULT_SOURCE,
+def trajectory(ckpts: Sequence[ModelLike], *, source: str = DEFAULT_SOURCE,
                method: str = "signmarg", opts: StatsOptions | None = None,
                solver: str = "lapjvs", gain_weight: float = 0.0, bridge: bool = True,
                on_step: Callable[[int, MatchResult], None] | None = None) -> TrajectoryResult:
@@ -521,27 +458,28 @@ def trajectory(ckpts: Sequence[ModelRef], *, source: str = DEFAULT_SOURCE,
     check_choices(method, source, solver)
     if len(ckpts) < 2:
         raise GaugefixError("a trajectory needs at least two checkpoints")
-    for a, b in itertools.pairwise(ckpts):
-        check_pair(a, b)
+    models = [open_model(c) for c in ckpts]
+    for a, b in itertools.pairwise(models):
+        _check_models(a, b)
     opts = opts or StatsOptions()
-    preload = source != "weights" and opts.max_memory is None
-    loaded: dict[int, torch.nn.Module] = {}  # the few most recent, each loaded once
+    loaded: list[int] = []  # the few most recent modules stay loaded, each loaded once
 
-    def model(i: int) -> torch.nn.Module:
-        if i not in loaded:
-            while len(loaded) >= 4:
-                loaded.pop(min(loaded))
-            loaded[i] = _load(ckpts[i], opts.dtype, opts.device, opts.device_map)
-        return loaded[i]
+    def keep(*idx: int) -> None:
+        for i in idx:
+            if i in loaded:
+                loaded.remove(i)
+            loaded.append(i)
+        while len(loaded) > 4:
+            models[loaded.pop(0)].unload()
 
     matches: dict[tuple[int, int], MatchResult] = {}
 
     def match(i: int, j: int) -> MatchResult:
         if (i, j) not in matches:
-            models = (model(i), model(j)) if preload else None
-            matches[(i, j)] = estimate_gauge(ckpts[i], ckpts[j], source=source, method=method,
-                                             opts=opts, solver=solver, gain_weight=gain_weight,
-                                             _models=models)
+            keep(i, j)
+            matches[(i, j)] = estimate_gauge(models[i], models[j], source=source,
+                                             method=method, opts=opts, solver=solver,
+                                             gain_weight=gain_weight)
         return matches[(i, j)]
 
     n = len(ckpts)
@@ -556,11 +494,12 @@ def trajectory(ckpts: Sequence[ModelRef], *, source: str = DEFAULT_SOURCE,
             for i, j in ((k - 1, k + 1), (k, k + 2), (k - 1, k + 2)):
                 if i >= 0 and j < n and (i, j) not in bridges:
                     bridges[(i, j)] = len(match(i, j).low_confidence())
-    loaded.clear()
+    for m in models:
+        m.unload()
     path = _most_confident_path(n, matches)
     steps = [matches[(i, j)] for i, j in itertools.pairwise(path)]
     return TrajectoryResult(compose_gauges([r.gauge for r in steps]), steps,
-                            [_name(ckpts[i]) for i in path], path, bridges)
+                            [models[i].name for i in path], path, bridges)
 
 
 def compose_gauges(gauges: Sequence[SignedPerm]) -> SignedPerm:
@@ -614,19 +553,18 @@ def compose_documents(paths: Sequence[str | Path], *, force: bool = False
     return total, meta
 
 
-def gauge_metadata(result: MatchResult, a: ModelRef, b: ModelRef, *, source: str,
+def gauge_metadata(result: MatchResult, a: ModelLike, b: ModelLike, *, source: str,
                    extra: Mapping[str, Any] | None = None, hash_weights: bool = True,
                    threshold: float | None = None) -> dict[str, Any]:
-    from .apply import checkpoint_identity
+    """What a gauge file records of an estimate: both charts' identities (hashed once per
+    model), the method, the evidence and every coordinate's confidence."""
 
-    def ident(ref: ModelRef) -> dict[str, str]:
-        if isinstance(ref, torch.nn.Module) or not hash_weights:
-            return {"name": _name(ref)}
-        return checkpoint_identity(ref)
+    def ident(m: Model) -> dict[str, str]:
+        return m.identity() if hash_weights else {"name": m.name}
 
     return {
-        "source": ident(a),
-        "target": ident(b),
+        "source": ident(open_model(a)),
+        "target": ident(open_model(b)),
         "method": result.method,
         "evidence": source,
         "confidence": [round(float(c), 6) for c in result.confidence],

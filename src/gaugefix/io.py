@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
@@ -44,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .distributed import is_main_rank
 from .errors import GaugefixError, GaugefixWarning
 
 TMP_MARK = "gaugefix-tmp"
@@ -281,14 +281,6 @@ def _unpublish(o: _Output) -> None:
     if o.backup is not None:
         os.rename(o.backup, o.path)
         o.backup = None
-
-
-def is_main_rank() -> bool:
-    """False in a process that belongs to an initialised torch.distributed group (gaugefix's
-    own under torchrun, or a caller's) with a rank other than 0: every rank computed the
-    same result, and one writes it."""
-    dist = sys.modules.get("torch.distributed")  # never imported just to ask
-    return dist is None or not dist.is_initialized() or dist.get_rank() == 0
 
 
 _CURRENT: ContextVar[Transaction | None] = ContextVar("gaugefix_transaction", default=None)

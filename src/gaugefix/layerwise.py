@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from .arch import Family
-from .checkpoint import Checkpoint
 from .distributed import world
 from .errors import GaugefixError
+from .model import Model
 from .stats import CrossStats, Moments, finish_stats, my_windows, resolve_positions
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
@@ -145,10 +145,10 @@ def _device_map(model: torch.nn.Module, layers_path: str) -> dict[str, str]:
     return dm
 
 
-def open_offloaded(ckpt: Checkpoint, dtype: torch.dtype, offload_dir: Path) -> _Offloaded:
+def open_offloaded(ckpt: Model, dtype: torch.dtype, offload_dir: Path) -> _Offloaded:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .verify import load_causal_lm
+    from .model import load_causal_lm
 
     config = AutoConfig.from_pretrained(ckpt.path)
     with torch.device("meta"):
@@ -194,7 +194,7 @@ def plan_groups(n_windows: int, seq_len: int, batch_size: int, d: int, budget: i
     return max(batch_size, min(n_windows, (budget - fixed - layers - stats - batch) // held))
 
 
-def collect_stats_layerwise(ckpt_a: Checkpoint, ckpt_b: Checkpoint, ids: np.ndarray, *,
+def collect_stats_layerwise(ckpt_a: Model, ckpt_b: Model, ids: np.ndarray, *,
                             budget: int, positions: Sequence[int] | None = None,
                             per_position: bool = False, seq_len: int = 128,
                             batch_size: int = 8, dtype: torch.dtype = torch.float32,

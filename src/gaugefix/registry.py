@@ -112,3 +112,17 @@ def weight_help() -> str:
             f"{m.weight_range[0]:g}..{m.weight_range[1]:g}"
         ranges.setdefault(r, []).append(m.name)
     return "; ".join(f"{r} for {' and '.join(names)}" for r, names in ranges.items())
+
+
+# what each kind's option means to it: the CLI's help for --model and --family comes from here
+OPTION_HELP: dict[tuple[str, str], str] = {
+    ("lora", "model"): "the base checkpoint (for its family)",
+    ("lora", "family"): "the base model's family",
+    ("optim", "model"): "the checkpoint a bare optimizer.pt belongs to",
+}
+
+
+def option_help(option: str) -> str:
+    """The help of a transport option: what it means to each kind that declares it."""
+    return "; ".join(f"{k.name}: {OPTION_HELP.get((k.name, option), option)}"
+                     for k in TRANSPORT_KINDS.values() if option in k.options)

@@ -8,19 +8,14 @@ gauged one, so the normed state transforms by Q as well).
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint
 from .errors import GaugefixError
 from .group import SignedPerm
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
+from .model import ModelLike, open_model, torch_dtype
 
 
 @dataclass
@@ -42,13 +37,6 @@ class VerifyReport:
         return {**asdict(self), "max_rel_err": self.max_rel_err, "passed": self.passed}
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max|actual - expected| / max|expected| (in float64)."""
-    a, e = actual.double(), expected.double()
-    scale = float(e.abs().max())
-    return float((a - e).abs().max()) / (scale if scale > 0 else 1.0)
-
-
 def probe_tokens(vocab_size: int, n_tokens: int, max_len: int, seed: int = 0) -> torch.Tensor:
     """Seeded random token ids, shape (batch, seq) with seq <= ``max_len``."""
     if n_tokens < 1:
@@ -59,58 +47,66 @@ def probe_tokens(vocab_size: int, n_tokens: int, max_len: int, seed: int = 0) ->
     return torch.randint(0, vocab_size, (batch, seq), generator=gen)
 
 
+# the default tolerance of each dtype: an exact gauge changes only the order of the sums
+# inside the model, so the error is that dtype's rounding carried through the layers
+DEFAULT_TOL = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2, "bfloat16": 1.5e-1}
+MAX_PROBE_TOKENS = 1 << 20
+
+
+class _MaxRel:
+    """max|actual - expected| / max|expected| accumulated over batches."""
+
+    def __init__(self) -> None:
+        self.diff = self.scale = 0.0
+
+    def add(self, actual: torch.Tensor, expected: torch.Tensor) -> None:
+        a, e = actual.double(), expected.double()
+        self.diff = max(self.diff, float((a - e).abs().max()))
+        self.scale = max(self.scale, float(e.abs().max()))
+
+    @property
+    def value(self) -> float:
+        return self.diff / (self.scale if self.scale > 0 else 1.0)
+
+
 @torch.no_grad()
 def compare_models(model_a: torch.nn.Module, model_b: torch.nn.Module, gauge: SignedPerm,
-                   input_ids: torch.Tensor, tol: float | None = None) -> VerifyReport:
-    out_a = model_a(input_ids, output_hidden_states=True, use_cache=False)
-    out_b = model_b(input_ids, output_hidden_states=True, use_cache=False)
-    hidden = [
-        rel_err(hb, gauge.apply(ha, -1))
-        for ha, hb in zip(out_a.hidden_states, out_b.hidden_states, strict=True)
-    ]
-    return VerifyReport(int(input_ids.numel()), rel_err(out_b.logits, out_a.logits), hidden, tol)
+                   input_ids: torch.Tensor, tol: float | None = None, *,
+                   batch_size: int = 8) -> VerifyReport:
+    """Logits and every hidden state of B against A's moved by ``gauge``, ``batch_size``
+    sequences per forward pass (the errors are maxima over all of them)."""
+    logits: _MaxRel = _MaxRel()
+    hidden: list[_MaxRel] = []
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[start:start + batch_size]
+        out_a = model_a(ids, output_hidden_states=True, use_cache=False)
+        out_b = model_b(ids, output_hidden_states=True, use_cache=False)
+        if not hidden:
+            hidden = [_MaxRel() for _ in out_a.hidden_states]
+        for acc, ha, hb in zip(hidden, out_a.hidden_states, out_b.hidden_states, strict=True):
+            acc.add(hb, gauge.apply(ha, -1))
+        logits.add(out_b.logits, out_a.logits)
+        del out_a, out_b
+    return VerifyReport(int(input_ids.numel()), logits.value, [h.value for h in hidden], tol)
 
 
-def load_causal_lm(path: Path, dtype: torch.dtype, **options: Any) -> torch.nn.Module:
-    """A checkpoint through transformers' own loading (``options`` go to from_pretrained,
-    e.g. a device map), with every way it can refuse a bad checkpoint in one line."""
-    from transformers import AutoModelForCausalLM
-
-    # transformers' fused-expert kernel (grouped_mm) has no float64; the eager loop does
-    extra = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
-    extra.update(options)
-    from safetensors import SafetensorError
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).eval()
-    except pickle.UnpicklingError:
-        raise GaugefixError(f"{path}: refused: its weights need code to unpickle, and gaugefix "
-                            "only reads torch files with weights_only=True") from None
-    except SafetensorError as exc:
-        raise GaugefixError(f"{path}: not a valid weight shard ({exc})") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # config or files unusable
-        first = str(exc).strip().split("\n", 1)[0]
-        raise GaugefixError(f"{path}: transformers could not load the model ({first})") from None
-    except RuntimeError as exc:
-        if "mismatch" not in str(exc):
-            raise  # a bug or out of memory, not a bad checkpoint: let it show
-        raise GaugefixError(f"{path}: tensor shapes do not fit its config.json") from None
-
-
-def verify_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPerm, *,
-                       n_tokens: int = 256, tol: float = 1e-4, dtype: str = "float32",
+def verify_checkpoints(model_a: ModelLike, model_b: ModelLike, gauge: SignedPerm, *,
+                       n_tokens: int = 256, tol: float | None = None, dtype: str = "float32",
                        seed: int = 0) -> VerifyReport:
-    ca, cb = Checkpoint.open(model_a), Checkpoint.open(model_b)
-    if ca.family.name != cb.family.name:
-        raise GaugefixError(f"different families: {ca.family.name} vs {cb.family.name}")
-    for c in (ca, cb):
-        c.family.check_gauge(gauge, c.hidden_size)
-    if dtype not in DTYPES:
-        raise GaugefixError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    a = load_causal_lm(ca.path, DTYPES[dtype])
-    b = load_causal_lm(cb.path, DTYPES[dtype])
-    vocab = min(a.config.get_text_config().vocab_size, b.config.get_text_config().vocab_size)
-    max_len = getattr(a.config, "max_position_embeddings", None) or getattr(
-        a.config, "n_positions", None) or 128
-    ids = probe_tokens(vocab, n_tokens, min(128, max_len), seed)
-    return compare_models(a, b, gauge, ids, tol)
+    """Run both models on the same seeded probe tokens and compare (see the module
+    docstring); ``n_tokens`` are run in windows of at most the model's positions (≤ 128),
+    a few windows per forward pass. ``tol``: the largest relative error that passes
+    (default: :data:`DEFAULT_TOL` of the dtype)."""
+    if not 1 <= n_tokens <= MAX_PROBE_TOKENS:
+        raise GaugefixError(f"{n_tokens} probe tokens: give 1 to {MAX_PROBE_TOKENS} (an exact "
+                            "gauge shows on a few hundred)")
+    ma, mb = open_model(model_a).check(), open_model(model_b).check()
+    if ma.family.name != mb.family.name:
+        raise GaugefixError(f"different families: {ma.family.name} vs {mb.family.name}")
+    for m in (ma, mb):
+        m.family.check_gauge(gauge, m.hidden_size)
+    torch_dtype(dtype)  # refused before any model is loaded
+    a, b = ma.load(dtype), mb.load(dtype)
+    vocab = min(ma.vocab_size, mb.vocab_size)
+    ids = probe_tokens(vocab, n_tokens, min(128, ma.max_positions or 128), seed)
+    return compare_models(a, b, gauge, ids, DEFAULT_TOL[dtype] if tol is None else tol)

@@ -19,6 +19,7 @@ from ..arch import detect_family
 from ..audit import Claim, audit_models, derive_claim
 from ..estimate import StatsOptions, compose_gauges, estimate_gauge, match_weights
 from ..group import SignedPerm
+from ..model import Model, open_model
 from ..stats import ResidualTap, residuals
 from ..tiny import TINY_SPECS
 from ..transport import merge_checkpoints
@@ -84,8 +85,7 @@ def ceiling(model: torch.nn.Module, probe: np.ndarray, fractions: list[float], s
     for n, p in enumerate(fractions):
         g = SignedPerm.random(model.config.hidden_size, seed + n, positive_fraction=p)
         b = gauge_model(model, g)
-        st = activation_stats(model, b, StatsOptions(tokens=probe, n_tokens=len(probe)),
-                              _models=(model, b))
+        st = activation_stats(model, b, StatsOptions(tokens=probe, n_tokens=len(probe)))
         row: dict[str, Any] = {"positive_fraction": p}
         for m in METHODS:
             acc = match_stats(st, fam, m).gauge.compare(g)
@@ -102,19 +102,22 @@ class Matcher:
     def __init__(self, lineage: Lineage, probe: np.ndarray) -> None:
         self.lin = lineage
         self.opts = StatsOptions(tokens=probe, n_tokens=len(probe))
-        self.models: dict[Path, torch.nn.Module] = {}
+        self.models: dict[Path, Model] = {}  # each opened once, its module loaded once
         self.cache: dict[tuple[Path, Path, str, str], Any] = {}
 
     def model(self, path: Path) -> torch.nn.Module:
+        return self.opened(path).load()
+
+    def opened(self, path: Path) -> Model:
         if path not in self.models:
-            self.models[path] = self.lin.load(path)
+            self.models[path] = open_model(path)
         return self.models[path]
 
     def match(self, a: Path, b: Path, method: str = "signmarg", source: str = "both") -> Any:
         key = (a, b, method, source)
         if key not in self.cache:
-            self.cache[key] = estimate_gauge(a, b, method=method, source=source, opts=self.opts,
-                                             _models=(self.model(a), self.model(b)))
+            self.cache[key] = estimate_gauge(self.opened(a), self.opened(b), method=method,
+                                             source=source, opts=self.opts)
         return self.cache[key]
 
     def chain(self, path: list[Path], method: str = "signmarg", source: str = "both"

@@ -1,0 +1,340 @@
+"""The opened model: every model a command reads is opened once, as a :class:`Model`.
+
+A :class:`Model` is made from what a user names — a checkpoint directory, a hub id (the local
+Hugging Face cache, or a download), or a model already in memory — and knows what every job
+asks of it: its family, width, layers, vocabulary and positions, the shape of every tensor,
+slices of any tensor read lazily, its identity (the content hash of its weight files, computed
+at most once), and the ``torch`` module itself, loaded at most once per dtype and device.
+The config is checked against the tensors when the model is opened for work
+(:meth:`Model.check`), so that no job runs on a checkpoint whose config contradicts it.
+
+Library functions take a :data:`ModelLike` and open it at their boundary with
+:func:`open_model`, which returns a :class:`Model` unchanged: a caller that holds a model
+(the CLI, a notebook) opens each input once and passes it on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import re
+from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+from .arch import Family, Op, check_width, detect_family, hidden_size_of
+from .checkpoint import Checkpoint
+from .errors import GaugefixError
+
+if TYPE_CHECKING:
+    import torch
+
+# what every library function accepts as a model (opened at its boundary by open_model)
+ModelLike = Union[str, Path, "Model", "torch.nn.Module"]
+
+DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
+# the largest number of layers or positions a config may declare (beyond: a forged config)
+MAX_DECLARED = 1 << 24
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype named ``name`` (one of :data:`DTYPE_NAMES`), or one error line."""
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise GaugefixError(f"unknown dtype {name!r}; choose from {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, name)
+
+
+def load_causal_lm(path: Path, dtype: torch.dtype, **options: Any) -> torch.nn.Module:
+    """A checkpoint through transformers' own loading (``options`` go to from_pretrained,
+    e.g. a device map), with every way it can refuse a bad checkpoint in one line."""
+    import torch
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    # transformers' fused-expert kernel (grouped_mm) has no float64; the eager loop does
+    extra = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
+    extra.update(options)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                           output_loading_info=True, **extra)
+    except pickle.UnpicklingError:
+        raise GaugefixError(f"{path}: refused: its weights need code to unpickle, and gaugefix "
+                            "only reads torch files with weights_only=True") from None
+    except SafetensorError as exc:
+        raise GaugefixError(f"{path}: not a valid weight shard ({exc})") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # config or files unusable
+        first = str(exc).strip().split("\n", 1)[0]
+        raise GaugefixError(f"{path}: transformers could not load the model ({first})") from None
+    except RuntimeError as exc:
+        if "mismatch" not in str(exc):
+            raise  # a bug or out of memory, not a bad checkpoint: let it show
+        raise GaugefixError(f"{path}: tensor shapes do not fit its config.json") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # transformers would fill them at random: not the checkpoint's function
+        from .arch import collapse_layers
+
+        names = list(dict.fromkeys(collapse_layers(k) for k in missing))
+        raise GaugefixError(f"{path}: its config.json needs {len(missing)} tensors the weight "
+                            f"files lack ({', '.join(names[:6])}"
+                            f"{' ...' if len(names) > 6 else ''}); transformers would "
+                            "initialise them at random")
+    return model.eval()
+
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.")
+
+
+class Model:
+    """One opened input model (see the module docstring). Build it with :func:`open_model`."""
+
+    def __init__(self, name: str, *, checkpoint: Checkpoint | None = None,
+                 module: torch.nn.Module | None = None) -> None:
+        if (checkpoint is None) == (module is None):
+            raise TypeError("a Model is a checkpoint or a module")
+        self.name = name
+        self.checkpoint = checkpoint
+        self._module = module
+        self._loaded: dict[tuple[str, str, str | None], torch.nn.Module] = {}
+        self._identity: dict[str, str] | None = None
+        self._handles: dict[Path, Any] = {}
+        self._stack = contextlib.ExitStack()
+        self._checked = False
+        if checkpoint is not None:
+            self.config: dict[str, Any] = checkpoint.config
+            self.family: Family = checkpoint.family
+            self.hidden_size: int = checkpoint.hidden_size
+        else:
+            config = module.config  # type: ignore[union-attr]
+            self.config = config.to_dict()
+            self.family = detect_family(config)
+            self.hidden_size = hidden_size_of(config)
+
+    # ------------------------------------------------------------------ what it is
+    @property
+    def path(self) -> Path | None:
+        """The checkpoint directory (None for a model in memory)."""
+        return None if self.checkpoint is None else self.checkpoint.path
+
+    @property
+    def in_memory(self) -> bool:
+        return self.checkpoint is None
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, {self.family.name}, d={self.hidden_size})"
+
+    def _config_int(self, *keys: str, required: bool = True) -> int | None:
+        for cfg in (self.config, self.config.get("text_config") or {}):
+            for key in keys:
+                value = cfg.get(key)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    return value
+        if not required:
+            return None
+        raise GaugefixError(f"{self.name}: config has no positive integer {' / '.join(keys)}")
+
+    @property
+    def n_layers(self) -> int:
+        """Decoder layers: residual positions are 0..n_layers."""
+        return self._config_int("num_hidden_layers", "n_layer", "num_layers")  # type: ignore
+
+    @property
+    def vocab_size(self) -> int:
+        return self._config_int("vocab_size")  # type: ignore[return-value]
+
+    @property
+    def max_positions(self) -> int | None:
+        """The most positions one sequence may have (None: the config sets no limit)."""
+        return self._config_int("max_position_embeddings", "n_positions", "n_ctx",
+                                "max_sequence_length", "seq_length", required=False)
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        return self.path
+
+    # ------------------------------------------------------------------ tensors
+    @cached_property
+    def _where(self) -> dict[str, tuple[Path | None, tuple[int, ...]]]:
+        if self.checkpoint is None:
+            return {k: (None, tuple(v.shape)) for k, v in self._state_dict.items()}
+        return {k: (shard, shape) for shard, k, shape in self.checkpoint.entries()}
+
+    @cached_property
+    def _state_dict(self) -> dict[str, torch.Tensor]:
+        assert self._module is not None
+        return {k: v.detach() for k, v in self._module.state_dict().items()}
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape (safetensors: read from the headers alone)."""
+        return {k: shape for k, (_, shape) in self._where.items()}
+
+    @cached_property
+    def plan(self) -> dict[str, Op]:
+        """Every tensor's op under the family's rules (unmatched tensors: one error)."""
+        return self.family.plan(self.shapes)
+
+    def slice(self, key: str, idx: tuple[slice, ...]) -> torch.Tensor:
+        """``tensor[idx]``, reading only the slice's bytes where the format allows."""
+        if key not in self._where:
+            raise GaugefixError(f"{self.name} has no tensor {key!r}")
+        if self.checkpoint is None:
+            return self._state_dict[key][idx]
+        shard = self._where[key][0]
+        assert shard is not None
+        if not self.checkpoint.is_safetensors:
+            return self._torch_shard(shard)[key][idx]
+        if shard not in self._handles:
+            from .io import open_safetensors
+
+            self._handles[shard] = self._stack.enter_context(
+                open_safetensors(shard, "weight shard"))
+        return self._handles[shard].get_slice(key)[idx]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """One whole tensor (lazily: shard files opened once)."""
+        if key not in self._where:
+            raise GaugefixError(f"{self.name} has no tensor {key!r}")
+        if self.checkpoint is None:
+            return self._state_dict[key]
+        shard = self._where[key][0]
+        assert shard is not None
+        if not self.checkpoint.is_safetensors:
+            return self._torch_shard(shard)[key]
+        self.slice(key, ())  # opens the shard
+        return self._handles[shard].get_tensor(key)
+
+    def _torch_shard(self, shard: Path) -> dict[str, torch.Tensor]:
+        if shard not in self._handles:
+            from .checkpoint import load_shard
+
+            self._handles[shard] = load_shard(shard)
+        return self._handles[shard]
+
+    def getter(self) -> Callable[[str], torch.Tensor]:
+        return self.tensor
+
+    def close(self) -> None:
+        """Close the open weight files (the model stays usable: they reopen on demand)."""
+        self._stack.close()
+        self._stack = contextlib.ExitStack()
+        self._handles.clear()
+
+    # ------------------------------------------------------------------ checks
+    def check(self) -> Model:
+        """Refuse a config that contradicts the tensors, every contradiction in one error: a
+        residual width other than the config's, layers it declares without tensors. Done once
+        per model, before any work. (Any other tensor the config needs and the files lack,
+        such as an untied head, is refused when the module is loaded: :func:`load_causal_lm`.)
+        """
+        if self._checked or self.checkpoint is None:
+            return self
+        problems: list[str] = []
+        d = self.hidden_size
+        if not 0 < d <= MAX_DECLARED:
+            problems.append(f"hidden size {d} is not a width (1..{MAX_DECLARED})")
+        shapes = self.shapes
+        plan = self.plan
+        for key, op in plan.items():
+            try:
+                check_width(key, shapes[key], (op,), d)
+            except GaugefixError as exc:
+                problems.append(str(exc))
+                if len(problems) >= 4:
+                    break
+        n = self._config_int("num_hidden_layers", "n_layer", "num_layers", required=False)
+        if n is not None and n > MAX_DECLARED:
+            problems.append(f"{n} layers declared (more than {MAX_DECLARED})")
+        elif n is not None:  # layers beyond n may be extra heads (DeepSeek's MTP layer)
+            present = {int(m[1]) for k in shapes
+                       if not self.family.in_tower(k) and (m := _LAYER.search(k))}
+            missing = sorted(set(range(n)) - present) if present else []
+            if missing:
+                problems.append(f"config declares {n} layers but the weights have none for "
+                                f"layer{'s' if len(missing) > 1 else ''} {_ranges(missing)}")
+        if problems:
+            raise GaugefixError(f"{self.name}: its config.json contradicts its tensors: "
+                                + "; ".join(problems))
+        self._checked = True
+        return self
+
+    # ------------------------------------------------------------------ identity
+    def identity(self, sha256: str | None = None) -> dict[str, str]:
+        """Name and content hash of the weights (sha256 of the weight files in shard order),
+        computed once; ``sha256`` when the caller already hashed them on the way."""
+        if self.checkpoint is None:
+            return {"name": self.name}
+        if sha256 is not None:
+            self._identity = {"name": self.name, "sha256": sha256}
+        if self._identity is None:
+            from .io import sha256_files
+
+            self._identity = {"name": self.name,
+                              "sha256": sha256_files(self.checkpoint.shards)}
+        return self._identity
+
+    # ------------------------------------------------------------------ the module
+    def load(self, dtype: str = "float32", device: str = "cpu",
+             device_map: str | None = None) -> torch.nn.Module:
+        """The ``transformers`` model, loaded once per (dtype, device, device map)."""
+        if self._module is not None:
+            return self._module
+        key = (dtype, device, device_map)
+        if key not in self._loaded:
+            self.check()
+            path = self.path
+            assert path is not None
+            if device_map is not None:  # accelerate places the layers
+                model = load_causal_lm(path, torch_dtype(dtype), device_map=device_map)
+            else:
+                model = load_causal_lm(path, torch_dtype(dtype)).to(device)
+            self._loaded[key] = model
+        return self._loaded[key]
+
+    def unload(self) -> None:
+        """Drop the loaded modules (a model in memory stays: it is the caller's)."""
+        self._loaded.clear()
+
+
+def _ranges(items: list[int], n: int = 6) -> str:
+    runs: list[str] = []
+    start = prev = items[0]
+    for i in [*items[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        runs.append(str(start) if start == prev else f"{start}–{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(runs[:n]) + (" ..." if len(runs) > n else "")
+
+
+def open_model(ref: ModelLike) -> Model:
+    """A :class:`Model` for ``ref``: a checkpoint directory, a hub id, a loaded
+    ``transformers`` model, or a :class:`Model` (returned as it is)."""
+    if isinstance(ref, Model):
+        return ref
+    if isinstance(ref, str | Path):
+        return Model(str(ref), checkpoint=Checkpoint.open(ref))
+    import torch
+
+    if isinstance(ref, torch.nn.Module):
+        if getattr(ref, "config", None) is None:
+            raise GaugefixError(f"{type(ref).__name__} has no .config (not a transformers "
+                                "model)")
+        return Model(type(ref).__name__, module=ref)
+    raise GaugefixError(f"not a model: {type(ref).__name__} (give a checkpoint directory, a "
+                        "hub id or a transformers model)")
+
+
+def check_pair(a: Model, b: Model) -> tuple[Family, int]:
+    """Refuse two models of different families or widths; their family and width."""
+    if a.family.name != b.family.name:
+        raise GaugefixError(f"different families: {a.name} is {a.family.name}, {b.name} is "
+                            f"{b.family.name}")
+    if a.hidden_size != b.hidden_size:
+        raise GaugefixError(f"different hidden sizes: {a.name} has d={a.hidden_size}, "
+                            f"{b.name} has d={b.hidden_size}")
+    return a.family, a.hidden_size
