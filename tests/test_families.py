@@ -1,4 +1,4 @@
-"""Exact gauge action on real transformers checkpoints of every family (issue #2)."""
+"""Exact gauge action on real transformers checkpoints of every family."""
 
 from __future__ import annotations
 

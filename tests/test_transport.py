@@ -1,4 +1,4 @@
-"""Transport of objects in their users' formats, loaded back by the real clients (#4)."""
+"""Transport of objects in their users' formats, loaded back by the real clients."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LoRA adapters (PEFT), optimizer state (AdamW, HF Trainer) and merges under a gauge (#4)."""
+"""LoRA adapters (PEFT), optimizer state (AdamW, HF Trainer) and merges under a gauge."""
 
 from __future__ import annotations
 

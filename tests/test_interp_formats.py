@@ -1,6 +1,6 @@
-"""Gemma Scope, crosscoders, circuit-tracer transcoders and TransformerLens processing (#12.3).
+"""Gemma Scope, crosscoders, circuit-tracer transcoders and TransformerLens processing.
 
-Every forward pass below is written from the format's spec (docs formats-2.md) in plain torch;
+Every forward pass below is written from the format's own spec in plain torch;
 equivariance means: the moved object on gauge-moved inputs gives the gauge-moved outputs."""
 
 from __future__ import annotations
