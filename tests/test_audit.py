@@ -1,4 +1,4 @@
-"""Gauge-sweep audits of index-level claims (#5)."""
+"""Gauge-sweep audits of index-level claims."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Gauge estimation: planted gauges, the signed-matching ceiling, drift, statistics (#3)."""
+"""Gauge estimation: planted gauges, the signed-matching ceiling, drift, statistics."""
 
 from __future__ import annotations
 

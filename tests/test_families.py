@@ -1,4 +1,4 @@
-"""Exact gauge action on real transformers checkpoints of every family (issue #2)."""
+"""Exact gauge action on real transformers checkpoints of every family."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from transformers import AutoModelForCausalLM
 
 from gaugefix.apply import gauge_model, gauge_state_dict
 from gaugefix.arch import detect_family, get_family
-from gaugefix.demo.groups import force_gauge, rotate_dense
 from gaugefix.group import SignedPerm
 from gaugefix.tiny import build_tiny
 from gaugefix.verify import compare_models, probe_tokens
 
 from .conftest import FAMILIES, LAYERNORM_FAMILIES
+from .support import force_gauge, rotate_dense
 
 
 def tolerance(model: torch.nn.Module, ids: torch.Tensor) -> float:

@@ -1,5 +1,5 @@
 """Multimodal checkpoints: the text model is gauged, the vision tower is left as it is, and
-the projector that writes image features into the residual stream is moved (#12.2)."""
+the projector that writes image features into the residual stream is moved."""
 
 from __future__ import annotations
 

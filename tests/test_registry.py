@@ -1,5 +1,5 @@
 """Transport kinds and merge methods come from one registry that carries their metadata;
-the CLI is built from it (#12.5)."""
+the CLI is built from it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import gaugefix.transport
 from gaugefix.registry import MERGE_METHODS, TRANSPORT_KINDS
 
-from .test_formats2 import G2, D, G, _ck_forward, _ck_state, _cli_error, _per_slot, _t
+from .test_interp_formats import G2, D, G, _ck_forward, _ck_state, _cli_error, _per_slot, _t
 
 
 def test_every_kind_resolves_and_every_adapter_is_registered():

@@ -1,4 +1,4 @@
-"""Scale (#9): streamed rewrites give the same bytes as whole-tensor writes, identities are
+"""Scale: streamed rewrites give the same bytes as whole-tensor writes, identities are
 taken on the way, and memory stays bounded by blocks."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Transport of objects in their users' formats, loaded back by the real clients (#4)."""
+"""Transport of objects in their users' formats, loaded back by the real clients."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from gaugefix.apply import gauge_model
-from gaugefix.demo.sae import nmse, sae_reconstruct, save_saelens, train_sae
 from gaugefix.demo.steer import sentiment_direction, sentiment_effect
 from gaugefix.group import SignedPerm
 from gaugefix.stats import ResidualTap, residuals
+
+from .support import nmse, sae_reconstruct, save_saelens, train_sae
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""LoRA adapters (PEFT), optimizer state (AdamW, HF Trainer) and merges under a gauge (#4)."""
+"""LoRA adapters (PEFT), optimizer state (AdamW, HF Trainer) and merges under a gauge."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from gaugefix.arch import detect_family
-from gaugefix.demo.train import eval_loss, gauge_deviation, make_optimizer, train_on_batches
 from gaugefix.group import SignedPerm
 from gaugefix.verify import probe_tokens
+
+from .support import eval_loss, gauge_deviation, make_optimizer, train_on_batches
 
 
 # ---------------------------------------------------------------------------- LoRA
@@ -173,10 +174,8 @@ def test_coordinate_preserving_merge(trained_llama, tmp_path, cli):
     (by construction: A and B differ little, which is checked, not assumed)."""
     import math
 
-    from gaugefix.demo.lineage import MIX_B
-    from gaugefix.demo.train import train
-
     from .conftest import fixture_failed
+    from .support import MIX_B, train
 
     lin = trained_llama
     b_native = copy.deepcopy(lin.base)

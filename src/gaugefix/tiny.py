@@ -26,7 +26,7 @@ _DECODER = dict(
 )
 _TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
-# family -> (config class, model class, kwargs). From docs/architectures.md §7.
+# family -> (config class, model class, kwargs) of the tiny models (README.md: Adding a family).
 TINY_SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {**_DECODER}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {**_DECODER}),

@@ -1,6 +1,6 @@
-"""Gemma Scope, crosscoders, circuit-tracer transcoders and TransformerLens processing (#12.3).
+"""Gemma Scope, crosscoders, circuit-tracer transcoders and TransformerLens processing.
 
-Every forward pass below is written from the format's spec (docs formats-2.md) in plain torch;
+Every forward pass below is written from the format's own spec in plain torch;
 equivariance means: the moved object on gauge-moved inputs gives the gauge-moved outputs."""
 
 from __future__ import annotations
@@ -511,7 +511,7 @@ def test_tl_processing_read_from_the_cfg():
 
 
 def test_sae_on_centred_tl_model_refused_via_cli(tmp_path, cli, gauge_file):
-    from gaugefix.demo.sae import save_saelens
+    from .support import save_saelens
 
     sae = {"W_enc": _t(D, F, seed=210), "b_enc": torch.zeros(F), "W_dec": _t(F, D, seed=211),
            "b_dec": torch.zeros(D)}

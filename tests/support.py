@@ -1,0 +1,189 @@
+"""Test fixtures' building blocks: tiny-model training, a SAELens-layout SAE, maps pushed
+through the weights without the group check. Kept here so that the tests do not depend on
+the demo's internals (the demo keeps its own copies; the trained fixtures still draw their
+tokens and sentiment probes from the demo's generated corpus, see conftest.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gaugefix.arch import detect_family
+from gaugefix.group import SignedPerm
+from gaugefix.tiny import build_tiny
+
+# document mixes of the two fine-tuning runs of a lineage (categories of the demo corpus)
+MIX_A = {"review_pos": 3, "review_neg": 1, "request_ok": 1, "request_refuse": 1, "story": 0.2}
+MIX_B = {"review_pos": 1, "review_neg": 3, "request_ok": 0.2, "request_refuse": 0.2, "story": 3}
+
+
+# ---------------------------------------------------------------------------- training
+def corpus_model(family: str, vocab_size: int, *, hidden_size: int = 64, layers: int = 2,
+                 seed: int = 0) -> torch.nn.Module:
+    """A tiny untrained model sized for a corpus (norm gains at their init values)."""
+    kw: dict[str, object] = dict(vocab_size=vocab_size, hidden_size=hidden_size,
+                                 num_hidden_layers=layers)
+    if family != "gpt2":
+        kw["intermediate_size"] = 4 * hidden_size
+    if family not in ("gpt2", "gpt_neox", "mamba"):
+        kw["tie_word_embeddings"] = False
+    return build_tiny(family, seed=seed, generic=False, **kw)
+
+
+def batches(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int):
+    """Endless random windows of ``seq_len`` tokens from a token stream."""
+    rng = np.random.default_rng(seed)
+    data = torch.from_numpy(tokens)
+    high = len(tokens) - seq_len
+    while True:
+        starts = rng.integers(0, high, size=batch_size)
+        yield torch.stack([data[s : s + seq_len] for s in starts])
+
+
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+
+
+def train(model: torch.nn.Module, tokens: np.ndarray, *, steps: int, lr: float = 3e-3,
+          batch_size: int = 16, seq_len: int = 64, seed: int = 0,
+          optimizer: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
+    """Plain next-token training with AdamW; returns the optimizer (its state is reused)."""
+    model.train()
+    opt = optimizer or make_optimizer(model, lr)
+    gen = batches(tokens, batch_size, seq_len, seed)
+    for _ in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        ids = next(gen)
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return opt
+
+
+def train_on_batches(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     batches: torch.Tensor) -> None:
+    """One optimizer step per batch of token ids (identical steps for two charts)."""
+    model.train()
+    for ids in batches:
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module, tokens: np.ndarray, *, seq_len: int = 64,
+              max_batches: int = 8, batch_size: int = 16) -> float:
+    model.eval()
+    n = min(max_batches * batch_size, (len(tokens) - 1) // seq_len)
+    ids = torch.from_numpy(tokens[: n * seq_len].reshape(n, seq_len))
+    losses = [float(model(chunk, labels=chunk).loss) for chunk in ids.split(batch_size)]
+    return float(np.mean(losses))
+
+
+def gauge_deviation(model_b: torch.nn.Module, model_a: torch.nn.Module,
+                    gauge: SignedPerm) -> float:
+    """‖W_B − Q·W_A‖ / ‖W_A‖ over all parameters together (0 when B is exactly A in chart B):
+    a whole-model distance, since Adam turns rounding-level gradient differences into full
+    ±lr steps on single entries."""
+    fam = detect_family(model_a.config)
+    sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
+    num = sum(float((sd_b[k] - fam.op_for(k)(gauge, v)).double().pow(2).sum())
+              for k, v in sd_a.items())
+    den = sum(float(v.double().pow(2).sum()) for v in sd_a.values())
+    return (num / den) ** 0.5
+
+
+# ---------------------------------------------------------------------------- SAE
+def train_sae(acts: torch.Tensor, d_sae: int, *, steps: int = 600, lr: float = 3e-3,
+              l1: float = 1e-3, batch_size: int = 512, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Standard ReLU SAE: ``relu((x − b_dec) W_enc + b_enc) W_dec + b_dec``, L1 penalty."""
+    gen = torch.Generator().manual_seed(seed)
+    x = acts.float()
+    d = x.shape[1]
+    w_dec = torch.randn(d_sae, d, generator=gen)
+    w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+    params = {
+        "W_enc": w_dec.T.clone().requires_grad_(True),
+        "b_enc": torch.zeros(d_sae, requires_grad=True),
+        "W_dec": w_dec.clone().requires_grad_(True),
+        "b_dec": x.mean(0).clone().requires_grad_(True),
+    }
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    scale = float(x.var(0).sum())
+    for _ in range(steps):
+        batch = x[torch.randint(0, x.shape[0], (batch_size,), generator=gen)]
+        z = torch.relu((batch - params["b_dec"]) @ params["W_enc"] + params["b_enc"])
+        rec = z @ params["W_dec"] + params["b_dec"]
+        loss = ((rec - batch) ** 2).sum(1).mean() / scale + l1 * (
+            z * params["W_dec"].norm(dim=1)).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().contiguous() for k, v in params.items()}
+
+
+def sae_reconstruct(sae: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    z = torch.relu((x.float() - sae["b_dec"]) @ sae["W_enc"] + sae["b_enc"])
+    return z @ sae["W_dec"] + sae["b_dec"]
+
+
+def nmse(x: torch.Tensor, rec: torch.Tensor) -> float:
+    """Normalised MSE: ‖x − x̂‖² / ‖x − mean(x)‖²."""
+    x = x.double()
+    return float(((rec.double() - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+
+def save_saelens(folder: str | Path, sae: dict[str, torch.Tensor], *, hook_name: str,
+                 model_name: str = "") -> Path:
+    """The SAELens folder layout (``cfg.json`` + ``sae_weights.safetensors``, architecture
+    ``standard``), which SAELens itself loads."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    d_sae, d_in = sae["W_dec"].shape
+    cfg = {
+        "architecture": "standard", "d_in": int(d_in), "d_sae": int(d_sae),
+        "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+        "normalize_activations": "none", "reshape_activations": "none",
+        "metadata": {"hook_name": hook_name, "model_name": model_name,
+                     "model_class_name": "AutoModelForCausalLM"},
+    }
+    (folder / "cfg.json").write_text(json.dumps(cfg, indent=2))
+    save_file(dict(sae), str(folder / "sae_weights.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+# ---------------------------------------------------------------------------- maps, unchecked
+def force_gauge(model: torch.nn.Module, gauge: SignedPerm) -> torch.nn.Module:
+    """Any signed permutation through every residual-touching tensor, group check skipped."""
+    fam = detect_family(model.config)
+    out = copy.deepcopy(model)
+    out.load_state_dict({k: fam.op_for(k)(gauge, v) for k, v in model.state_dict().items()})
+    return out
+
+
+def rotate_dense(model: torch.nn.Module, q: torch.Tensor) -> torch.nn.Module:
+    """A dense orthogonal Q along every residual axis the architecture map names; norm gains
+    and LayerNorm biases are left as they are (exact only when the gains tie)."""
+    fam = detect_family(model.config)
+    new = {}
+    for k, v in model.state_dict().items():
+        op = fam.op_for(k)
+        if op.kind == "H":
+            w = torch.tensordot(q.to(torch.float64), v.double(), dims=([1], [op.axis]))
+            new[k] = torch.movedim(w, 0, op.axis).to(v.dtype)
+        else:
+            new[k] = v
+    out = copy.deepcopy(model)
+    out.load_state_dict(new)
+    return out
