@@ -12,7 +12,6 @@ optimizer moments. It is a gather and a sign flip, hence bit-exact in any dtype.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,9 +25,6 @@ from .kernels import Kernel
 
 if TYPE_CHECKING:
     import torch
-
-GAUGE_FORMAT = "gaugefix.gauge/1"
-CONVENTION = "x_B[i] = sign[i] * x_A[perm[i]]"
 
 RandomKind = Literal["signed", "perm", "global"]
 
@@ -266,88 +262,34 @@ class SignedPerm:
             "full_accuracy": float(both.mean()),
         }
 
-    # ------------------------------------------------------------------ serialisation
+    # ------------------------------------------------------------------ the gauge file
+    # (gaugefix.gaugefile holds the format; it imports this module, hence the local imports)
     def to_json(self, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        doc: dict[str, Any] = {
-            "format": GAUGE_FORMAT,
-            "convention": CONVENTION,
-            "d": self.d,
-            "perm": self.perm.tolist(),
-            "sign": self.sign.astype(int).tolist(),
-        }
-        if metadata:
-            clash = set(metadata) & set(doc)
-            if clash:
-                raise GaugefixError(f"metadata may not override {sorted(clash)}")
-            doc.update(metadata)
-        return doc
+        from .gaugefile import to_json
+
+        return to_json(self, metadata)
 
     @classmethod
     def from_json(cls, doc: Any, source: str = "gauge") -> SignedPerm:
-        if not isinstance(doc, dict):
-            raise GaugefixError(f"{source}: a gauge file must hold a JSON object")
-        if doc.get("format") != GAUGE_FORMAT:
-            raise GaugefixError(
-                f"{source}: not a gauge file (format is {doc.get('format')!r}, "
-                f"expected {GAUGE_FORMAT!r})"
-            )
-        if doc.get("convention") != CONVENTION:
-            raise GaugefixError(
-                f"{source}: unknown convention {doc.get('convention')!r}; expected {CONVENTION!r}"
-            )
-        for key in ("d", "perm", "sign"):
-            if key not in doc:
-                raise GaugefixError(f"{source}: missing field {key!r}")
-        if not isinstance(doc["d"], int) or isinstance(doc["d"], bool):
-            raise GaugefixError(f"{source}: d must be an integer")
-        if doc["d"] < 1:
-            raise GaugefixError(f"{source}: a gauge needs at least one coordinate (d = "
-                                f"{doc['d']})")
-        if not isinstance(doc["perm"], list) or not isinstance(doc["sign"], list):
-            raise GaugefixError(f"{source}: perm and sign must be JSON lists")
-        if len(doc["perm"]) != doc["d"] or len(doc["sign"]) != doc["d"]:
-            raise GaugefixError(
-                f"{source}: d={doc['d']} but perm has {len(doc['perm'])} and sign "
-                f"{len(doc['sign'])} entries"
-            )
-        d = doc["d"]
-        bad = next((v for v in doc["perm"] if not isinstance(v, int) or isinstance(v, bool)
-                    or not 0 <= v < d), None)
-        if bad is not None or (d < 1):
-            raise GaugefixError(f"{source}: perm entries must be integers in 0..{d - 1}, found "
-                                f"{bad!r}")
-        bad = next((v for v in doc["sign"] if isinstance(v, bool) or v not in (1, -1)), None)
-        if bad is not None:
-            raise GaugefixError(f"{source}: sign entries must be +1 or -1, found {bad!r}")
-        try:
-            gauge = cls(np.array(doc["perm"], dtype=np.int64), np.array(doc["sign"], np.int64))
-        except GaugefixError as exc:
-            raise GaugefixError(f"{source}: {exc}") from None
-        conf = doc.get("confidence")
-        if conf is not None and (not isinstance(conf, list) or len(conf) != gauge.d or not all(
-                isinstance(c, int | float) and not isinstance(c, bool) for c in conf)):
-            raise GaugefixError(f"{source}: confidence must be a list of d={gauge.d} numbers")
-        return gauge
+        from .gaugefile import from_json
+
+        return from_json(doc, source)
 
     def save(self, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None,
              *, overwrite: bool = False) -> Path:
-        from .io import atomic_write_text
+        from .gaugefile import save
 
-        return atomic_write_text(
-            Path(path), json.dumps(self.to_json(metadata), indent=None) + "\n",
-            overwrite=overwrite,
-        )
+        return save(self, path, metadata, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SignedPerm:
-        return cls.from_json(read_gauge_document(path), source=str(path))
+        from .gaugefile import load
+
+        return load(path)
 
 
 def read_gauge_document(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The raw JSON of a gauge file (gauge plus metadata), with clear errors."""
-    from .io import read_json
+    from .gaugefile import read_gauge_document
 
-    p = Path(path)
-    doc = read_json(p, "gauge file", expect=None)
-    SignedPerm.from_json(doc, source=str(p))
-    return doc
+    return read_gauge_document(path)
