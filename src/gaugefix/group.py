@@ -12,45 +12,21 @@ optimizer moments. It is a gather and a sign flip, hence bit-exact in any dtype.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from .errors import GaugefixError
+from .kernels import Kernel
 
 if TYPE_CHECKING:
     import torch
 
-GAUGE_FORMAT = "gaugefix.gauge/1"
-CONVENTION = "x_B[i] = sign[i] * x_A[perm[i]]"
-
 RandomKind = Literal["signed", "perm", "global"]
-
-# torch is imported where a torch tensor is handled, never to move numpy arrays or raw bits:
-# `gaugefix apply` on a safetensors checkpoint runs without it (its import is most of the
-# command's start-up).
-
-
-@cache
-def _torch_bits() -> dict[Any, Any]:
-    """Floating torch dtypes whose sign is one bit -> the integer dtype of their bits."""
-    import torch
-
-    return {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
-            torch.bfloat16: torch.int16,
-            **{getattr(torch, f8): torch.int8  # fp8 checkpoints: the sign is bit 7 too
-               for f8 in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, f8)}}
-
-
-# numpy floats -> the integer dtype of their bits
-_NP_BITS = {np.dtype(np.float64): np.int64, np.dtype(np.float32): np.int32,
-            np.dtype(np.float16): np.int16}
 
 
 def _as_int_array(values: Any, name: str) -> np.ndarray:
@@ -71,7 +47,7 @@ class SignedPerm:
 
     perm: np.ndarray
     sign: np.ndarray
-    _cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    _kernel: Kernel = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         perm = _as_int_array(self.perm, "perm")
@@ -104,6 +80,7 @@ class SignedPerm:
         sign.setflags(write=False)
         object.__setattr__(self, "perm", perm)
         object.__setattr__(self, "sign", sign)
+        object.__setattr__(self, "_kernel", Kernel(perm, sign))
 
     # ------------------------------------------------------------------ constructors
     @property
@@ -228,29 +205,6 @@ class SignedPerm:
             raise GaugefixError(f"gauge widths differ: d={self.d} vs d={other.d}")
 
     # ------------------------------------------------------------------ the primitive
-    def _index(self, device: torch.device) -> torch.Tensor:
-        key = ("perm", device)
-        if key not in self._cache:
-            import torch
-
-            self._cache[key] = torch.tensor(self.perm, device=device)
-        return self._cache[key]
-
-    def _signs(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = ("sign", dtype, device)
-        if key not in self._cache:
-            import torch
-
-            self._cache[key] = torch.tensor(self.sign, device=device).to(dtype)
-        return self._cache[key]
-
-    def _sign_mask(self, dtype: np.dtype[Any]) -> np.ndarray:
-        """The IEEE sign bit where the sign is -1, in the integer ``dtype`` of the bits."""
-        key = ("mask", dtype)
-        if key not in self._cache:
-            self._cache[key] = np.where(self.sign < 0, np.iinfo(dtype).min, 0).astype(dtype)
-        return self._cache[key]
-
     def apply(self, tensor: Any, axis: int = 0, signed: bool = True, *,
               out: Any | None = None, bits: bool = False,
               part: tuple[int, int] | None = None) -> Any:
@@ -268,91 +222,7 @@ class SignedPerm:
         is ``hi - lo``), gathered from the whole ``tensor``: streaming writes a tensor whose
         residual axis is its first block by block.
         """
-        lo, hi = (0, self.d) if part is None else part
-        if not 0 <= lo <= hi <= self.d:
-            raise GaugefixError(f"part {part} is not a range of 0..{self.d}")
-        if isinstance(tensor, np.ndarray):
-            return self._apply_numpy(tensor, axis, signed, out, bits, lo, hi)
-        import torch
-
-        if not isinstance(tensor, torch.Tensor):
-            raise GaugefixError(f"apply expects a torch tensor or numpy array, got {type(tensor)}")
-        ax = self._check_axis(tensor.shape, axis)
-        shape = list(tensor.shape)
-        shape[ax] = hi - lo
-        if out is not None and (list(out.shape) != shape or out.dtype != tensor.dtype
-                                or not out.is_contiguous()):
-            raise GaugefixError(f"out must be a contiguous {tensor.dtype} tensor of shape "
-                                f"{shape}")
-        int_dtype = _torch_bits().get(tensor.dtype)
-        if tensor.device.type == "cpu" and int_dtype is not None and not tensor.requires_grad:
-            # CPU floats: gather the raw bits and flip the IEEE sign bit (no arithmetic):
-            # a negation, for -0.0 and for NaN too (payload kept; a multiply by -1 would
-            # leave a NaN's sign as it is), and several times faster than index_select.
-            moved = out if out is not None else torch.empty(shape, dtype=tensor.dtype)
-            self._apply_numpy(tensor.detach().view(int_dtype).numpy(), ax, signed,
-                              moved.view(int_dtype).numpy(), True, lo, hi)
-            return moved
-        index = self._index(tensor.device)[lo:hi]
-        moved = tensor.index_select(ax, index, out=out) if out is not None else \
-            tensor.index_select(ax, index)
-        if not signed or (self.sign[lo:hi] > 0).all():
-            return moved
-        if tensor.dtype == torch.bool:
-            raise GaugefixError("cannot apply signs to a boolean tensor; use signed=False")
-        view = [1] * tensor.ndim
-        view[ax] = hi - lo
-        return moved.mul_(self._signs(tensor.dtype, tensor.device)[lo:hi].view(view))
-
-    def _check_axis(self, shape: Any, axis: int) -> int:
-        if len(shape) == 0:
-            raise GaugefixError("cannot apply a gauge to a 0-d tensor (no residual axis)")
-        ax = axis if axis >= 0 else axis + len(shape)
-        if not 0 <= ax < len(shape):
-            raise GaugefixError(f"axis {axis} out of range for a {len(shape)}-d tensor")
-        if shape[ax] != self.d:
-            raise GaugefixError(
-                f"width mismatch: tensor has size {shape[ax]} on axis {axis}, "
-                f"the gauge has d={self.d}"
-            )
-        return ax
-
-    def _apply_numpy(self, arr: np.ndarray, axis: int, signed: bool, out: np.ndarray | None,
-                     bits: bool, lo: int = 0, hi: int | None = None) -> np.ndarray:
-        """The primitive on numpy arrays: ``np.take`` (mode="clip": a permutation needs no
-        bounds checks, and numpy's checked take is 1.5-4x slower), then the sign: the top
-        bit flipped for floats (``bits``, or a float dtype viewed as its bits), a negation
-        for integers."""
-        ax = self._check_axis(arr.shape, axis)
-        hi = self.d if hi is None else hi
-        if bits and arr.dtype.kind != "i":
-            raise GaugefixError(f"bits=True expects signed integers holding float bits, got "
-                                f"{arr.dtype}")
-        shape = list(arr.shape)
-        shape[ax] = hi - lo
-        if out is not None and (list(out.shape) != shape or out.dtype != arr.dtype
-                                or not out.flags.c_contiguous):
-            raise GaugefixError(f"out must be a contiguous {arr.dtype} array of shape {shape}")
-        flips = signed and not (self.sign[lo:hi] > 0).all()
-        if flips and arr.dtype == np.bool_:
-            raise GaugefixError("cannot apply signs to a boolean tensor; use signed=False")
-        if not bits and arr.dtype in _NP_BITS:  # floats: move their bits
-            raw = arr.view(_NP_BITS[arr.dtype]) if arr.flags.c_contiguous else \
-                np.ascontiguousarray(arr).view(_NP_BITS[arr.dtype])
-            moved = np.empty(shape, arr.dtype) if out is None else out
-            self._apply_numpy(raw, ax, signed, moved.view(raw.dtype), True, lo, hi)
-            return moved
-        moved = np.take(arr, self.perm[lo:hi], axis=ax, out=out, mode="clip")
-        if flips:
-            view = [1] * arr.ndim
-            view[ax] = hi - lo
-            if bits:
-                np.bitwise_xor(moved, self._sign_mask(arr.dtype)[lo:hi].reshape(view),
-                               out=moved)
-            else:  # integers: -x (two's complement, wrapping as torch's multiply by -1 does)
-                neg = (self.sign[lo:hi] < 0).reshape(view)
-                np.negative(moved, out=moved, where=np.broadcast_to(neg, moved.shape))
-        return moved
+        return self._kernel.apply(tensor, axis, signed, out=out, bits=bits, part=part)
 
     # ------------------------------------------------------------------ coordinates
     def index_map(self, indices: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -392,88 +262,34 @@ class SignedPerm:
             "full_accuracy": float(both.mean()),
         }
 
-    # ------------------------------------------------------------------ serialisation
+    # ------------------------------------------------------------------ the gauge file
+    # (gaugefix.gaugefile holds the format; it imports this module, hence the local imports)
     def to_json(self, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        doc: dict[str, Any] = {
-            "format": GAUGE_FORMAT,
-            "convention": CONVENTION,
-            "d": self.d,
-            "perm": self.perm.tolist(),
-            "sign": self.sign.astype(int).tolist(),
-        }
-        if metadata:
-            clash = set(metadata) & set(doc)
-            if clash:
-                raise GaugefixError(f"metadata may not override {sorted(clash)}")
-            doc.update(metadata)
-        return doc
+        from .gaugefile import to_json
+
+        return to_json(self, metadata)
 
     @classmethod
     def from_json(cls, doc: Any, source: str = "gauge") -> SignedPerm:
-        if not isinstance(doc, dict):
-            raise GaugefixError(f"{source}: a gauge file must hold a JSON object")
-        if doc.get("format") != GAUGE_FORMAT:
-            raise GaugefixError(
-                f"{source}: not a gauge file (format is {doc.get('format')!r}, "
-                f"expected {GAUGE_FORMAT!r})"
-            )
-        if doc.get("convention") != CONVENTION:
-            raise GaugefixError(
-                f"{source}: unknown convention {doc.get('convention')!r}; expected {CONVENTION!r}"
-            )
-        for key in ("d", "perm", "sign"):
-            if key not in doc:
-                raise GaugefixError(f"{source}: missing field {key!r}")
-        if not isinstance(doc["d"], int) or isinstance(doc["d"], bool):
-            raise GaugefixError(f"{source}: d must be an integer")
-        if doc["d"] < 1:
-            raise GaugefixError(f"{source}: a gauge needs at least one coordinate (d = "
-                                f"{doc['d']})")
-        if not isinstance(doc["perm"], list) or not isinstance(doc["sign"], list):
-            raise GaugefixError(f"{source}: perm and sign must be JSON lists")
-        if len(doc["perm"]) != doc["d"] or len(doc["sign"]) != doc["d"]:
-            raise GaugefixError(
-                f"{source}: d={doc['d']} but perm has {len(doc['perm'])} and sign "
-                f"{len(doc['sign'])} entries"
-            )
-        d = doc["d"]
-        bad = next((v for v in doc["perm"] if not isinstance(v, int) or isinstance(v, bool)
-                    or not 0 <= v < d), None)
-        if bad is not None or (d < 1):
-            raise GaugefixError(f"{source}: perm entries must be integers in 0..{d - 1}, found "
-                                f"{bad!r}")
-        bad = next((v for v in doc["sign"] if isinstance(v, bool) or v not in (1, -1)), None)
-        if bad is not None:
-            raise GaugefixError(f"{source}: sign entries must be +1 or -1, found {bad!r}")
-        try:
-            gauge = cls(np.array(doc["perm"], dtype=np.int64), np.array(doc["sign"], np.int64))
-        except GaugefixError as exc:
-            raise GaugefixError(f"{source}: {exc}") from None
-        conf = doc.get("confidence")
-        if conf is not None and (not isinstance(conf, list) or len(conf) != gauge.d or not all(
-                isinstance(c, int | float) and not isinstance(c, bool) for c in conf)):
-            raise GaugefixError(f"{source}: confidence must be a list of d={gauge.d} numbers")
-        return gauge
+        from .gaugefile import from_json
+
+        return from_json(doc, source)
 
     def save(self, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None,
              *, overwrite: bool = False) -> Path:
-        from .io import atomic_write_text
+        from .gaugefile import save
 
-        return atomic_write_text(
-            Path(path), json.dumps(self.to_json(metadata), indent=None) + "\n",
-            overwrite=overwrite,
-        )
+        return save(self, path, metadata, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SignedPerm:
-        return cls.from_json(read_gauge_document(path), source=str(path))
+        from .gaugefile import load
+
+        return load(path)
 
 
 def read_gauge_document(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The raw JSON of a gauge file (gauge plus metadata), with clear errors."""
-    from .io import read_json
+    from .gaugefile import read_gauge_document
 
-    p = Path(path)
-    doc = read_json(p, "gauge file", expect=None)
-    SignedPerm.from_json(doc, source=str(p))
-    return doc
+    return read_gauge_document(path)
