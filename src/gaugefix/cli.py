@@ -276,7 +276,7 @@ def written(line: str) -> None:
 def _print_json(obj: Any) -> None:
     """JSON on stdout; a value that is not a finite number (NaN weights) is written as null,
     with a warning, since JSON has no NaN."""
-    from .jobs import has_non_finite, json_safe
+    from .io import has_non_finite, json_safe
 
     if has_non_finite(obj):
         _warn_line("some values are not finite numbers (NaN or infinite weights?); they are "
@@ -310,9 +310,9 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Family, norm kind, hidden size, gauge group, and gain-genericity diagnosis."""
-    from .diagnosis import inspect_checkpoint
+    from . import jobs
 
-    rep = inspect_checkpoint(model)
+    rep = jobs.inspect(model)
     if as_json:
         _print_json(rep.to_dict())
         return
@@ -449,11 +449,10 @@ def verify(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Check that MODEL_B computes MODEL_A's function in chart B (logits, all hidden states)."""
-    from .group import SignedPerm
-    from .verify import verify_checkpoints
+    from . import jobs
 
-    rep = verify_checkpoints(model_a, model_b, SignedPerm.load(gauge), n_tokens=tokens,
-                             tol=tol, dtype=dtype, seed=seed)
+    rep = jobs.verify(model_a, model_b, gauge, n_tokens=tokens, tol=tol, dtype=dtype,
+                      seed=seed)
     if as_json:
         _print_json(rep.to_dict())
     else:
@@ -520,22 +519,13 @@ def _stats_options(tokens_from: str | None, n_tokens: int, seq_len: int = 128,
                    batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
                    layers: str | None = None, per_layer: bool = False, seed: int = 0,
                    max_memory: str | None = None, device_map: str | None = None,
-                   progress: bool = True):
-    from .estimate import StatsOptions
-    from .layerwise import parse_size
+                   progress: bool = True) -> Any:
+    from . import jobs
 
-    positions = None
-    if layers is not None:
-        try:
-            positions = [int(x) for x in layers.split(",") if x.strip()]
-        except ValueError:
-            raise GaugefixError(f"--layers must be comma-separated integers, got {layers!r}"
-                                ) from None
-    return StatsOptions(tokens=tokens_from, n_tokens=n_tokens, seq_len=seq_len,
-                        batch_size=batch_size, device=device, dtype=dtype, positions=positions,
-                        per_position=per_layer, seed=seed, progress=progress,
-                        max_memory=None if max_memory is None else parse_size(max_memory),
-                        device_map=device_map)
+    return jobs.stats_options(tokens=tokens_from, n_tokens=n_tokens, seq_len=seq_len,
+                              batch_size=batch_size, device=device, dtype=dtype,
+                              layers=layers, per_position=per_layer, seed=seed,
+                              progress=progress, max_memory=max_memory, device_map=device_map)
 
 
 def _listed(items: list[int], n: int = 20) -> str:
@@ -687,11 +677,11 @@ def compose(
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Compose gauges: apply G1, then G2, ... (charts must chain)."""
-    from .estimate import compose_documents
+    from . import jobs
 
-    total, meta = compose_documents(gauges, force=force)
-    total.save(output, meta, overwrite=overwrite)
-    written(f"composed {len(gauges)} gauges (d={total.d}) → {output}")
+    doc = jobs.compose(gauges, force=force)
+    doc.save(output, overwrite=overwrite)
+    written(f"composed {len(gauges)} gauges (d={doc.gauge.d}) → {output}")
 
 
 @command(inputs=("gauge",), outputs=("output",))
@@ -701,13 +691,9 @@ def invert(
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Invert a gauge (B → A)."""
-    from .group import SignedPerm, read_gauge_document
+    from . import jobs
 
-    doc = read_gauge_document(gauge)
-    meta: dict[str, Any] = {"method": "invert", "inverted_from": str(gauge)}
-    if "source" in doc and "target" in doc:
-        meta.update(source=doc["target"], target=doc["source"])
-    SignedPerm.from_json(doc).inverse().save(output, meta, overwrite=overwrite)
+    jobs.invert(gauge).save(output, overwrite=overwrite)
     written(f"inverse written to {output}")
 
 
@@ -718,9 +704,9 @@ def compare(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Permutation, sign and full accuracy of an estimated gauge against a reference."""
-    from .group import SignedPerm
+    from . import jobs
 
-    c = SignedPerm.load(estimate).compare(SignedPerm.load(reference))
+    c = jobs.compare(estimate, reference)
     if as_json:
         _print_json(c)
     else:

@@ -31,13 +31,14 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import socket
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,6 +376,28 @@ def sha256_files(paths: list[Path]) -> str:
             while chunk := f.read(1 << 23):
                 h.update(chunk)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- JSON out
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float as ``null`` (JSON has no NaN or infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def has_non_finite(obj: Any) -> bool:
+    if isinstance(obj, float):
+        return not math.isfinite(obj)
+    if isinstance(obj, Mapping):
+        return any(has_non_finite(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return any(has_non_finite(v) for v in obj)
+    return False
 
 
 # ---------------------------------------------------------------------------- readers

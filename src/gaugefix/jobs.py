@@ -17,9 +17,8 @@ command line is a thin layer over these::
 from __future__ import annotations
 
 import json
-import math
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,36 +27,47 @@ import numpy as np
 
 from .errors import GaugefixError
 from .group import SignedPerm
+from .io import has_non_finite, json_safe
 from .model import Model, ModelLike, open_model
 
 if TYPE_CHECKING:
     from .apply import ApplyReport
     from .audit import AuditReport, Claim
     from .canonical import CanonicalChart, Fingerprint, Identity
+    from .diagnosis import GaugeGroupReport
     from .estimate import StatsOptions, TrajectoryResult
     from .match import MatchResult
     from .stats import CrossStats
 
 
-def json_safe(obj: Any) -> Any:
-    """``obj`` with every non-finite float as ``null`` (JSON has no NaN or infinity)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    return obj
+def stats_options(*, tokens: str | Path | np.ndarray | None = None, n_tokens: int = 16384,
+                  layers: str | Sequence[int] | None = None,
+                  max_memory: str | int | None = None, **options: Any) -> StatsOptions:
+    """:class:`~gaugefix.estimate.StatsOptions` from what a user types: ``layers`` as
+    ``"0,4,8"``, ``max_memory`` as ``"4GB"``; the other options as the class takes them."""
+    from .estimate import StatsOptions
+    from .layerwise import parse_size
+
+    positions = None
+    if isinstance(layers, str):
+        try:
+            positions = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise GaugefixError(f"--layers must be comma-separated integers, got {layers!r}"
+                                ) from None
+    elif layers is not None:
+        positions = list(layers)
+    budget = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
+    return StatsOptions(tokens=tokens, n_tokens=n_tokens, positions=positions,
+                        max_memory=budget, **options)
 
 
-def has_non_finite(obj: Any) -> bool:
-    if isinstance(obj, float):
-        return not math.isfinite(obj)
-    if isinstance(obj, Mapping):
-        return any(has_non_finite(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return any(has_non_finite(v) for v in obj)
-    return False
+# ---------------------------------------------------------------------------- inspect
+def inspect(model: ModelLike) -> GaugeGroupReport:
+    """Family, norm, width, gauge group and gain diagnosis (``gaugefix inspect``)."""
+    from .diagnosis import inspect_checkpoint
+
+    return inspect_checkpoint(model)
 
 
 # ---------------------------------------------------------------------------- match
@@ -236,6 +246,11 @@ class AuditResult:
                                  overwrite=overwrite)
 
 
+def _where(ref: str | Path) -> str:
+    """One key for every name of a local directory (a hub id stays as it is)."""
+    return str(Path(ref).resolve()) if Path(ref).exists() else str(ref)
+
+
 def audit(claim: str | Path | Claim, models: Sequence[ModelLike], *,
           source: ModelLike | None = None, gauges: int = 4, seed: int = 0,
           opts: StatsOptions | None = None, fingerprints: bool = False) -> AuditResult:
@@ -259,7 +274,15 @@ def audit(claim: str | Path | Claim, models: Sequence[ModelLike], *,
     if src_ref is None:
         raise GaugefixError("the claim names no source checkpoint; pass --source")
     src = open_model(src_ref)
-    targets = [open_model(m) for m in models]
+    opened = {_where(src_ref): src} if isinstance(src_ref, str | Path) else {}
+    targets = []
+    for ref in models:  # a checkpoint named twice (or as the source) is opened once
+        if not isinstance(ref, str | Path):
+            targets.append(open_model(ref))
+            continue
+        if _where(ref) not in opened:
+            opened[_where(ref)] = open_model(ref)
+        targets.append(opened[_where(ref)])
     opts = opts or StatsOptions()
     for m in (src, *targets):  # everything refused before any model is loaded
         m.check()
@@ -369,6 +392,57 @@ def apply(model: ModelLike, output: str | Path, gauge: SignedPerm | str | Path |
     return ApplyResult(rep, g, meta)
 
 
+def verify(a: ModelLike, b: ModelLike, gauge: SignedPerm | str | Path, *,
+           n_tokens: int = 256, tol: float | None = None, dtype: str = "float32",
+           seed: int = 0) -> Any:
+    """Does B compute A's function in chart B (``gaugefix verify``)? A
+    :class:`~gaugefix.verify.VerifyReport`; ``tol`` defaults to the dtype's."""
+    from .verify import verify_checkpoints
+
+    g = gauge if isinstance(gauge, SignedPerm) else SignedPerm.load(gauge)
+    return verify_checkpoints(a, b, g, n_tokens=n_tokens, tol=tol, dtype=dtype, seed=seed)
+
+
+# ---------------------------------------------------------------------------- algebra
+@dataclass
+class GaugeDocument:
+    """A gauge and what its file records."""
+
+    gauge: SignedPerm
+    metadata: dict[str, Any]
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        self.gauge.save(path, self.metadata, overwrite=overwrite)
+        return Path(path)
+
+
+def compose(gauges: Sequence[str | Path], *, force: bool = False) -> GaugeDocument:
+    """G1, then G2, ... (``gaugefix compose``): refused where the recorded charts do not
+    chain, unless ``force``."""
+    from .estimate import compose_documents
+
+    return GaugeDocument(*compose_documents(gauges, force=force))
+
+
+def invert(gauge: str | Path) -> GaugeDocument:
+    """The gauge B → A of a gauge file A → B, its recorded charts exchanged."""
+    from .group import read_gauge_document
+
+    doc = read_gauge_document(gauge)
+    meta: dict[str, Any] = {"method": "invert", "inverted_from": str(gauge)}
+    if "source" in doc and "target" in doc:
+        meta.update(source=doc["target"], target=doc["source"])
+    return GaugeDocument(SignedPerm.from_json(doc, str(gauge)).inverse(), meta)
+
+
+def compare(estimate: SignedPerm | str | Path, reference: SignedPerm | str | Path
+            ) -> dict[str, float]:
+    """Permutation, sign and full accuracy of an estimate against a reference."""
+    e, r = (g if isinstance(g, SignedPerm) else SignedPerm.load(g) for g in (estimate,
+                                                                            reference))
+    return e.compare(r)
+
+
 # ---------------------------------------------------------------------------- identity
 def canonicalize(model: ModelLike, output: str | Path, *, discrete_only: bool = False,
                  overwrite: bool = False, progress: bool = False) -> CanonicalChart:
@@ -443,21 +517,36 @@ def merge(a: ModelLike, b: ModelLike, output: str | Path,
                              progress=progress)
 
 
+def __getattr__(name: str) -> Any:  # the options class, without importing torch up front
+    if name == "StatsOptions":
+        from .estimate import StatsOptions
+
+        return StatsOptions
+    raise AttributeError(name)
+
+
 __all__ = [
     "ApplyResult",
     "AuditResult",
+    "GaugeDocument",
     "GaugeEstimate",
+    "StatsOptions",
     "TrajectoryEstimate",
     "apply",
     "audit",
     "canonicalize",
     "collect_stats",
+    "compare",
+    "compose",
     "fingerprint",
     "has_non_finite",
     "identify",
+    "inspect",
+    "invert",
     "json_safe",
     "match",
     "merge",
+    "stats_options",
     "trajectory",
     "transport",
 ]
