@@ -638,3 +638,161 @@ def test_a_file_behind_a_link_is_an_input(argv, world, cli):
     assert res.exit_code == 2, (res.exit_code, res.stderr, res.exception)
     assert len(lines) == 1 and "inputs are never modified" in lines[0], res.stderr
     assert _snapshot(world) == before
+
+
+# ---------------------------------------------------------------------------- second sweep
+def _config(model: str, **changes):
+    return lambda w: patch_json(w / model / "config.json", **changes)
+
+
+def _untied_without_head(w: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    patch_json(w / "A" / "config.json", tie_word_embeddings=False)
+    sd = load_file(w / "A" / "model.safetensors")
+    sd.pop("lm_head.weight", None)
+    save_file(sd, w / "A" / "model.safetensors", metadata={"format": "pt"})
+
+
+HOSTILE: list[Case] = [
+    # counts above what exists or what memory holds
+    ("match:tokens-1e9", _set(_noop, ["match", "A", "B", "-o", "out.json", "--tokens",
+                                      10**9]), "above the maximum"),
+    ("stats:tokens-2**63", _set(_noop, ["stats", "A", "B", "-o", "out.st", "--tokens",
+                                        2**63]), "--tokens"),
+    ("stats:batch-size-2**63", _set(_noop, ["stats", "A", "B", "-o", "out.st",
+                                            "--batch-size", 2**63]), "--batch-size"),
+    ("stats:seed-2**64", _set(_noop, ["stats", "A", "B", "-o", "out.st", "--seed", 2**64]),
+     "--seed"),
+    ("audit:tokens-1e9", _set(_noop, ["audit", "claim.json", "B", "--tokens", 10**9]),
+     "above the maximum"),
+    ("verify:tokens-1e8", _set(_noop, ["verify", "A", "B", "--gauge", "g.json", "--tokens",
+                                       10**8]), "above the maximum"),
+    *[(f"{cmd}:seq-len-above-positions", _set(_noop, argv), "longer than")
+      for cmd, argv in (
+          ("stats", ["stats", "G", "G", "-o", "out.st", "--seq-len", 4096, "--tokens-from",
+                     "ids.npy", "--tokens", 512]),
+          ("match", ["match", "G", "G", "-o", "out.json", "--seq-len", 4096, "--tokens-from",
+                     "ids.npy", "--tokens", 512]),
+          ("trajectory", ["trajectory", "G", "G", "-o", "out.json", "--seq-len", 4096,
+                          "--tokens-from", "ids.npy", "--tokens", 512]))],
+    ("audit:prompt-longer-than-positions", _set(
+        lambda w: write(w / "claim.json", json.dumps(_claim(concept={
+            "positive": [[5] * 200], "negative": [[6] * 200]}))),
+        ["audit", "claim.json", "B", "--gauges", 1, "--tokens-from", "ids.npy", "--tokens",
+         512]), "at most 128 positions"),
+    ("match-weights:layers-99", _set(_noop, ["match", "A", "B", "-o", "out.json", "--source",
+                                             "weights", "--layers", "99"]), "99"),
+    # a config that contradicts its tensors, refused before any work by every command
+    *[(f"{cmd}:config-width-32", _set(_config("A", hidden_size=32), argv(None)),
+       "contradicts its tensors")
+      for cmd, argv in CHECKPOINT_COMMANDS.items() if cmd not in ("inspect", "merge")],
+    *[(f"{cmd}:config-3-layers", _set(_config("A", num_hidden_layers=3), argv(None)),
+       "none for layer 2") for cmd, argv in CHECKPOINT_COMMANDS.items()
+      if cmd in ("match", "match-weights", "verify", "audit", "canonicalize")],
+    ("stats:config-million-layers", _set(
+        _config("A", num_hidden_layers=10**6),
+        ["stats", "A", "B", "-o", "out.st", "--max-memory", "1GB", "--tokens-from", "ids.npy",
+         "--tokens", 512]), "none for layers 2–999999"),
+    *[(f"canonicalize:config-hidden-{v}", _set(_config("A", hidden_size=v),
+                                               ["canonicalize", "A", "out"]), msg)
+      for v, msg in ((0, "is not a width"), (-64, "is not a width"),
+                     (1e30, "no hidden size"))],
+    ("verify:untied-without-head", _set(_untied_without_head,
+                                        ["verify", "A", "B", "--gauge", "g.json"]),
+     "lm_head.weight"),
+    # one word, one meaning: audit's claim source is --claim-source
+    ("audit:source-is-the-evidence-option", _set(_noop, ["audit", "claim.json", "B",
+                                                         "--source", "weights"]),
+     "No such option"),
+    ("verify:dtype-unknown", _set(_noop, ["verify", "A", "B", "--gauge", "g.json", "--dtype",
+                                          "float8"]), "unknown dtype 'float8'"),
+]
+
+
+@pytest.mark.parametrize("name, setup, message", HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_input(name, setup, message, world, cli):
+    test_bad_input(name, setup, message, world, cli)
+
+
+# ---------------------------------------------------------------------------- printed literally
+MARKUP_NAMES = ["[bold]x[/bold]", "a[/]b", "[red", ":x: [link=file:///]y"]
+
+
+@pytest.mark.parametrize("name", MARKUP_NAMES)
+def test_text_from_paths_is_printed_literally(name, world, cli):
+    """An output path (or any text from the user or a file) holding markup prints as it is,
+    and the command succeeds."""
+    res = cli("apply", "A", name, "--random", 1)
+    assert name in res.stdout, res.stdout
+    res = cli("canonicalize", "A", f"c{name}")
+    assert f"c{name}" in res.stdout
+    res = cli("match", "A", "B", "--source", "weights", "-o", f"{name}.json")
+    assert f"{name}.json" in res.stdout
+    res = cli("stats", "A", "B", "-o", f"{name}.st", "--tokens-from", "ids.npy", "--tokens",
+              512)
+    assert f"{name}.st" in res.stdout
+
+
+def test_a_tensor_name_with_markup_is_reported_literally(world, cli):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(world / "A" / "model.safetensors")
+    sd["model.[bold]odd[/].weight"] = torch.zeros(3)
+    save_file(sd, world / "A" / "model.safetensors", metadata={"format": "pt"})
+    res = cli("apply", "A", "out", "--random", 1, ok=False)
+    assert res.exit_code == 2 and "model.[bold]odd[/].weight" in res.stderr, res.stderr
+
+
+# ---------------------------------------------------------------------------- JSON is JSON
+def _strict_json(text: str):
+    def refuse(c):
+        raise ValueError(f"not JSON: {c}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_stays_json_when_weights_hold_nan(world, cli):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(world / "B" / "model.safetensors")
+    sd["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(sd, world / "B" / "model.safetensors", metadata={"format": "pt"})
+    for argv in (["fingerprint", "B", "--json"], ["identify", "A", "B", "--json"],
+                 ["verify", "A", "B", "--gauge", "g.json", "--json"]):
+        res = cli(*argv, ok=False)
+        assert res.exit_code in (0, 1), (argv, res.stderr)
+        _strict_json(res.stdout)
+        if "null" in res.stdout:
+            assert "not finite" in res.stderr
+
+
+def test_canonicalize_json_is_the_whole_stdout(world, cli):
+    res = cli("canonicalize", "A", "out", "--json")
+    assert _strict_json(res.stdout)["family"] == "llama"
+    assert "written to out" in res.stderr
+
+
+def test_verify_in_bfloat16_passes_an_exact_gauge_at_its_default_tolerance(world, cli):
+    res = cli("verify", "A", "B", "--gauge", "g.json", "--dtype", "bfloat16")
+    assert "PASS" in res.stdout and "the default for bfloat16" in res.stdout
+
+
+def test_inspect_names_the_group_the_gains_leave(tmp_path, cli):
+    from gaugefix.tiny import build_tiny
+
+    build_tiny("llama", seed=0, generic=False).save_pretrained(tmp_path / "U")
+    res = cli("inspect", tmp_path / "U")
+    line = next(ln for ln in res.stdout.splitlines() if "gauge group" in ln)
+    assert "O(64)" in line and "generic gains" not in line
+
+
+def test_audit_checks_the_claim_on_its_own_source_first(world, cli):
+    """A claim whose coordinates are not the top-k of its own prompts: the source's figure is
+    reported and warned about, not silently averaged away."""
+    res = cli("audit", "claim.json", "B", "--gauges", 1, "--tokens-from", "ids.npy",
+              "--tokens", 512, "--json")
+    doc = _strict_json(res.stdout)
+    assert doc["source_reproduction"] is not None
+    if doc["source_reproduction"] < 1:
+        assert "on its source" in res.stderr

@@ -401,7 +401,7 @@ def identify(a: ModelLike, b: ModelLike) -> Identity:
     """Whether B is A up to gauge, derived from A, or unrelated, from the weights alone."""
     from .estimate import match_weights
 
-    ca, cb = open_model(a), open_model(b)
+    ca, cb = open_model(a).check(), open_model(b).check()
     if ca.family.name != cb.family.name:
         return Identity("unrelated", f"different families: {ca.family.name} and "
                         f"{cb.family.name}", None, {})

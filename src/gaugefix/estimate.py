@@ -153,6 +153,9 @@ def activation_stats(a: ModelLike, b: ModelLike, opts: StatsOptions | None = Non
     for m in (ma, mb):  # everything refused before any model is loaded
         m.check()
         resolve_positions(opts.positions, m.n_layers)
+        if m.max_positions is not None and opts.seq_len > m.max_positions:
+            raise GaugefixError(f"--seq-len {opts.seq_len} is longer than {m.name} takes "
+                                f"({m.max_positions} positions)")
     ids = opts.token_ids(min(ma.vocab_size, mb.vocab_size), ma, d)
     meta = {"model_a": ma.name, "model_b": mb.name, "n_tokens": len(ids),
             "seq_len": opts.seq_len}
