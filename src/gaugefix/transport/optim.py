@@ -26,6 +26,7 @@ from ..checkpoint import Checkpoint
 from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import atomic_dir, atomic_file, copy_files, torch_load
+from .base import TORCH_SUFFIXES, check_suffix
 
 # state key -> signed (like the parameter) / unsigned / untouched
 STATE_TABLE: dict[str, str] = {
@@ -131,6 +132,7 @@ def transport_optim(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
         if model is None:
             raise GaugefixError("optim: a bare optimizer state needs --model, the checkpoint "
                                 "it belongs to")
+        check_suffix(Path(dst), "a torch optimizer state", TORCH_SUFFIXES)
         opt_file, ckpt = src, Checkpoint.open(model)
     else:
         raise GaugefixError(f"optimizer state not found: {src}")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..arch import Op
+from ..arch import Op, check_dtype
 from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import atomic_file, load_npy, load_safetensors, note_input, torch_load
@@ -37,6 +37,7 @@ def _move(t: Any, gauge: SignedPerm, where: str) -> Any:
     if t.shape[-1] != gauge.d:
         raise GaugefixError(f"width mismatch: steering vector {where} has size {t.shape[-1]}, "
                             f"the gauge has d={gauge.d}")
+    check_dtype(where, t.dtype, (RESIDUAL,), gauge, "steering")
     return RESIDUAL(gauge, t)
 
 
