@@ -459,8 +459,10 @@ def open_regular(path: str | os.PathLike[str], what: str,
 def read_bytes(path: str | os.PathLike[str], what: str, limit: int) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes (also if it grows while read)."""
     with open_regular(path, what, limit) as f:
-        try:
-            data = f.read(limit + 1)
+        try:  # read(n) sets n bytes aside: ask for the size there is, then for any growth
+            data = f.read(os.fstat(f.fileno()).st_size + 1)
+            while len(data) <= limit and (more := f.read(min(MiB, limit + 1 - len(data)))):
+                data += more
         except OSError as exc:
             raise GaugefixError(f"{path}: cannot be read ({exc.strerror})") from None
     if len(data) > limit:

@@ -25,7 +25,14 @@ import torch
 from ..arch import Op, check_dtype
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_file, load_npy, load_safetensors, note_input, torch_load
+from ..io import (
+    atomic_file,
+    check_regular,
+    load_npy,
+    load_safetensors,
+    note_input,
+    torch_load,
+)
 
 RESIDUAL = Op("H", -1)
 SUFFIXES = (".pt", ".pth", ".safetensors", ".npy", ".gguf")
@@ -71,8 +78,7 @@ def _transport_pt(obj: Any, gauge: SignedPerm) -> Any:
 def transport_steering(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
                        record: dict[str, Any], overwrite: bool = False) -> dict[str, Any]:
     src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise GaugefixError(f"steering vector file not found: {src}")
+    check_regular(src, "steering vector file")
     if src.suffix not in SUFFIXES:
         raise GaugefixError(f"steering: unknown file type {src.suffix!r}; expected one of "
                             f"{', '.join(SUFFIXES)}")
