@@ -711,6 +711,170 @@ HOSTILE: list[Case] = [
 
 
 @pytest.mark.parametrize("name, setup, message", HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_command_line(name, setup, message, world, cli):
+    test_bad_input(name, setup, message, world, cli)
+
+
+# ---------------------------------------------------------------------------- hostile inputs
+# Endless or blocking files (devices, FIFOs, through a link or not), files far beyond what a
+# kind of input can be, integer tensors on a signed axis, outputs whose suffix names another
+# format than the one written, and folders holding two layouts at once: each refused before
+# anything is read whole or written.
+DEVICES = ("/dev/zero", "/dev/urandom", "fifo")
+
+
+def _hostile(w: Path, source: str, name: str) -> str:
+    """``name`` in the world, made into ``source``: a link to a device, or a FIFO."""
+    if source == "fifo":
+        os.mkfifo(w / name)
+    else:
+        (w / name).symlink_to(source)
+    return name
+
+
+def _device_cases() -> list[Case]:
+    readers: dict[str, tuple[str, Callable[[str], list], str]] = {
+        "apply:gauge": ("x.json", lambda x: ["apply", "A", "out", "--gauge", x], "gauge file"),
+        "compare:gauge": ("x.json", lambda x: ["compare", "g.json", x], "gauge file"),
+        "invert:gauge": ("x.json", lambda x: ["invert", x, "-o", "i.json"], "gauge file"),
+        "verify:gauge": ("x.json", lambda x: ["verify", "A", "B", "--gauge", x], "gauge file"),
+        "neurons:json": ("x.json", lambda x: ["transport", "neurons", x, "--gauge", "g.json",
+                                              "-o", "o.json"], "neuron list"),
+        "neurons:csv": ("x.csv", lambda x: ["transport", "neurons", x, "--gauge", "g.json",
+                                            "-o", "o.csv"], "neuron list"),
+        "audit:claim": ("x.json", lambda x: ["audit", x, "B", "--gauges", 1], "claim file"),
+        "match:tokens-text": ("x.txt", lambda x: ["match", "A", "B", "-o", "o.json",
+                                                  "--tokens-from", x], "token source"),
+        "stats:tokens-npy": ("x.npy", lambda x: ["stats", "A", "B", "-o", "o.safetensors",
+                                                 "--tokens-from", x], "token source"),
+        "steering:pt": ("x.pt", lambda x: ["transport", "steering", x, "--gauge", "g.json",
+                                           "-o", "o.pt"], "steering vector file"),
+    }
+    cases = []
+    for cmd, (fname, argv, what) in readers.items():
+        for source in DEVICES:
+            kind = "a FIFO" if source == "fifo" else "a character device"
+            cases.append((f"{cmd}-{source.rsplit('/', 1)[-1]}",
+                          lambda w, fname=fname, argv=argv, source=source:
+                          argv(_hostile(w, source, fname)),
+                          f"{fname}: not a regular file ({kind}); expected a {what}"))
+    cases.append(("match:tokens-from-dev-zero", _set(_noop, ["match", "A", "B", "-o", "o.json",
+                                                             "--tokens-from", "/dev/zero"]),
+                  "/dev/zero: not a regular file (a character device); expected a token "
+                  "source"))
+    return cases
+
+
+def sparse(path: Path, size: int) -> None:
+    """A file of ``size`` bytes that takes no space (a hole): its size alone must refuse it."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def with_dtype(model: Path, key: str, dtype: torch.dtype) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(model / "model.safetensors")
+    sd[key] = torch.ones_like(sd[key]).to(dtype)
+    save_file(sd, str(model / "model.safetensors"), metadata={"format": "pt"})
+
+
+def with_tensor(path: Path, key: str, value: torch.Tensor) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(path)
+    sd[key] = value
+    save_file(sd, str(path), metadata={"format": "pt"})
+
+
+def _cc_state() -> dict[str, torch.Tensor]:
+    return {"W_enc": torch.randn(2, 64, 8), "W_dec": torch.randn(8, 2, 64),
+            "b_enc": torch.zeros(8), "b_dec": torch.zeros(2, 64)}
+
+
+def _save_cc(w: Path, name: str) -> None:
+    from safetensors.torch import save_file
+
+    if name.endswith(".pt"):
+        torch.save(_cc_state(), w / name)
+    else:
+        save_file(_cc_state(), str(w / name))
+
+
+HOSTILE_CASES: list[Case] = [
+    *_device_cases(),
+    # ------------------------------------------------------------------ size limits
+    ("apply:gauge-huge", lambda w: (sparse(w / "big.json", 300 << 20),
+                                    ["apply", "A", "out", "--gauge", "big.json"])[1],
+     "big.json: 300.0 MiB, more than the 256.0 MiB a gauge file may have"),
+    ("audit:claim-huge", lambda w: (sparse(w / "big.json", 65 << 20),
+                                    ["audit", "big.json", "B", "--gauges", 1])[1],
+     "big.json: 65.0 MiB, more than the 64.0 MiB a claim file may have"),
+    ("neurons:csv-huge", lambda w: (sparse(w / "big.csv", 300 << 20),
+                                    ["transport", "neurons", "big.csv", "--gauge", "g.json",
+                                     "-o", "o.csv"])[1], "more than the 256.0 MiB a neuron list"),
+    ("apply:config-huge", lambda w: (sparse(w / "A" / "config.json", 300 << 20),
+                                     ["apply", "A", "out", "--random", 1])[1],
+     "more than the 256.0 MiB a model config may have"),
+    # ------------------------------------------------------------------ integer tensors
+    *[(f"apply:{dt}-on-signed-axis", lambda w, dt=dt: (
+        with_dtype(w / "A", "model.layers.0.mlp.down_proj.weight", getattr(torch, dt)),
+        ["apply", "A", "out", "--random", 1])[1],
+       f"integer tensor model.layers.0.mlp.down_proj.weight ({dt}) lies on a signed residual "
+       "axis; negating it is not exact without its quantisation scheme")
+      for dt in ("int8", "uint8", "int32", "bool")],
+    ("apply:int8-embedding", lambda w: (
+        with_dtype(w / "A", "model.embed_tokens.weight", torch.int8),
+        ["apply", "A", "out", "--random", 1])[1], "integer tensor model.embed_tokens.weight"),
+    ("canonicalize:int8", lambda w: (
+        with_dtype(w / "A", "model.layers.0.self_attn.o_proj.weight", torch.int8),
+        ["canonicalize", "A", "out"])[1], "(int8) lies on a signed residual axis"),
+    ("sae:int8-encoder", lambda w: (
+        with_tensor(w / "sae" / "sae_weights.safetensors", "W_enc",
+                    torch.ones(64, 96, dtype=torch.int8)),
+        ["transport", "sae", "sae", "--gauge", "g.json", "-o", "o"])[1],
+     "sae (saelens) integer tensor W_enc (int8) lies on a signed residual axis"),
+    ("steering:int-vector", lambda w: (torch.save(torch.ones(64, dtype=torch.int16),
+                                                  w / "iv.pt"),
+                                       ["transport", "steering", "iv.pt", "--gauge", "g.json",
+                                        "-o", "o.pt"])[1], "(int16) lies on a signed residual"),
+    # ------------------------------------------------------------------ suffixes
+    ("crosscoder:pt-as-safetensors", lambda w: (_save_cc(w, "cc.pt"),
+                                                ["transport", "crosscoder", "cc.pt", "--gauge",
+                                                 "g.json", "-o", "y.safetensors"])[1],
+     "output y.safetensors: its suffix '.safetensors' does not match the format written, a "
+     "torch state dict"),
+    ("crosscoder:safetensors-as-pt", lambda w: (_save_cc(w, "cc.safetensors"),
+                                                ["transport", "crosscoder", "cc.safetensors",
+                                                 "--gauge", "g.json", "-o", "y.pt"])[1],
+     "output y.pt: its suffix '.pt' does not match the format written, a safetensors file"),
+    ("optim:output-as-safetensors", _set(_noop, ["transport", "optim", "optimizer.pt",
+                                                 "--gauge", "g.json", "-o", "o.safetensors",
+                                                 "--model", "A"]),
+     "its suffix '.safetensors' does not match the format written, a torch optimizer state"),
+    ("neurons:json-as-csv", _set(_noop, ["transport", "neurons", "neurons.json", "--gauge",
+                                         "g.json", "-o", "o.csv"]),
+     "its suffix '.csv' does not match the format written, JSON (.json)"),
+    ("neurons:csv-no-suffix", _set(_noop, ["transport", "neurons", "neurons.csv", "--gauge",
+                                           "g.json", "-o", "o"]),
+     "its suffix (none) does not match the format written, CSV (.csv)"),
+    # ------------------------------------------------------------------ two layouts at once
+    ("sae:two-layouts", lambda w: (shutil.copy(w / "sae" / "sae_weights.safetensors",
+                                               w / "sae" / "sae.safetensors"),
+                                   ["transport", "sae", "sae", "--gauge", "g.json", "-o",
+                                    "o"])[1],
+     "holds two layouts at once, SAELens (sae_weights.safetensors) and sparsify "
+     "(sae.safetensors)"),
+    ("lora:two-layouts", lambda w: (evil(w / "lora" / "adapter_model.bin"),
+                                    ["transport", "lora", "lora", "--gauge", "g.json", "-o",
+                                     "o", "--model", "A"])[1],
+     "holds two layouts at once, safetensors weights (adapter_model.safetensors) and pickled "
+     "weights (adapter_model.bin)"),
+]
+
+
+@pytest.mark.parametrize("name, setup, message", HOSTILE_CASES,
+                         ids=[c[0] for c in HOSTILE_CASES])
 def test_hostile_input(name, setup, message, world, cli):
     test_bad_input(name, setup, message, world, cli)
 
@@ -796,3 +960,17 @@ def test_audit_checks_the_claim_on_its_own_source_first(world, cli):
     assert doc["source_reproduction"] is not None
     if doc["source_reproduction"] < 1:
         assert "on its source" in res.stderr
+
+
+def test_a_permutation_moves_integer_tensors(world, cli):
+    """Only the sign flip is inexact on integers: a gauge without one moves them exactly."""
+    from safetensors.torch import load_file
+
+    key = "model.layers.0.mlp.down_proj.weight"
+    with_dtype(world / "A", key, torch.int8)
+    SignedPerm.random(64, seed=3, kind="perm").save(world / "p.json")
+    cli("apply", "A", "out", "--gauge", "p.json")
+    a, b = load_file(world / "A" / "model.safetensors"), load_file(world / "out" /
+                                                                    "model.safetensors")
+    assert b[key].dtype == torch.int8
+    assert torch.equal(b[key], SignedPerm.load(world / "p.json").apply(a[key], 0))

@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .arch import Family, Op, check_width, detect_family, get_family, hidden_size_of
+from .arch import (
+    Family,
+    Op,
+    check_dtype,
+    check_width,
+    detect_family,
+    get_family,
+    hidden_size_of,
+)
 from .checkpoint import Checkpoint, load_shard
 from .errors import GaugefixError
 from .group import SignedPerm
@@ -33,6 +41,11 @@ def _check_widths(plan: Mapping[str, Op], shapes: Mapping[str, tuple[int, ...]],
         check_width(key, shapes[key], (op,), d)
 
 
+def _check_dtypes(plan: Mapping[str, Op], dtypes: Mapping[str, Any], gauge: SignedPerm) -> None:
+    for key, op in plan.items():
+        check_dtype(key, dtypes[key], (op,), gauge)
+
+
 def gauge_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     gauge: SignedPerm,
@@ -43,6 +56,7 @@ def gauge_state_dict(
     fam.check_gauge(gauge)
     plan = fam.plan(state_dict)
     _check_widths(plan, {k: tuple(v.shape) for k, v in state_dict.items()}, gauge.d)
+    _check_dtypes(plan, {k: v.dtype for k, v in state_dict.items()}, gauge)
     done: dict[Any, torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
@@ -129,11 +143,26 @@ def gauge_checkpoint(
 
 
 def plan_checkpoint(ckpt: Checkpoint, gauge: SignedPerm) -> dict[str, Op]:
-    """Every key's op, with every residual width checked, before anything is written."""
+    """Every key's op, with every residual width and dtype checked (no integer tensor on a
+    signed axis), before anything is written."""
     entries = list(ckpt.entries())
     plan = ckpt.family.plan(k for _, k, _ in entries)
     _check_widths(plan, {k: s for _, k, s in entries}, gauge.d)
+    _check_dtypes(plan, _dtypes(ckpt), gauge)
     return plan
+
+
+def _dtypes(ckpt: Checkpoint) -> dict[str, Any]:
+    """Every tensor's dtype: from the safetensors headers, or a torch shard's tensors."""
+    from .shards import read_layout
+
+    out: dict[str, Any] = {}
+    for shard in ckpt.shards:
+        if shard.suffix == ".safetensors":
+            out.update((e.name, e.dtype) for e in read_layout(shard).entries)
+        else:
+            out.update((k, t.dtype) for k, t in load_shard(shard).items())
+    return out
 
 
 def write_gauged_weights(ckpt: Checkpoint, out_dir: Path, gauge: SignedPerm,

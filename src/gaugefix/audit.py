@@ -35,7 +35,7 @@ import torch
 from .arch import detect_family, hidden_size_of
 from .errors import GaugefixError
 from .group import SignedPerm
-from .io import json_type, read_json
+from .io import MiB, json_type, read_json
 
 CLAIM_FORMAT = "gaugefix.claim/1"
 
@@ -91,9 +91,14 @@ def _prompts(value: Any, what: str) -> list[Any]:
     return value
 
 
+# a claim names a few coordinates and prompts, or one direction of d numbers (about 1.5 MB
+# of JSON at d = 65536): far above that, the file is something else
+CLAIM_LIMIT = 64 * MiB
+
+
 def load_claim(path: str | Path) -> Claim:
     p = Path(path)
-    doc = read_json(p, "claim file")
+    doc = read_json(p, "claim file", limit=CLAIM_LIMIT)
     if doc.get("format") != CLAIM_FORMAT:
         raise GaugefixError(f"{p}: not a claim file (format must be {CLAIM_FORMAT!r})")
     missing = [k for k in ("layer", "concept", "coordinates") if k not in doc]

@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -404,33 +405,102 @@ def has_non_finite(obj: Any) -> bool:
 _JSON_TYPES = {dict: "an object", list: "a list", str: "a string", int: "a number",
                float: "a number", bool: "a boolean", type(None): "null"}
 
+MiB = 1 << 20
+# The most gaugefix reads of each kind of small input. A gauge file for d = 65536 is a few
+# MiB, a neuron list or claim of every coordinate of such a model tens; a configuration,
+# shard index or YAML file far less. Weight files (torch, safetensors) have no limit but
+# must be regular files too.
+JSON_LIMIT = 256 * MiB
+TEXT_LIMIT = 256 * MiB
+
+_FILE_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
 
 def json_type(value: Any) -> str:
     """How a JSON value is named in error messages ('an object', 'a list', ...)."""
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def read_text(path: str | os.PathLike[str], what: str) -> str:
-    """A UTF-8 text file, or one error line saying why it cannot be read."""
+def _size(n: int) -> str:
+    return f"{n / MiB:.1f} MiB" if n >= MiB else f"{n} bytes"
+
+
+def _not_regular(p: Path, mode: int, what: str) -> GaugefixError:
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+    return GaugefixError(f"{p}: not a regular file ({kind}); expected a {what}")
+
+
+def check_regular(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` if it is a regular file (after links); else one error saying what it is
+    instead: gaugefix never reads a device (``/dev/zero`` is endless), a FIFO (reading it
+    blocks) or a socket. Only ``stat``: nothing is opened."""
     p = Path(path)
-    note_input(p)
     try:
-        return p.read_text(encoding="utf-8")
+        st = os.stat(p)
     except FileNotFoundError:
         raise GaugefixError(f"{what} not found: {p}") from None
-    except IsADirectoryError:
-        raise GaugefixError(f"{p} is a directory; expected a {what}") from None
-    except UnicodeDecodeError:
-        raise GaugefixError(f"{p}: not a UTF-8 text file ({what})") from None
     except OSError as exc:
         raise GaugefixError(f"{p}: cannot be read ({exc.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise GaugefixError(f"{p} is a directory; expected a {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(p, st.st_mode, what)
+    return p
+
+
+@contextlib.contextmanager
+def open_regular(path: str | os.PathLike[str], what: str,
+                 limit: int | None = None) -> Iterator[Any]:
+    """A binary handle on a regular file of at most ``limit`` bytes (None: any size), noted
+    as an input. The file is checked before it is opened and again through the handle, so a
+    FIFO swapped in between is never read (opened non-blocking, so the open cannot hang)."""
+    p = check_regular(path, what)
+    note_input(p)
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise GaugefixError(f"{p}: cannot be read ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(p, st.st_mode, what)
+        if limit is not None and st.st_size > limit:
+            raise GaugefixError(f"{p}: {_size(st.st_size)}, more than the {_size(limit)} a "
+                                f"{what} may have")
+        yield f
+
+
+def read_bytes(path: str | os.PathLike[str], what: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (also if it grows while read)."""
+    with open_regular(path, what, limit) as f:
+        try:  # read(n) sets n bytes aside: ask for the size there is, then for any growth
+            data = f.read(os.fstat(f.fileno()).st_size + 1)
+            while len(data) <= limit and (more := f.read(min(MiB, limit + 1 - len(data)))):
+                data += more
+        except OSError as exc:
+            raise GaugefixError(f"{path}: cannot be read ({exc.strerror})") from None
+    if len(data) > limit:
+        raise GaugefixError(f"{path}: more than the {_size(limit)} a {what} may have")
+    return data
+
+
+def read_text(path: str | os.PathLike[str], what: str, *, limit: int = TEXT_LIMIT) -> str:
+    """A UTF-8 text file (a regular file of at most ``limit`` bytes), or one error line
+    saying why it cannot be read."""
+    p = Path(path)
+    try:
+        return read_bytes(p, what, limit).decode("utf-8")
+    except UnicodeDecodeError:
+        raise GaugefixError(f"{p}: not a UTF-8 text file ({what})") from None
 
 
 def read_json(path: str | os.PathLike[str], what: str,
-              expect: type | tuple[type, ...] | None = dict) -> Any:
-    """A JSON document, with its top-level type checked (``expect``)."""
+              expect: type | tuple[type, ...] | None = dict, *, limit: int = JSON_LIMIT) -> Any:
+    """A JSON document (at most ``limit`` bytes), with its top-level type checked
+    (``expect``)."""
     p = Path(path)
-    text = read_text(p, what)
+    text = read_text(p, what, limit=limit)
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -447,22 +517,29 @@ def read_json(path: str | os.PathLike[str], what: str,
 _BLOCKED_GLOBAL = re.compile(r"\bGLOBAL ([\w.]+)")
 
 
-def torch_load(path: str | os.PathLike[str], what: str, allowed: Iterable[type] = ()) -> Any:
+def torch_load(path: str | os.PathLike[str], what: str, allowed: Iterable[type] = (), *,
+               limit: int | None = None, mmap: bool = False) -> Any:
     """``torch.load`` with ``weights_only=True`` (and only ``allowed`` classes), its many
-    failure modes turned into one line. Never suggests the unsafe load."""
+    failure modes turned into one line. Never suggests the unsafe load. A regular file of
+    at most ``limit`` bytes; ``mmap``: tensors map the file rather than being read whole
+    (a caller that needs only part of them reads only that part)."""
     import pickle
     import zipfile
 
     import torch
 
+    with open_regular(path, what, limit):
+        pass
     p = Path(path)
-    note_input(p)
-    if not p.is_file():
-        raise GaugefixError(f"{what} not found: {p}")
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed)):
             warnings.simplefilter("ignore")
-            return torch.load(p, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as exc:  # a legacy (pre-zip) file cannot be mapped
+                if not mmap or "mmap" not in str(exc):
+                    raise
+                return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         m = _BLOCKED_GLOBAL.search(str(exc))
         if m:
@@ -483,10 +560,8 @@ def open_safetensors(path: str | os.PathLike[str], what: str = "safetensors file
     (``framework="numpy"`` for headers and shapes only: it does not import torch)."""
     from safetensors import SafetensorError, safe_open
 
-    p = Path(path)
+    p = check_regular(path, what)
     note_input(p)
-    if not p.is_file():
-        raise GaugefixError(f"{what} not found: {p}")
     try:
         handle = safe_open(str(p), framework)
     except (SafetensorError, OSError) as exc:
@@ -505,16 +580,17 @@ def load_safetensors(path: str | os.PathLike[str], what: str = "safetensors file
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
 
 
-def load_npy(path: str | os.PathLike[str], what: str) -> Any:
-    """A numeric ``.npy`` array (never pickled objects)."""
+def load_npy(path: str | os.PathLike[str], what: str, *, limit: int | None = None,
+             mmap: bool = False) -> Any:
+    """A numeric ``.npy`` array (never pickled objects) from a regular file of at most
+    ``limit`` bytes; ``mmap``: mapped, not read (a caller that needs a slice reads only it)."""
     import numpy as np
 
+    with open_regular(path, what, limit):
+        pass
     p = Path(path)
-    note_input(p)
     try:
-        arr = np.load(p, allow_pickle=False)
-    except FileNotFoundError:
-        raise GaugefixError(f"{what} not found: {p}") from None
+        arr = np.load(p, allow_pickle=False, mmap_mode="r" if mmap else None)
     except (ValueError, OSError, EOFError) as exc:
         raise GaugefixError(f"{p}: not a numeric .npy array ({exc})") from None
     if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "biuf":

@@ -11,6 +11,7 @@ statistics of separate token shards add up to those of the whole.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from .arch import Family, detect_family, hidden_size_of
 from .distributed import World, all_reduce_count, all_reduce_moments, share, world
 from .errors import GaugefixError
-from .io import load_npy, no_bar, note_input, torch_load
+from .io import check_regular, load_npy, no_bar, open_regular, torch_load
 
 STATS_FORMAT = "gaugefix.stats/1"
 
@@ -306,6 +307,11 @@ def load_token_source(source: str | Path | np.ndarray | None, *, vocab_size: int
     ``None`` or ``"synthetic"``: a seeded Zipf stream. A ``.npy``/``.pt`` file: token
     ids (any shape, flattened; ``.pt`` read with ``weights_only=True``). A text
     file or a directory of text files: tokenised with the model's tokenizer.
+
+    Only what ``n_tokens`` ids need is read: id files are mapped and sliced, text is
+    streamed in chunks and tokenised until there are enough ids, so a corpus of any size
+    costs bounded memory. Every file must be a regular file (never ``/dev/zero``, a FIFO
+    or another device).
     """
     if source is None or (isinstance(source, str) and source == "synthetic"):
         ids = synthetic_tokens(vocab_size, n_tokens, seed)
@@ -315,23 +321,52 @@ def load_token_source(source: str | Path | np.ndarray | None, *, vocab_size: int
         path = Path(source)
         if not path.exists():
             raise GaugefixError(f"token source not found: {path}")
+        if not path.is_dir():
+            check_regular(path, "token source")
         if path.suffix == ".npy":
-            ids = load_npy(path, "token ids").reshape(-1)
+            ids = load_npy(path, "token ids", mmap=True).reshape(-1)
         elif path.suffix == ".pt":
-            obj = torch_load(path, "token-id file")
+            obj = torch_load(path, "token-id file", mmap=True)
             if not isinstance(obj, torch.Tensor):
                 raise GaugefixError(f"{path}: expected a tensor of token ids, "
                                     f"found {type(obj).__name__}")
-            ids = obj.reshape(-1).numpy()
+            ids = obj.reshape(-1)[:n_tokens].numpy()
         else:
             ids = _tokenize_text(path, tokenizer_dir, n_tokens)
     if not np.issubdtype(ids.dtype, np.integer):
         raise GaugefixError("token ids must be integers")
-    ids = ids[:n_tokens].astype(np.int64)
+    ids = np.array(ids[:n_tokens], dtype=np.int64)  # a copy: never a view of a mapped file
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise GaugefixError(f"token ids must lie in 0..{vocab_size - 1} (the shared vocabulary); "
                             f"found {ids.min()}..{ids.max()}")
     return ids
+
+
+TEXT_CHUNK = 1 << 16  # characters read at a time from a text token source
+LINE_CAP = 1 << 20  # a longer line is tokenised in pieces cut at whitespace
+
+
+def text_lines(f: Any, chunk: int = TEXT_CHUNK, cap: int = LINE_CAP) -> Iterator[str]:
+    """The lines of the text stream ``f`` (as ``str.splitlines`` gives them), read ``chunk``
+    characters at a time; a line longer than ``cap`` comes in pieces cut at its last
+    whitespace (or at ``cap``), so no more than about ``cap + chunk`` characters are held."""
+    pending = ""
+    while block := f.read(chunk):
+        lines = (pending + block).splitlines(keepends=True)
+        pending = lines.pop()
+        # ends with a line break: complete (a "\r" may be the first half of "\r\n")
+        if pending.splitlines() != [pending] and not pending.endswith("\r"):
+            lines.append(pending)
+            pending = ""
+        for line in lines:
+            yield line.splitlines()[0]  # without its line break, as splitlines() gives it
+        while len(pending) > cap:
+            cut = max(pending.rfind(" ", 0, cap), pending.rfind("\t", 0, cap))
+            cut = cut + 1 if cut > 0 else cap
+            yield pending[:cut]
+            pending = pending[cut:]
+    if pending:
+        yield pending.splitlines()[0]
 
 
 def _tokenize_text(path: Path, tokenizer_dir: Path | None, n_tokens: int) -> np.ndarray:
@@ -345,12 +380,13 @@ def _tokenize_text(path: Path, tokenizer_dir: Path | None, n_tokens: int) -> np.
                          "pre-tokenized ids (.npy/.pt) or use the synthetic token stream")
     out: list[int] = []
     for f in files:
-        note_input(f)
-        for line in f.read_text(errors="replace").splitlines():
-            if line.strip():
-                out += tok(line, add_special_tokens=False)["input_ids"]
-                if len(out) >= n_tokens:
-                    return np.asarray(out[:n_tokens])
+        with open_regular(f, "text token source") as raw:
+            text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
+            for line in text_lines(text):
+                if line.strip():
+                    out += tok(line, add_special_tokens=False)["input_ids"]
+                    if len(out) >= n_tokens:
+                        return np.asarray(out[:n_tokens])
     return np.asarray(out)
 
 

@@ -97,6 +97,40 @@ def check_width(name: str, shape: Sequence[int], ops: Iterable[Op], d: int,
                                     f"{axis} ({op})")
 
 
+# safetensors' names for integer dtypes (torch and numpy spell them int8, uint8, bool, ...)
+_ST_INTEGER = {"I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64", "U8": "uint8",
+               "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
+_INTEGER = re.compile(r"q?u?int\d*(x\d+)?|bool_?")  # torch's quantised qint8/quint4x2 too
+
+
+def dtype_name(dtype: Any) -> str:
+    """A torch, numpy or safetensors dtype as one name: ``int8``, ``float16``, ``bool``."""
+    name = str(dtype).removeprefix("torch.")
+    return _ST_INTEGER.get(name, name)
+
+
+def is_integer_dtype(dtype: Any) -> bool:
+    """Whether ``dtype`` (torch, numpy or safetensors) holds integers (or booleans)."""
+    return _INTEGER.fullmatch(dtype_name(dtype)) is not None
+
+
+def check_dtype(name: str, dtype: Any, ops: Iterable[Op], gauge: SignedPerm | None = None,
+                what: str = "") -> None:
+    """Refuse an integer tensor on a signed residual axis: int8/uint8 weights are quantised
+    values whose negation wraps around (-(-128) = -128, uint8 has no negatives) and whose
+    meaning depends on a scale and zero point stored elsewhere, so flipping their sign is not
+    exact. Permuting them is, so a gauge without negative signs (``gauge`` given) passes.
+    Made at planning, before anything is written, for checkpoints and objects alike."""
+    if not is_integer_dtype(dtype) or not any(op.signed and op.axes for op in ops):
+        return
+    if gauge is not None and bool((gauge.sign > 0).all()):
+        return
+    where = f"{what} " if what else ""
+    raise GaugefixError(f"{where}integer tensor {name} ({dtype_name(dtype)}) lies on a signed "
+                        "residual axis; negating it is not exact without its quantisation "
+                        "scheme (dequantise it first, or use a gauge without sign flips)")
+
+
 # ---------------------------------------------------------------------------------------------
 # The table's schema (validated on load; every problem reported at once)
 
@@ -505,12 +539,15 @@ __all__ = [
     "Norm",
     "Op",
     "Rule",
+    "check_dtype",
     "check_width",
     "collapse_layers",
     "detect_family",
+    "dtype_name",
     "families",
     "get_family",
     "hidden_size_of",
+    "is_integer_dtype",
     "plan_rules",
     "refusal",
     "refused_rules",

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..arch import Op, Rule, check_width, plan_rules
+from ..arch import Op, Rule, check_dtype, check_width, plan_rules
+from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import atomic_dir, copy_files
 from ..shards import Layout, Move, move_of, read_layout, rewrite
@@ -56,11 +57,13 @@ def transport_tensors(tensors: Mapping[str, Any], table: Sequence[Rule],
 def table_moves(layout: Any, plan: Mapping[str, tuple[Op, ...]], gauge: SignedPerm,
                 what: str) -> dict[str, Any]:
     """The streaming rewrite's moves (:func:`gaugefix.shards.rewrite`) for a planned table:
-    one residual axis moves in blocks; several (a skip matrix) move the whole tensor."""
+    one residual axis moves in blocks; several (a skip matrix) move the whole tensor. Every
+    width and dtype is checked first (no integer tensor on a signed axis)."""
     moves: dict[str, Any] = {}
     for e in layout.entries:
         ops = plan[e.name]
         check_width(e.name, e.shape, ops, gauge.d, what)
+        check_dtype(e.name, e.dtype, ops, gauge, what)
         active = [op for op in ops if op.axes]
         if len(active) <= 1:  # one op: blocks along its axis, or whole for a residual map
             moves[e.name] = move_of(active[0], gauge, len(e.shape)) if active else None
@@ -89,6 +92,32 @@ def plan_file(path: Path, table: Sequence[Rule], gauge: SignedPerm, what: str,
 
 
 FileWriter = Callable[[Path, Path], None]
+
+
+def one_layout(src: Path, kind: str, layouts: Mapping[str, Sequence[str]]) -> str | None:
+    """The one layout (name: the files of it that ``src`` holds) a folder is in, or None.
+    A folder holding two at once is refused naming both: moving one and copying the other
+    along unmoved would leave an object that is half in each chart."""
+    found = {name: list(files) for name, files in layouts.items() if files}
+    if len(found) > 1:
+        held = " and ".join(f"{name} ({', '.join(files[:3])}{', …' if len(files) > 3 else ''})"
+                            for name, files in found.items())
+        raise GaugefixError(f"{kind}: {src} holds two layouts at once, {held}; one would move "
+                            "and the other be copied unmoved: keep one layout per folder")
+    return next(iter(found), None)
+
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def check_suffix(dst: Path, writes: str, suffixes: Sequence[str]) -> None:
+    """Refuse an output file whose suffix names another format than the one written (a torch
+    zip named ``.safetensors``, JSON named ``.csv``): every reader would misread it."""
+    if dst.suffix not in suffixes:
+        suffix = repr(dst.suffix) if dst.suffix else "(none)"
+        raise GaugefixError(f"output {dst}: its suffix {suffix} does not "
+                            f"match the format written, {writes} ({', '.join(suffixes)}); the "
+                            "output keeps the input's format")
 
 
 def write_folder(src: Path, dst: Path, files: Mapping[str, Planned | FileWriter], *,

@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import read_text
-from .base import H0, H1, H2, UNTOUCHED, Planned, plan_file, rules, write_folder
+from .base import H0, H1, H2, UNTOUCHED, Planned, one_layout, plan_file, rules, write_folder
 
 ENC = re.compile(r"W_enc_(\d+)\.safetensors")
 DEC = re.compile(r"W_dec_(\d+)\.safetensors")
@@ -100,6 +100,9 @@ def transport_clt(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
                             "W_enc_{i}/W_dec_{i}.safetensors or layer_{i}.safetensors)")
     cfg = read_config(src)
     enc, dec, plt = (_indexed(src, p) for p in (ENC, DEC, LAYER))
+    one_layout(src, "clt", {
+        "cross-layer transcoder": [enc[i] for i in sorted(enc)] + [dec[i] for i in sorted(dec)],
+        "per-layer transcoder set": [plt[i] for i in sorted(plt)]})
     files: dict[str, Planned] = {}
     if enc or dec:
         kind = "cross_layer_transcoder"

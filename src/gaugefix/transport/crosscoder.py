@@ -5,7 +5,8 @@ Each *slot* (a model, or a layer) has its own residual axis, moved by its own ch
 moved by the same gauge) or a sequence with one entry per slot, ``None`` for a slot whose
 chart is unchanged (e.g. ``[None, g]``: model A stays, model B moves by ``g``).
 
-Layouts (the output keeps the input's file names and kind):
+Layouts (the output keeps the input's file names and kind: an output file whose suffix names
+another format is refused, and so is a folder holding both layouts):
 
 * **ckkissane** (crosscoder-model-diff-replication): a folder with ``cc_weights.pt`` (a torch
   state dict, + ``cfg.json``), or such a ``.pt`` file. ``W_enc`` [m, d, F], ``W_dec``
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..arch import Op, Rule
+from ..arch import Op, Rule, check_dtype
 from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import atomic_file, load_safetensors, torch_load
@@ -40,10 +41,13 @@ from .base import (
     GAIN,
     H0,
     H1,
+    TORCH_SUFFIXES,
     UNTOUCHED,
     Planned,
+    check_suffix,
     check_width,
     move,
+    one_layout,
     plan_names,
     rules,
     write_folder,
@@ -129,20 +133,29 @@ class Plan:
     gauges: list[SignedPerm | None]
 
 
-def plan_tensors(shapes: dict[str, tuple[int, ...]], gauge: Gauges, where: Path) -> Plan:
-    """Every tensor's ops and slot axis, the gauges per slot, every width checked."""
+def plan_tensors(shapes: dict[str, tuple[int, ...]], gauge: Gauges, where: Path,
+                 dtypes: dict[str, Any] | None = None) -> Plan:
+    """Every tensor's ops and slot axis, the gauges per slot, every width (and dtype: no
+    integer tensor on a signed axis) checked."""
     lay = _layout(list(shapes), where)
     what = f"crosscoder ({lay.name})"
     bare = {n: _bare(n) for n in shapes}
     ops = plan_names(bare.values(), lay.table, what, where=where.name)
     slots = {n: lay.slot(b) for n, b in bare.items()}
     marker = next(n for n, b in bare.items() if b == lay.marker)
-    m = shapes[marker][slots[marker] or 0]
+    axis = slots[marker] or 0
+    if len(shapes[marker]) <= axis:
+        raise GaugefixError(f"crosscoder: tensor {marker} has shape {list(shapes[marker])}, "
+                            f"expected its slots on axis {axis} (in {where.name})")
+    m = shapes[marker][axis]
     gauges = slot_gauges(gauge, m, str(where))
     for n, b in bare.items():
         shape, axis = shapes[n], slots[n]
         if not ops[b]:
             continue
+        for g in gauges:
+            if g is not None and dtypes is not None:
+                check_dtype(n, dtypes[n], ops[b], g, what)
         if axis is None or len(shape) <= axis or shape[axis] != m:
             raise GaugefixError(f"crosscoder: tensor {n} has shape {list(shape)}, expected {m} "
                                 f"slots on axis {axis}")
@@ -170,7 +183,8 @@ def _move_pt(state: Any, gauge: Gauges, where: Path) -> tuple[dict[str, Any], Pl
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                               for v in state.values()):
         raise GaugefixError(f"crosscoder: {where} is not a state dict of tensors")
-    plan = plan_tensors({k: tuple(v.shape) for k, v in state.items()}, gauge, where)
+    plan = plan_tensors({k: tuple(v.shape) for k, v in state.items()}, gauge, where,
+                        {k: v.dtype for k, v in state.items()})
     return {k: move_slots(v, plan.ops[k], plan.slots[k], plan.gauges) if plan.ops[k] else v
             for k, v in state.items()}, plan
 
@@ -181,7 +195,11 @@ def transport_crosscoder(src: str | Path, dst: str | Path, gauge: Gauges, *,
     ``dst``; ``gauge``: one for every slot, or one per slot (None: unchanged)."""
     src, dst = Path(src), Path(dst)
     if src.is_dir():
-        if (src / "cc_weights.pt").is_file():
+        held = one_layout(src, "crosscoder", {
+            layout: [name] if (src / name).is_file() else []
+            for layout, name in (("ckkissane", "cc_weights.pt"),
+                                 ("dictionary_learning", "model.safetensors"))})
+        if held == "ckkissane":
             name = "cc_weights.pt"
             moved, plan = _move_pt(torch_load(src / name, "crosscoder state dict"), gauge, src)
 
@@ -189,24 +207,28 @@ def transport_crosscoder(src: str | Path, dst: str | Path, gauge: Gauges, *,
                 torch.save(moved, d)
 
             write_folder(src, dst, {name: write_pt}, record=record, overwrite=overwrite)
-        elif (src / "model.safetensors").is_file():
+        elif held == "dictionary_learning":
             name = "model.safetensors"
             layout = read_layout(src / name, "crosscoder weights file")
-            plan = plan_tensors({e.name: e.shape for e in layout.entries}, gauge, src / name)
+            plan = plan_tensors({e.name: e.shape for e in layout.entries}, gauge, src / name,
+                                {e.name: e.dtype for e in layout.entries})
             write_folder(src, dst, {name: Planned(layout, _moves(plan))}, record=record,
                          overwrite=overwrite)
         else:
             raise GaugefixError(f"crosscoder: {src} has neither cc_weights.pt (ckkissane) nor "
                                 "model.safetensors (dictionary_learning); unknown layout")
     elif src.suffix in (".pt", ".pth"):
+        check_suffix(dst, "a torch state dict", TORCH_SUFFIXES)
         moved, plan = _move_pt(torch_load(src, "crosscoder state dict"), gauge, src)
         with atomic_file(dst, overwrite=overwrite, inputs=(src,)) as tmp:
             torch.save(moved, tmp)
     elif src.suffix == ".safetensors":
         from safetensors.torch import save_file
 
+        check_suffix(dst, "a safetensors file", (".safetensors",))
         tensors, meta = load_safetensors(src, "crosscoder weights file")
-        plan = plan_tensors({k: tuple(v.shape) for k, v in tensors.items()}, gauge, src)
+        plan = plan_tensors({k: tuple(v.shape) for k, v in tensors.items()}, gauge, src,
+                            {k: v.dtype for k, v in tensors.items()})
         out = {k: move_slots(v, plan.ops[k], plan.slots[k], plan.gauges).contiguous()
                if plan.ops[k] else v for k, v in tensors.items()}
         with atomic_file(dst, overwrite=overwrite, inputs=(src,)) as tmp:

@@ -28,16 +28,17 @@ import io
 import json
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..arch import Op
+from ..arch import Op, check_dtype
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import note_input, read_json
+from ..io import check_regular, note_input, read_json
 from .base import (
     H0,
     H1,
@@ -46,6 +47,7 @@ from .base import (
     Planned,
     check_width,
     move,
+    one_layout,
     plan_file,
     plan_names,
     rules,
@@ -107,8 +109,11 @@ def _npy_header(f: Any, where: str) -> tuple[tuple[int, ...], bool, np.dtype[Any
 
 
 def plan_npz(path: Path, gauge: SignedPerm, what: str) -> list[NpyMember]:
-    """Every array of a Gemma Scope ``params.npz``, checked (names, widths, dtypes) before
-    anything is written."""
+    """Every array of a Gemma Scope ``params.npz``, checked (names, widths, dtypes, and every
+    member read through once: its CRC and its length against its ``.npy`` header) before
+    anything is written, so a damaged file is one error naming it, never a failure halfway
+    through the rewrite."""
+    check_regular(path, "Gemma Scope params.npz")
     note_input(path)
     members: list[NpyMember] = []
     try:
@@ -122,10 +127,19 @@ def plan_npz(path: Path, gauge: SignedPerm, what: str) -> list[NpyMember]:
             plan = plan_names(names, NPZ_RULES, what, required=NPZ_REQUIRED, where=path.name)
             for info, name in zip(infos, names, strict=True):
                 with z.open(info) as f:
-                    shape, fortran, dtype, _ = _npy_header(f, f"{path}:{name}")
+                    shape, fortran, dtype, offset = _npy_header(f, f"{path}:{name}")
+                    while f.read(1 << 22):  # to the end: zipfile checks the CRC there
+                        pass
                 check_width(name, shape, plan[name], gauge.d, what)
+                check_dtype(name, dtype, plan[name], gauge, what)
+                size = offset + int(np.prod(shape)) * dtype.itemsize
+                if info.file_size != size:
+                    raise GaugefixError(f"{path}: member {info.filename} holds "
+                                        f"{info.file_size} bytes, but its header says "
+                                        f"{list(shape)} {dtype} ({size} bytes); a truncated "
+                                        "or damaged .npz file")
                 members.append(NpyMember(info, name, shape, fortran, dtype, plan[name]))
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError) as exc:
         raise GaugefixError(f"{path}: not a readable .npz file ({exc})") from None
     return members
 
@@ -133,6 +147,15 @@ def plan_npz(path: Path, gauge: SignedPerm, what: str) -> list[NpyMember]:
 def rewrite_npz(src: Path, dst: Path, members: list[NpyMember], gauge: SignedPerm) -> None:
     """``src`` with each array moved: same entries, in the same order, with the same zip
     attributes and ``.npy`` headers; untouched arrays copied as their bytes."""
+    try:
+        _rewrite_npz(src, dst, members, gauge)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError) as exc:
+        # checked when planned: only a file changed since then gets here (nothing is kept)
+        raise GaugefixError(f"{src}: not a readable .npz file ({exc}); nothing was "
+                            "written") from None
+
+
+def _rewrite_npz(src: Path, dst: Path, members: list[NpyMember], gauge: SignedPerm) -> None:
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         zout.comment = zin.comment
         for m in members:
@@ -180,9 +203,13 @@ def transport_gemmascope(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
                             "is unchanged by a residual gauge and needs no transport")
     multi = sorted((p.name for p in src.iterdir() if MULTI.fullmatch(p.name)),
                    key=lambda n: int(MULTI.fullmatch(n)[1]))  # type: ignore[index]
+    npz, single = ([n] if (src / n).is_file() else [] for n in ("params.npz",
+                                                                  "params.safetensors"))
+    one_layout(src, "gemmascope", {"Gemma Scope": npz, "Gemma Scope 2": single,
+                                   "Gemma Scope 2 multi-layer": multi})
     files: dict[str, Planned | FileWriter]
     hooks: list[str] = []
-    if (src / "params.npz").is_file():
+    if npz:
         layout, what = "gemma-scope", "gemmascope (params.npz)"
         members = plan_npz(src / "params.npz", gauge, what)
         files = {"params.npz": lambda s, d: rewrite_npz(s, d, members, gauge),

@@ -26,7 +26,7 @@ from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import atomic_dir, copy_files, read_json
 from ..shards import read_layout, rewrite
-from .base import GAIN, H0, H1, UNTOUCHED, plan_names, rules, table_moves
+from .base import GAIN, H0, H1, UNTOUCHED, one_layout, plan_names, rules, table_moves
 
 PREFIX = "base_model.model."
 LORA_KEY = re.compile(
@@ -91,6 +91,9 @@ def transport_lora(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
     cfg_file, weights = src / "adapter_config.json", src / "adapter_model.safetensors"
     if not src.is_dir() or not cfg_file.is_file():
         raise GaugefixError(f"lora: {src} is not a PEFT adapter folder (no adapter_config.json)")
+    one_layout(src, "lora", {f"{name} weights": [f"adapter_model.{suffix}"] for name, suffix in
+                             (("safetensors", "safetensors"), ("pickled", "bin"))
+                             if (src / f"adapter_model.{suffix}").is_file()})
     if not weights.is_file():
         if (src / "adapter_model.bin").is_file():
             raise GaugefixError(f"lora: {src} holds a pickled adapter_model.bin; re-save it as "

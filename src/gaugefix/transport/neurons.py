@@ -25,6 +25,7 @@ from typing import Any
 from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import atomic_write_text, read_json, read_text
+from .base import check_suffix
 
 LIST_KEYS = ("entries", "neurons", "coordinates")
 SIGN_FIELD = "gauge_sign"
@@ -94,6 +95,8 @@ def transport_neurons(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
     if src.suffix not in (".json", ".csv", ".tsv"):
         raise GaugefixError(f"neurons: unknown file type {src.suffix!r} ({src}); expected "
                             ".json, .csv or .tsv")
+    check_suffix(dst, {".json": "JSON", ".csv": "CSV", ".tsv": "TSV"}[src.suffix],
+                 (src.suffix,))
     if src.suffix == ".json":
         doc = read_json(src, "neuron list", expect=(list, dict))
         if isinstance(doc, list):

@@ -25,7 +25,8 @@ from ..arch import Family
 from ..checkpoint import Checkpoint
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_dir, atomic_file, copy_files, torch_load
+from ..io import atomic_dir, atomic_file, check_regular, copy_files, torch_load
+from .base import TORCH_SUFFIXES, check_suffix
 
 # state key -> signed (like the parameter) / unsigned / untouched
 STATE_TABLE: dict[str, str] = {
@@ -131,8 +132,10 @@ def transport_optim(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
         if model is None:
             raise GaugefixError("optim: a bare optimizer state needs --model, the checkpoint "
                                 "it belongs to")
+        check_suffix(Path(dst), "a torch optimizer state", TORCH_SUFFIXES)
         opt_file, ckpt = src, Checkpoint.open(model)
-    else:
+    else:  # missing, a device or a FIFO: said which
+        check_regular(src, "optimizer state")
         raise GaugefixError(f"optimizer state not found: {src}")
     ckpt.family.check_gauge(gauge, ckpt.hidden_size)
     sd = _load_optimizer(opt_file)

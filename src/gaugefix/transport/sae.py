@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import json_type, read_json
-from .base import H0, H1, UNTOUCHED, plan_file, rules, write_folder
+from .base import H0, H1, UNTOUCHED, one_layout, plan_file, rules, write_folder
 from .tlens import check_tl_processing
 
 LATENT = r"b_enc|threshold|log_threshold|b_gate|b_mag|r_mag"
@@ -88,9 +88,13 @@ def transport_sae(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
     if not src.is_dir():
         raise GaugefixError(f"sae: {src} is not an SAE folder (expected a directory with "
                             "cfg.json and sae_weights.safetensors or sae.safetensors)")
-    if (src / "sae_weights.safetensors").is_file():
+    held = one_layout(src, "sae", {
+        layout: [name] if (src / name).is_file() else []
+        for layout, name in (("SAELens", "sae_weights.safetensors"),
+                             ("sparsify", "sae.safetensors"))})
+    if held == "SAELens":
         layout, weights, table = "saelens", "sae_weights.safetensors", SAELENS_RULES
-    elif (src / "sae.safetensors").is_file():
+    elif held == "sparsify":
         layout, weights, table = "sparsify", "sae.safetensors", SPARSIFY_RULES
     else:
         raise GaugefixError(f"sae: {src} has neither sae_weights.safetensors (SAELens) nor "

@@ -22,10 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..arch import Op
+from ..arch import Op, check_dtype
 from ..errors import GaugefixError
 from ..group import SignedPerm
-from ..io import atomic_file, load_npy, load_safetensors, note_input, torch_load
+from ..io import (
+    atomic_file,
+    check_regular,
+    load_npy,
+    load_safetensors,
+    note_input,
+    torch_load,
+)
 
 RESIDUAL = Op("H", -1)
 SUFFIXES = (".pt", ".pth", ".safetensors", ".npy", ".gguf")
@@ -37,6 +44,7 @@ def _move(t: Any, gauge: SignedPerm, where: str) -> Any:
     if t.shape[-1] != gauge.d:
         raise GaugefixError(f"width mismatch: steering vector {where} has size {t.shape[-1]}, "
                             f"the gauge has d={gauge.d}")
+    check_dtype(where, t.dtype, (RESIDUAL,), gauge, "steering")
     return RESIDUAL(gauge, t)
 
 
@@ -70,8 +78,7 @@ def _transport_pt(obj: Any, gauge: SignedPerm) -> Any:
 def transport_steering(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
                        record: dict[str, Any], overwrite: bool = False) -> dict[str, Any]:
     src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise GaugefixError(f"steering vector file not found: {src}")
+    check_regular(src, "steering vector file")
     if src.suffix not in SUFFIXES:
         raise GaugefixError(f"steering: unknown file type {src.suffix!r}; expected one of "
                             f"{', '.join(SUFFIXES)}")
