@@ -22,7 +22,7 @@ from gaugefix.errors import GaugefixError
 from gaugefix.group import SignedPerm
 from gaugefix.transport import transport
 
-from .test_formats2 import (
+from .test_interp_formats import (
     _ck_state,
     _clt,
     _dl_state,

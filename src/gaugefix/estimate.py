@@ -374,8 +374,8 @@ def estimate_gauge(a: ModelLike, b: ModelLike, *, source: str = DEFAULT_SOURCE,
     fam, d = _check_models(a, b)
     if source == "weights":
         if stats is not None:
-            raise GaugefixError("saved statistics go with the sources both, activations or "
-                                "pooled")
+            raise GaugefixError("saved statistics (--stats) are activation evidence: --stats "
+                                "goes with --source both, activations or pooled")
         return match_weights(a, b, method, gain_weight=gain_weight, solver=solver,
                              features=features)
     if stats is None:

@@ -128,9 +128,9 @@ def match(a: ModelLike, b: ModelLike, *, source: str = "both", method: str = "si
     ma, mb = open_model(a), open_model(b)
     from .model import check_pair
 
-    fam, d = check_pair(ma, mb)
     for m in (ma, mb):
         m.check()
+    fam, d = check_pair(ma, mb)
     _positions_checked(opts, ma, mb)
     if stats is not None and not isinstance(stats, CrossStats):
         stats = sum_stats(CrossStats.load(p) for p in stats)
