@@ -976,3 +976,15 @@ def test_a_permutation_moves_integer_tensors(world, cli):
                                                                     "model.safetensors")
     assert b[key].dtype == torch.int8
     assert torch.equal(b[key], SignedPerm.load(world / "p.json").apply(a[key], 0))
+
+
+def test_the_other_weight_layout_is_left_out_not_copied_unmoved(world, cli):
+    """A folder holding model.safetensors and pytorch_model.bin: the safetensors are moved and
+    the .bin (another chart, once the first moved) is not copied into the output."""
+    from safetensors.torch import load_file
+
+    torch.save(load_file(world / "A" / "model.safetensors"), world / "A" / "pytorch_model.bin")
+    res = cli("apply", "A", "out", "--random", 1)
+    assert "pytorch_model.bin left out of the output" in res.stderr
+    assert not (world / "out" / "pytorch_model.bin").exists()
+    assert (world / "out" / "model.safetensors").exists()

@@ -134,6 +134,15 @@ def gauge_checkpoint(
     ckpt = m.checkpoint
     ckpt.family.check_gauge(gauge, ckpt.hidden_size)
     plan = plan_checkpoint(ckpt, gauge)
+    if ckpt.other_layout:
+        import warnings
+
+        from .errors import GaugefixWarning
+
+        warnings.warn(f"{', '.join(p.name for p in ckpt.other_layout)} left out of the output: "
+                      f"the {'safetensors' if ckpt.is_safetensors else 'torch'} weights were "
+                      "moved, and a copy in the other layout, unmoved, would be another chart",
+                      GaugefixWarning, stacklevel=2)
     with atomic_dir(out, overwrite=overwrite, inputs=(ckpt.path,)) as tmp:
         copy_files(ckpt.path, tmp, ckpt.weight_files)
         report = write_gauged_weights(ckpt, tmp, gauge, plan, progress=progress,

@@ -6,8 +6,9 @@ Only safetensors and ``weights_only`` torch files are read; nothing is unpickled
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
+_SHARD_NAME = re.compile(r"^(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
 
 
@@ -73,6 +75,9 @@ class Checkpoint:
     hidden_size: int
     shards: list[Path]
     index_file: Path | None
+    # weight files of the other layout (pytorch_model*.bin beside safetensors, or the
+    # reverse): never read, never copied into an output (they would be another chart)
+    other_layout: list[Path] = field(default_factory=list)
 
     @classmethod
     def open(cls, model: str | Path) -> Checkpoint:
@@ -83,7 +88,11 @@ class Checkpoint:
         config = read_json(cfg_file, "model config")
         family = detect_family(config)
         shards, index_file = _weight_files(path)
-        return cls(path, config, family, hidden_size_of(config), shards, index_file)
+        ours = {p.name for p in shards} | ({index_file.name} if index_file else set())
+        other = sorted(p for p in path.iterdir() if p.is_file() and p.name not in ours and (
+            p.name in (SAFE_INDEX, SAFE_SINGLE, BIN_INDEX, BIN_SINGLE)
+            or _SHARD_NAME.match(p.name)))
+        return cls(path, config, family, hidden_size_of(config), shards, index_file, other)
 
     def _config_int(self, *keys: str) -> int:
         for cfg in (self.config, self.config.get("text_config") or {}):
@@ -109,7 +118,8 @@ class Checkpoint:
 
     @property
     def weight_files(self) -> set[str]:
-        names = {s.name for s in self.shards}
+        """Every weight file's name (both layouts): what an output must not copy as is."""
+        names = {s.name for s in self.shards} | {p.name for p in self.other_layout}
         if self.index_file is not None:
             names.add(self.index_file.name)
         return names
