@@ -16,13 +16,15 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import GaugefixError
-from .group import SignedPerm
 from .io import atomic_write_text, read_json
+
+if TYPE_CHECKING:  # the class comes from its caller: group imports this module, not back
+    from .group import SignedPerm
 
 GAUGE_FORMAT = "gaugefix.gauge/1"
 CONVENTION = "x_B[i] = sign[i] * x_A[perm[i]]"
@@ -51,8 +53,8 @@ def to_json(gauge: SignedPerm, metadata: Mapping[str, Any] | None = None) -> dic
     return doc
 
 
-def from_json(doc: Any, source: str = "gauge") -> SignedPerm:
-    """The gauge in a parsed gauge document; errors name ``source``."""
+def from_json(cls: type[SignedPerm], doc: Any, source: str = "gauge") -> SignedPerm:
+    """The gauge (a ``cls``) in a parsed gauge document; errors name ``source``."""
     if not isinstance(doc, dict):
         raise GaugefixError(f"{source}: a gauge file must hold a JSON object")
     if doc.get("format") != GAUGE_FORMAT:
@@ -87,7 +89,7 @@ def from_json(doc: Any, source: str = "gauge") -> SignedPerm:
     if bad is not None:
         raise GaugefixError(f"{source}: sign entries must be +1 or -1, found {bad!r}")
     try:
-        gauge = SignedPerm(np.array(perm, dtype=np.int64), np.array(sign, dtype=np.int64))
+        gauge = cls(np.array(perm, dtype=np.int64), np.array(sign, dtype=np.int64))
     except GaugefixError as exc:  # d = 0, or perm not a permutation of 0..d-1
         raise GaugefixError(f"{source}: {exc}") from None
     conf = doc.get("confidence")
@@ -97,20 +99,12 @@ def from_json(doc: Any, source: str = "gauge") -> SignedPerm:
     return gauge
 
 
-def read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], SignedPerm]:
+def read(cls: type[SignedPerm], path: str | os.PathLike[str]
+         ) -> tuple[dict[str, Any], SignedPerm]:
     """A gauge file's raw JSON (gauge plus metadata) and its gauge, with clear errors."""
     p = Path(path)
     doc = read_json(p, "gauge file", expect=None)
-    return doc, from_json(doc, source=str(p))
-
-
-def read_gauge_document(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The raw JSON of a gauge file (gauge plus metadata), checked to hold a gauge."""
-    return read(path)[0]
-
-
-def load(path: str | os.PathLike[str]) -> SignedPerm:
-    return read(path)[1]
+    return doc, from_json(cls, doc, source=str(p))
 
 
 def save(gauge: SignedPerm, path: str | os.PathLike[str],

@@ -263,7 +263,7 @@ class SignedPerm:
         }
 
     # ------------------------------------------------------------------ the gauge file
-    # (gaugefix.gaugefile holds the format; it imports this module, hence the local imports)
+    # (gaugefix.gaugefile holds the format, and is handed this class: it never imports it)
     def to_json(self, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
         from .gaugefile import to_json
 
@@ -273,7 +273,7 @@ class SignedPerm:
     def from_json(cls, doc: Any, source: str = "gauge") -> SignedPerm:
         from .gaugefile import from_json
 
-        return from_json(doc, source)
+        return from_json(cls, doc, source)
 
     def save(self, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None,
              *, overwrite: bool = False) -> Path:
@@ -283,13 +283,13 @@ class SignedPerm:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SignedPerm:
-        from .gaugefile import load
+        from .gaugefile import read
 
-        return load(path)
+        return read(cls, path)[1]
 
 
 def read_gauge_document(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The raw JSON of a gauge file (gauge plus metadata), with clear errors."""
-    from .gaugefile import read_gauge_document
+    """The raw JSON of a gauge file (gauge plus metadata), checked to hold a gauge."""
+    from .gaugefile import read
 
-    return read_gauge_document(path)
+    return read(SignedPerm, path)[0]

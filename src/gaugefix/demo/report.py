@@ -63,7 +63,7 @@ def _fmt(x: float) -> str:
 
 
 def write_report(r: dict[str, Any], out: Path, plots: list[Path]) -> Path:
-    from .run import summary_rows
+    from .headline import summary_rows
 
     lines: list[str] = []
     w = lines.append
@@ -108,7 +108,7 @@ def write_report(r: dict[str, Any], out: Path, plots: list[Path]) -> Path:
         w(" Over the independent training runs of this report:\n")
         w("| figure | " + " | ".join(f"seed {s}" for s in runs["seeds"]) +
           " | mean | range |\n|---|" + "---|" * (n_runs + 2))
-        from .run import HEADLINE
+        from .headline import HEADLINE
 
         for key, label, spec in HEADLINE:
             f = runs["figures"][key]
