@@ -18,6 +18,12 @@ before (a write through a mapping to a disk with no room would kill the process)
 already hashed are unmapped as the rewrite goes (they stay in the page cache), so the
 resident set does not grow with the file.
 
+One engine does the streaming, :func:`stream`: it hands each block, moved or not, in file
+order, to a :class:`Sink`. :class:`WriteSink` writes the rewritten file (``apply``,
+:func:`rewrite`), :class:`DigestSink` hashes each tensor in the chart a gauge leads to (the
+fingerprint), and ``gaugefix.transport.merge.MergeSink`` merges each block of A with B's (and
+a base's) at the same elements.
+
 Peak memory: a few blocks of :data:`BLOCK_BYTES`, and one copy of the largest tensor with
 several residual axes (moved whole, in torch).
 """
@@ -33,6 +39,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,6 +318,16 @@ def _copy(src: memoryview, dst: memoryview) -> None:
     np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))  # GIL released
 
 
+def _by_tensor(blocks: list[Block]) -> list[list[Block]]:
+    groups: list[list[Block]] = []
+    for b in blocks:
+        if groups and groups[-1][0].entry is b.entry:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return groups
+
+
 class Sink:
     """Where the blocks of :func:`stream` go. The engine calls ``open`` once with the file's
     layout, then per block, in file order, ``target`` (where the block's output bytes
@@ -319,7 +336,18 @@ class Sink:
     block), and once the bytes are there, ``take`` (in file order), whose returned futures
     say when the sink is done with the bytes (hashing on other threads, say); then
     ``release`` of each input range every block before which has been taken, and ``close``
-    at the end (``ok``: every block was taken), also after a failure."""
+    at the end (``ok``: every block was taken), also after a failure.
+
+    A sink whose ``per_tensor`` is true (and has no target) is handed whole tensors
+    instead: each on one worker thread, its blocks moved one after another into that
+    thread's buffer, each handed to ``work`` right after its move (while its bytes are in
+    the cache); ``take`` is not called. Tensors run side by side, so a long one holds up no
+    other."""
+
+    per_tensor = False
+
+    def work(self, block: Block, out: memoryview) -> None:
+        """On a worker thread, after the block's move (only for a ``per_tensor`` sink)."""
 
     def open(self, layout: Layout) -> None:
         """The stream starts (the input's header is ``layout.header``)."""
@@ -403,42 +431,28 @@ class WriteSink(Sink):
 
 class DigestSink(Sink):
     """sha256 of each tensor's output bytes after ``prefix(entry)`` (its dtype and shape,
-    say), in ``digests`` by name, across every file streamed into it. Tensors are hashed on
-    ``threads`` threads (each tensor's blocks in order on one; a tensor goes to the thread
-    with the fewest bytes so far), beside the moves; untouched tensors straight from the
-    mapped input."""
+    say), in ``digests`` by name, across every file streamed into it. Each block is hashed
+    on the thread that moved it, right after the move (a per-tensor sink: a tensor's
+    blocks in order on one thread); untouched tensors straight from the mapped input."""
 
-    def __init__(self, prefix: Callable[[Entry], bytes] = lambda e: b"", threads: int = 2
-                 ) -> None:
+    per_tensor = True
+
+    def __init__(self, prefix: Callable[[Entry], bytes] = lambda e: b"") -> None:
         self.prefix = prefix
-        self.threads = max(1, threads)
         self.digests: dict[str, str] = {}
         self._h: dict[str, Any] = {}
 
     def open(self, layout: Layout) -> None:
-        self._pools = [concurrent.futures.ThreadPoolExecutor(max_workers=1)
-                       for _ in range(self.threads)]
-        load = [0] * self.threads
-        self._lane: dict[str, int] = {}
-        for e in layout.entries:
-            lane = load.index(min(load))
-            self._lane[e.name] = lane
-            load[lane] += e.end - e.begin
-            self._h[e.name] = hashlib.sha256(self.prefix(e))
+        self._h = {e.name: hashlib.sha256(self.prefix(e)) for e in layout.entries}
 
-    def take(self, block: Block, src: memoryview, out: memoryview
-             ) -> list[concurrent.futures.Future[Any]]:
-        if block.entry is None:
-            return []
-        name = block.entry.name
-        return [self._pools[self._lane[name]].submit(self._h[name].update, out)]
+    def work(self, block: Block, out: memoryview) -> None:
+        if block.entry is not None:
+            self._h[block.entry.name].update(out)
 
     def close(self, ok: bool) -> None:
-        for pool in self._pools:
-            pool.shutdown(wait=True, cancel_futures=not ok)
         if ok:
             self.digests.update((k, h.hexdigest()) for k, h in self._h.items())
-        self._h.clear()
+        self._h = {}
 
 
 def _done() -> concurrent.futures.Future[Any]:
@@ -479,6 +493,9 @@ def stream(path: Path, moves: Mapping[str, Move | None], sink: Sink, *,
 def _pump(data: memoryview, mm: mmap.mmap | None, blocks: list[Block], sink: Sink,
           depth: int, movers: int | None) -> None:
     movers = movers or max(1, min(4, (os.cpu_count() or 1)))
+    if sink.per_tensor:
+        _pump_tensors(data, mm, blocks, sink, depth, movers)
+        return
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=movers)
     flight: collections.deque[tuple[concurrent.futures.Future[Any], Block, memoryview,
                                     memoryview, bytearray | None]] = collections.deque()
@@ -538,6 +555,56 @@ def _pump(data: memoryview, mm: mmap.mmap | None, blocks: list[Block], sink: Sin
         finish(block=True)
     finally:
         for fut, *_ in flight:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pump_tensors(data: memoryview, mm: mmap.mmap | None, blocks: list[Block], sink: Sink,
+                  depth: int, movers: int) -> None:
+    """A per-tensor sink's stream: tensors (runs of blocks of one tensor) on ``movers``
+    threads, each moved block by block into its thread's buffer and handed to ``work``;
+    finished in file order, at most ``depth`` tensors in flight, the input's pages they are
+    done with unmapped."""
+    local = threading.local()
+
+    def run(group: list[Block]) -> None:
+        for b in group:
+            if b.move is None:
+                sink.work(b, data[b.offset:b.offset + b.n])
+                continue
+            buf = getattr(local, "buf", None)
+            if buf is None or len(buf) < b.n:
+                buf = local.buf = bytearray(max(BLOCK_BYTES, b.n))
+            out = memoryview(buf)[:b.n]
+            size = math.prod(b.shape) * itemsize(b.entry.dtype)  # type: ignore[union-attr]
+            _move(b, data[b.source:b.source + size], out)
+            sink.work(b, out)
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=movers)
+    flight: collections.deque[tuple[concurrent.futures.Future[Any], int]] = \
+        collections.deque()
+    done = 0
+
+    def settle() -> None:
+        nonlocal done
+        fut, end = flight.popleft()
+        fut.result()
+        upto = end // _PAGE * _PAGE
+        if upto - done >= BLOCK_BYTES:
+            if mm is not None and _DONTNEED is not None:
+                mm.madvise(_DONTNEED, done, upto - done)
+            sink.release(done, upto)
+            done = upto
+
+    try:
+        for group in _by_tensor(blocks):
+            flight.append((pool.submit(run, group), group[-1].release))
+            while len(flight) > depth or (flight and flight[0][0].done()):
+                settle()
+        while flight:
+            settle()
+    finally:
+        for fut, _ in flight:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
 
