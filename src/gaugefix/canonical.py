@@ -26,8 +26,6 @@ untrained or gain-free model: O(d)) has no canonical chart at all.
 
 from __future__ import annotations
 
-import contextlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,13 +233,12 @@ FINGERPRINT_VERSION = "gf1"
 
 def _tensor_digests(model: Model, gauge: SignedPerm) -> dict[str, str]:
     """sha256 of each tensor's bytes in the chart ``gauge`` leads to (name order-free: one
-    digest per tensor), streamed in blocks through the primitive, tensors on two threads."""
-    import concurrent.futures
+    digest per tensor, after its dtype and shape), streamed in blocks through the primitive
+    (:func:`gaugefix.shards.stream` into a digest sink)."""
     import hashlib
-    import mmap
 
     from .apply import plan_checkpoint
-    from .shards import BLOCK_BYTES, _blocks, _Job, _move, itemsize, move_of, read_layout
+    from .shards import DigestSink, gauge_moves, read_layout, stream, torch_dtype
 
     ck = model.checkpoint
     if ck is None:
@@ -255,59 +252,11 @@ def _tensor_digests(model: Model, gauge: SignedPerm) -> dict[str, str]:
             h.update(_bits(moved).tobytes())
             out[key] = h.hexdigest()
         return out
-    work = []
-    maps = []
-    try:
-        for shard in ck.shards:
-            layout = read_layout(shard)
-            with open(shard, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if layout.size else None
-            maps.append(mm)
-            data = memoryview(mm) if mm is not None else memoryview(b"")
-            for e in layout.entries:
-                work.append((e, data, plan[e.name], mm))
-
-        def digest(item: tuple[Any, memoryview, Any, Any]) -> tuple[str, str]:
-            e, data, op, mm = item
-            try:
-                return e.name, _digest(e, data, op)
-            finally:  # its pages can go (they stay in the page cache): RSS stays bounded
-                lo = -(-e.begin // mmap.PAGESIZE) * mmap.PAGESIZE
-                hi = e.end // mmap.PAGESIZE * mmap.PAGESIZE
-                if mm is not None and hi > lo and hasattr(mmap, "MADV_DONTNEED"):
-                    mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
-        def _digest(e: Any, data: memoryview, op: Any) -> str:
-            from .shards import torch_dtype
-
-            h = hashlib.sha256(f"{torch_dtype(e.dtype)} {list(e.shape)}".encode())
-            move = move_of(op, gauge, len(e.shape))
-            if move is None:
-                h.update(data[e.begin:e.end])
-                return h.hexdigest()
-            if move.whole is not None:  # a residual-to-residual map: whole, in torch
-                dst = bytearray(e.end - e.begin)
-                _move(_Job(0, len(dst), move, e.dtype, e.shape), data[e.begin:e.end],
-                      memoryview(dst))
-                h.update(dst)
-                return h.hexdigest()
-            buf = bytearray(BLOCK_BYTES)
-            for job in _blocks(e, move):
-                if not job.n:
-                    continue
-                dst = memoryview(buf if job.n <= len(buf) else bytearray(job.n))[:job.n]
-                n = math.prod(job.shape) * itemsize(job.dtype)
-                _move(job, data[job.source:job.source + n], dst)
-                h.update(dst)
-            return h.hexdigest()
-
-        with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-            return dict(pool.map(digest, work))
-    finally:
-        for mm in maps:
-            if mm is not None:
-                with contextlib.suppress(BufferError):
-                    mm.close()
+    sink = DigestSink(lambda e: f"{torch_dtype(e.dtype)} {list(e.shape)}".encode())
+    for shard in ck.shards:
+        layout = read_layout(shard)
+        stream(shard, gauge_moves(plan, gauge, layout), sink, layout=layout)
+    return sink.digests
 
 
 @dataclass

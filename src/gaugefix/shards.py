@@ -18,6 +18,12 @@ before (a write through a mapping to a disk with no room would kill the process)
 already hashed are unmapped as the rewrite goes (they stay in the page cache), so the
 resident set does not grow with the file.
 
+One engine does the streaming, :func:`stream`: it hands each block, moved or not, in file
+order, to a :class:`Sink`. :class:`WriteSink` writes the rewritten file (``apply``,
+:func:`rewrite`), :class:`DigestSink` hashes each tensor in the chart a gauge leads to (the
+fingerprint), and ``gaugefix.transport.merge.MergeSink`` merges each block of A with B's (and
+a base's) at the same elements.
+
 Peak memory: a few blocks of :data:`BLOCK_BYTES`, and one copy of the largest tensor with
 several residual axes (moved whole, in torch).
 """
@@ -33,7 +39,8 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -196,23 +203,34 @@ class Move:
 
 
 @dataclass(frozen=True)
-class _Job:
-    """One block of the output, in file order: ``n`` bytes at ``offset``, written as they
-    are, or moved: the output slices ``part`` (along axis 1) of a 3-D block of input
-    ``shape`` (axis 1 the residual one) that starts at ``source``. Once the block is
-    written, the input before ``release`` is no longer needed."""
+class Block:
+    """One block of a stream, in file order: ``n`` bytes at file ``offset`` (the same place
+    in a rewritten file: a gauge moves no tensor), of tensor ``entry`` (``None``: bytes
+    between tensors or after the last, kept as they are). Untouched (``move`` is ``None``),
+    or moved: the output slices ``part`` (along axis 1) of a 3-D block of input ``shape``
+    (axis 1 the residual one) that starts at ``source``; a tensor moved whole (``Move.whole``)
+    is one block of its own shape. Once a sink has taken the block, the input before
+    ``release`` is no longer needed."""
 
     offset: int
     n: int
+    entry: Entry | None = None
     move: Move | None = None
-    dtype: str = ""
     shape: tuple[int, ...] = ()
     source: int = 0
     part: tuple[int, int] = (0, 0)
     release: int = 0
 
+    @property
+    def elements(self) -> tuple[int, int]:
+        """(first element, count) of the block within its tensor, in its storage order."""
+        if self.entry is None:
+            return 0, 0
+        size = itemsize(self.entry.dtype)
+        return (self.offset - self.entry.begin) // size, self.n // size
 
-def _blocks(e: Entry, move: Move) -> Iterator[_Job]:
+
+def _moved_blocks(e: Entry, move: Move) -> Iterator[Block]:
     """Blocks of at most :data:`BLOCK_BYTES` (at least one slice along the residual axis):
     whole slices before the residual axis, grouped; or, where one such slice is larger, that
     slice's output in ranges of the residual axis, each gathered from the whole slice."""
@@ -226,62 +244,67 @@ def _blocks(e: Entry, move: Move) -> Iterator[_Job]:
         for o in range(0, outer, per):
             k = min(per, outer - o)
             at = e.begin + o * d * row
-            yield _Job(at, k * d * row, move, e.dtype, (k, d, inner), at, (0, d), at + k * d * row)
+            yield Block(at, k * d * row, e, move, (k, d, inner), at, (0, d), at + k * d * row)
         return
     per = max(1, BLOCK_BYTES // row)
     for o in range(outer):
         at = e.begin + o * d * row
         for lo in range(0, d, per):
             hi = min(d, lo + per)
-            yield _Job(at + lo * row, (hi - lo) * row, move, e.dtype, (1, d, inner), at,
-                       (lo, hi), at + d * row if hi == d else at)
+            yield Block(at + lo * row, (hi - lo) * row, e, move, (1, d, inner), at, (lo, hi),
+                        at + d * row if hi == d else at)
 
 
-def _jobs(layout: Layout, moves: Mapping[str, Move | None], where: str) -> list[_Job]:
-    jobs: list[_Job] = []
+def plan_blocks(layout: Layout, moves: Mapping[str, Move | None], where: str = "") -> list[Block]:
+    """Every byte of a safetensors file after its header, as blocks in file order: each
+    tensor named in ``moves`` (not ``None``) moved, everything else untouched (a tensor's
+    untouched blocks hold whole elements)."""
+    blocks: list[Block] = []
 
-    def copy(begin: int, end: int) -> None:
-        jobs.extend(_Job(o, min(BLOCK_BYTES, end - o), release=min(end, o + BLOCK_BYTES))
-                    for o in range(begin, end, BLOCK_BYTES))
+    def copy(begin: int, end: int, e: Entry | None = None) -> None:
+        size = itemsize(e.dtype) if e is not None and e.dtype in ST_DTYPES else 1
+        step = max(1, BLOCK_BYTES // size) * size
+        blocks.extend(Block(o, min(step, end - o), e, release=min(end, o + step))
+                      for o in range(begin, end, step))
 
     pos = len(layout.header)
     for e in layout.entries:
         copy(pos, e.begin)  # bytes between tensors, if any, kept as they are
         move = moves.get(e.name)
         if move is None:
-            copy(e.begin, e.end)
+            copy(e.begin, e.end, e)
+        elif e.dtype not in ST_DTYPES:
+            raise GaugefixError(f"{where}: tensor {e.name!r} has dtype {e.dtype}, which "
+                                "gaugefix cannot move")
+        elif move.whole is not None:
+            torch_dtype(e.dtype, f"{where}: tensor {e.name!r}")
+            blocks.append(Block(e.begin, e.end - e.begin, e, move, e.shape, e.begin,
+                                release=e.end))
         else:
-            if e.dtype not in ST_DTYPES:
-                raise GaugefixError(f"{where}: tensor {e.name!r} has dtype {e.dtype}, which "
-                                    "gaugefix cannot move")
-            if move.whole is not None:
-                torch_dtype(e.dtype, f"{where}: tensor {e.name!r}")
-                jobs.append(_Job(e.begin, e.end - e.begin, move, e.dtype, e.shape, e.begin,
-                                 release=e.end))
-            else:
-                jobs.extend(j for j in _blocks(e, move) if j.n)
+            blocks.extend(b for b in _moved_blocks(e, move) if b.n)
         pos = e.end
     copy(pos, layout.size)
-    return jobs
+    return blocks
 
 
-def _move(job: _Job, src: memoryview, dst: memoryview) -> None:
+def _move(block: Block, src: memoryview, dst: memoryview) -> None:
     """One block through the primitive, from the mapped input into an output buffer."""
-    assert job.move is not None
-    if job.move.whole is not None:  # a tensor with several residual axes, in torch
+    move, e = block.move, block.entry
+    assert move is not None and e is not None
+    if move.whole is not None:  # a tensor with several residual axes, in torch
         import torch
 
-        dtype = torch_dtype(job.dtype)
-        t = torch.frombuffer(bytearray(src), dtype=dtype).reshape(job.shape)
-        out = torch.frombuffer(dst, dtype=dtype).reshape(job.shape)
-        out.copy_(job.move.whole(t))
+        dtype = torch_dtype(e.dtype)
+        t = torch.frombuffer(bytearray(src), dtype=dtype).reshape(block.shape)
+        out = torch.frombuffer(dst, dtype=dtype).reshape(block.shape)
+        out.copy_(move.whole(t))
         return
-    dt = ST_DTYPES[job.dtype]
-    k, _, inner = job.shape
-    lo, hi = job.part
-    job.move.gauge.apply(np.frombuffer(src, dtype=dt.numpy).reshape(job.shape), 1,
-                         job.move.signed, out=np.frombuffer(dst, dtype=dt.numpy).reshape(
-                             k, hi - lo, inner), bits=dt.is_float, part=job.part)
+    dt = ST_DTYPES[e.dtype]
+    k, _, inner = block.shape
+    lo, hi = block.part
+    move.gauge.apply(np.frombuffer(src, dtype=dt.numpy).reshape(block.shape), 1, move.signed,
+                     out=np.frombuffer(dst, dtype=dt.numpy).reshape(k, hi - lo, inner),
+                     bits=dt.is_float, part=block.part)
 
 
 _PAGE = mmap.PAGESIZE
@@ -295,62 +318,236 @@ def _copy(src: memoryview, dst: memoryview) -> None:
     np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))  # GIL released
 
 
-def _run(data: memoryview, mm: mmap.mmap | None, out: memoryview, mm_out: mmap.mmap,
-         shift: int, jobs: list[_Job], hashes: Hashes, depth: int = 8,
-         movers: int | None = None) -> None:
-    """Blocks from the mapped input ``data`` to the mapped output ``out`` (at ``shift``
-    bytes from where they were: the header may have changed), on ``movers`` threads:
-    moved through the primitive straight into the output's pages (no buffer, no copy into
-    the page cache: a ``write`` of each block cost a third of the time), untouched bytes
-    copied. The calling thread takes the blocks in file order as they finish, feeds the
-    hashes and unmaps the pages of both files it is done with (they stay in the page cache),
-    keeping at most ``depth`` blocks in flight. numpy's gather and copy and sha256 release
-    the GIL, so the stages overlap. Any failure stops every stage and is raised here."""
+def _by_tensor(blocks: list[Block]) -> list[list[Block]]:
+    groups: list[list[Block]] = []
+    for b in blocks:
+        if groups and groups[-1][0].entry is b.entry:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return groups
+
+
+class Sink:
+    """Where the blocks of :func:`stream` go. The engine calls ``open`` once with the file's
+    layout, then per block, in file order, ``target`` (where the block's output bytes
+    should be written: a moved block is gathered straight into it, an untouched one copied;
+    ``None``: the engine's own buffer, or the input's bytes themselves for an untouched
+    block), and once the bytes are there, ``take`` (in file order), whose returned futures
+    say when the sink is done with the bytes (hashing on other threads, say); then
+    ``release`` of each input range every block before which has been taken, and ``close``
+    at the end (``ok``: every block was taken), also after a failure.
+
+    A sink whose ``per_tensor`` is true (and has no target) is handed whole tensors
+    instead: each on one worker thread, its blocks moved one after another into that
+    thread's buffer, each handed to ``work`` right after its move (while its bytes are in
+    the cache); ``take`` is not called. Tensors run side by side, so a long one holds up no
+    other."""
+
+    per_tensor = False
+
+    def work(self, block: Block, out: memoryview) -> None:
+        """On a worker thread, after the block's move (only for a ``per_tensor`` sink)."""
+
+    def open(self, layout: Layout) -> None:
+        """The stream starts (the input's header is ``layout.header``)."""
+
+    def target(self, block: Block) -> memoryview | None:
+        return None
+
+    def take(self, block: Block, src: memoryview, out: memoryview
+             ) -> Sequence[concurrent.futures.Future[Any]]:
+        """``src``: the input's bytes at the block's place; ``out``: the block's output
+        (``src`` itself for an untouched block without a target). Valid until the returned
+        futures are done."""
+        return ()
+
+    def release(self, begin: int, end: int) -> None:
+        """The input's bytes ``begin:end`` (page-aligned) are taken and done with."""
+
+    def close(self, ok: bool) -> None:
+        """The stream ends (``ok``) or failed; always called once after ``open``."""
+
+
+class WriteSink(Sink):
+    """Blocks written to ``dst``, a mapped file (a moved block is gathered straight into its
+    pages: no buffer, no ``write``, which cost a third more time; untouched bytes are one
+    memcpy), under the input's header or one with other ``metadata``; ``hashes`` sees every
+    byte of the input and of the output, on its own threads. The output's blocks are
+    reserved before (a write through a mapping to a disk with no room would kill the
+    process); pages already hashed are unmapped as the stream goes (they stay in the page
+    cache), so the resident set does not grow with the file. ``written``: its size."""
+
+    def __init__(self, dst: Path, *, hashes: Hashes | None = None,
+                 metadata: Mapping[str, str] | None = None) -> None:
+        self.dst = dst
+        self.hashes = hashes or Hashes(False, False)
+        self.metadata = metadata
+        self.written = 0
+        self._stack = contextlib.ExitStack()
+
+    def open(self, layout: Layout) -> None:
+        header = layout.header if self.metadata is None else with_metadata(layout, self.metadata)
+        self.shift = len(header) - len(layout.header)
+        self.size = layout.size + self.shift
+        try:
+            fo = self._stack.enter_context(open(self.dst, "w+b", buffering=0))  # noqa: SIM115
+            _allocate(fo, self.size, self.dst)
+            fo.write(header)
+            for fut in self.hashes.feed(layout.header, header):
+                fut.result()
+            self._fo = fo
+            self.out, self.mm = self._stack.enter_context(_mapped(fo, write=True))
+            if self.mm is None:  # pragma: no cover - a header is never empty
+                raise GaugefixError(f"internal error: {self.dst} is empty")
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def target(self, block: Block) -> memoryview:
+        return self.out[block.offset + self.shift:block.offset + self.shift + block.n]
+
+    def take(self, block: Block, src: memoryview, out: memoryview
+             ) -> list[concurrent.futures.Future[Any]]:
+        return self.hashes.feed(src, out)
+
+    def release(self, begin: int, end: int) -> None:
+        if _DONTNEED is None:
+            return
+        lo = -(-(begin + self.shift) // _PAGE) * _PAGE
+        hi = (end + self.shift) // _PAGE * _PAGE
+        if hi > lo:
+            self.mm.madvise(_DONTNEED, lo, hi - lo)
+
+    def close(self, ok: bool) -> None:
+        size = os.fstat(self._fo.fileno()).st_size if ok else 0
+        self._stack.close()
+        if ok:
+            if size != self.size:
+                raise GaugefixError(f"internal error: {self.dst} has {size} bytes, expected "
+                                    f"{self.size}")
+            self.written = size
+
+
+class DigestSink(Sink):
+    """sha256 of each tensor's output bytes after ``prefix(entry)`` (its dtype and shape,
+    say), in ``digests`` by name, across every file streamed into it. Each block is hashed
+    on the thread that moved it, right after the move (a per-tensor sink: a tensor's
+    blocks in order on one thread); untouched tensors straight from the mapped input."""
+
+    per_tensor = True
+
+    def __init__(self, prefix: Callable[[Entry], bytes] = lambda e: b"") -> None:
+        self.prefix = prefix
+        self.digests: dict[str, str] = {}
+        self._h: dict[str, Any] = {}
+
+    def open(self, layout: Layout) -> None:
+        self._h = {e.name: hashlib.sha256(self.prefix(e)) for e in layout.entries}
+
+    def work(self, block: Block, out: memoryview) -> None:
+        if block.entry is not None:
+            self._h[block.entry.name].update(out)
+
+    def close(self, ok: bool) -> None:
+        if ok:
+            self.digests.update((k, h.hexdigest()) for k, h in self._h.items())
+        self._h = {}
+
+
+def _done() -> concurrent.futures.Future[Any]:
+    fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    fut.set_result(None)
+    return fut
+
+
+def stream(path: Path, moves: Mapping[str, Move | None], sink: Sink, *,
+           layout: Layout | None = None, depth: int = 8, movers: int | None = None) -> Layout:
+    """The one streaming engine: every byte of the safetensors file ``path`` after its
+    header, in blocks of at most :data:`BLOCK_BYTES` in file order, each tensor named in
+    ``moves`` moved through the primitive, handed to ``sink`` (see :class:`Sink`).
+
+    The input is mapped, not read. Blocks are moved (and untouched ones copied into a
+    sink's target) on ``movers`` threads; the calling thread takes them in file order as
+    they finish and hands them to the sink, keeping at most ``depth`` blocks in flight and
+    ``depth`` more in the sink's hands; once the sink is done with the bytes, the pages of
+    the input it is done with are unmapped (they stay in the page cache). numpy's gather
+    and copy and sha256 release the GIL, so the stages overlap. Any failure stops every
+    stage and is raised here. Returns the file's layout."""
+    layout = layout or read_layout(path)
+    blocks = plan_blocks(layout, moves, str(path))
+    with open(path, "rb", buffering=0) as f:
+        if os.fstat(f.fileno()).st_size != layout.size:
+            raise GaugefixError(f"{path}: changed while being read")
+        with _mapped(f) as (data, mm):
+            sink.open(layout)
+            ok = False
+            try:
+                _pump(data, mm, blocks, sink, depth, movers)
+                ok = True
+            finally:
+                sink.close(ok)
+    return layout
+
+
+def _pump(data: memoryview, mm: mmap.mmap | None, blocks: list[Block], sink: Sink,
+          depth: int, movers: int | None) -> None:
     movers = movers or max(1, min(4, (os.cpu_count() or 1)))
+    if sink.per_tensor:
+        _pump_tensors(data, mm, blocks, sink, depth, movers)
+        return
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=movers)
-    flight: collections.deque[tuple[concurrent.futures.Future[Any], memoryview, memoryview,
-                                    int]] = collections.deque()
-    hashing: collections.deque[tuple[list[concurrent.futures.Future[Any]], int]] = \
-        collections.deque()
-    done = 0  # input bytes before this (output: plus shift) are hashed: their pages can go
+    flight: collections.deque[tuple[concurrent.futures.Future[Any], Block, memoryview,
+                                    memoryview, bytearray | None]] = collections.deque()
+    taken: collections.deque[tuple[Sequence[concurrent.futures.Future[Any]], int,
+                                   bytearray | None]] = collections.deque()
+    spare: list[bytearray] = []  # the engine's own buffers, reused (fresh memory faults)
+    done = 0  # the sink is done with the input before this: its pages can go
 
     def release(upto: int) -> None:
         nonlocal done
         upto = upto // _PAGE * _PAGE
-        if _DONTNEED is None or upto - done < BLOCK_BYTES:
+        if upto - done < BLOCK_BYTES:
             return
-        if mm is not None:
+        if mm is not None and _DONTNEED is not None:
             mm.madvise(_DONTNEED, done, upto - done)
-        lo = -(-(done + shift) // _PAGE) * _PAGE
-        hi = (upto + shift) // _PAGE * _PAGE
-        if hi > lo:
-            mm_out.madvise(_DONTNEED, lo, hi - lo)
+        sink.release(done, upto)
         done = upto
 
-    def finish(block: bool) -> None:  # hashed blocks, in order: their pages can go
-        while hashing and (block or all(f.done() for f in hashing[0][0])):
-            futs, end = hashing.popleft()
+    def finish(block: bool) -> None:  # blocks the sink is done with, in order
+        while taken and (block or all(f.done() for f in taken[0][0])):
+            futs, end, buf = taken.popleft()
             for fut in futs:
                 fut.result()
+            if buf is not None:
+                spare.append(buf)
             release(end)
             block = False
 
-    def settle() -> None:  # the oldest block: done moving, so hash it
-        fut, src, dst, end = flight.popleft()
+    def settle() -> None:  # the oldest block: moved, so the sink takes it
+        fut, b, src, out, buf = flight.popleft()
         fut.result()
-        hashing.append((hashes.feed(src, dst), end))
-        finish(block=len(hashing) > depth)
+        taken.append((sink.take(b, src, out), b.release, buf))
+        finish(block=len(taken) > depth)
 
     try:
-        for job in jobs:
-            src = data[job.offset:job.offset + job.n]  # what the input has where we write
-            dst = out[job.offset + shift:job.offset + shift + job.n]
-            if job.move is None:
-                fut = pool.submit(_copy, src, dst)
+        for b in blocks:
+            src = data[b.offset:b.offset + b.n]  # what the input has where the block goes
+            out = sink.target(b)
+            buf = None
+            if b.move is None:
+                fut = _done() if out is None else pool.submit(_copy, src, out)
+                out = src if out is None else out
             else:
-                whole = data[job.source:job.source + math.prod(job.shape) * itemsize(job.dtype)]
-                fut = pool.submit(_move, job, whole, dst)
-            flight.append((fut, src, dst, job.release))
+                if out is None:
+                    if b.n <= BLOCK_BYTES:
+                        buf = spare.pop() if spare else bytearray(BLOCK_BYTES)
+                        out = memoryview(buf)[:b.n]
+                    else:
+                        out = memoryview(bytearray(b.n))
+                whole = data[b.source:b.source + math.prod(b.shape) * itemsize(b.entry.dtype)]
+                fut = pool.submit(_move, b, whole, out)
+            flight.append((fut, b, src, out, buf))
             while len(flight) > depth or (flight and flight[0][0].done()):
                 settle()
         while flight:
@@ -358,6 +555,56 @@ def _run(data: memoryview, mm: mmap.mmap | None, out: memoryview, mm_out: mmap.m
         finish(block=True)
     finally:
         for fut, *_ in flight:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _pump_tensors(data: memoryview, mm: mmap.mmap | None, blocks: list[Block], sink: Sink,
+                  depth: int, movers: int) -> None:
+    """A per-tensor sink's stream: tensors (runs of blocks of one tensor) on ``movers``
+    threads, each moved block by block into its thread's buffer and handed to ``work``;
+    finished in file order, at most ``depth`` tensors in flight, the input's pages they are
+    done with unmapped."""
+    local = threading.local()
+
+    def run(group: list[Block]) -> None:
+        for b in group:
+            if b.move is None:
+                sink.work(b, data[b.offset:b.offset + b.n])
+                continue
+            buf = getattr(local, "buf", None)
+            if buf is None or len(buf) < b.n:
+                buf = local.buf = bytearray(max(BLOCK_BYTES, b.n))
+            out = memoryview(buf)[:b.n]
+            size = math.prod(b.shape) * itemsize(b.entry.dtype)  # type: ignore[union-attr]
+            _move(b, data[b.source:b.source + size], out)
+            sink.work(b, out)
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=movers)
+    flight: collections.deque[tuple[concurrent.futures.Future[Any], int]] = \
+        collections.deque()
+    done = 0
+
+    def settle() -> None:
+        nonlocal done
+        fut, end = flight.popleft()
+        fut.result()
+        upto = end // _PAGE * _PAGE
+        if upto - done >= BLOCK_BYTES:
+            if mm is not None and _DONTNEED is not None:
+                mm.madvise(_DONTNEED, done, upto - done)
+            sink.release(done, upto)
+            done = upto
+
+    try:
+        for group in _by_tensor(blocks):
+            flight.append((pool.submit(run, group), group[-1].release))
+            while len(flight) > depth or (flight and flight[0][0].done()):
+                settle()
+        while flight:
+            settle()
+    finally:
+        for fut, _ in flight:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -398,28 +645,11 @@ def _allocate(f: BinaryIO, size: int, where: Path) -> None:
 def rewrite(src: Path, dst: Path, moves: Mapping[str, Move | None], *,
             hashes: Hashes | None = None, metadata: Mapping[str, str] | None = None) -> int:
     """Write ``src`` to ``dst`` with each tensor named in ``moves`` moved (``None``: copied
-    as bytes). ``metadata`` replaces the header's metadata. Returns the bytes written."""
-    layout = read_layout(src)
-    hashes = hashes or Hashes(False, False)
-    jobs = _jobs(layout, moves, str(src))
-    header = layout.header if metadata is None else with_metadata(layout, metadata)
-    size = layout.size + len(header) - len(layout.header)
-    with open(src, "rb", buffering=0) as fi, open(dst, "w+b", buffering=0) as fo:
-        if os.fstat(fi.fileno()).st_size != layout.size:
-            raise GaugefixError(f"{src}: changed while being read")
-        _allocate(fo, size, dst)
-        fo.write(header)
-        for fut in hashes.feed(layout.header, header):
-            fut.result()
-        with _mapped(fi) as (data, mm), _mapped(fo, write=True) as (out, mm_out):
-            if mm_out is None:  # pragma: no cover - a header is never empty
-                raise GaugefixError(f"internal error: {dst} is empty")
-            _run(data, mm, out, mm_out, len(header) - len(layout.header), jobs, hashes)
-        written = os.fstat(fo.fileno()).st_size
-    if written != size:
-        raise GaugefixError(f"internal error: {dst} has {written} bytes, expected {size}")
-    return written
-
+    as bytes): :func:`stream` into a :class:`WriteSink`. ``metadata`` replaces the header's
+    metadata. Returns the bytes written."""
+    sink = WriteSink(dst, hashes=hashes, metadata=metadata)
+    stream(src, moves, sink)
+    return sink.written
 
 def move_of(op: Any, gauge: SignedPerm, ndim: int) -> Move | None:
     """How an :class:`~gaugefix.arch.Op` moves a tensor of ``ndim`` axes: along its residual

@@ -1,23 +1,28 @@
 """Coordinate-preserving merges: put B into A's chart, then merge tensor by tensor.
 
 ``gauge`` maps A's chart to B's (as ``match A B`` writes it), so B is moved by its
-inverse. Methods: ``linear`` ((1−w)·A + w·B), ``slerp`` (per tensor, weight w) and
-``task-arithmetic`` (base + (A − base) + w·(B − base), with the base in A's chart).
-The result is a loadable HF checkpoint with A's config, tokenizer and layout.
+inverse. Methods come from :data:`gaugefix.registry.MERGE_METHODS`, each with its own
+elementwise implementation, weight range and base: ``linear`` ((1−w)·A + w·B), ``slerp``
+(per tensor, weight w) and ``task-arithmetic`` (base + (A − base) + w·(B − base), with the
+base in A's chart). The result is a loadable HF checkpoint with A's config, tokenizer and
+layout.
 
-Streamed: each tensor is merged in element blocks (slerp in two passes: norms and dot
-product, then the blend), reading B and the base by offset, so memory stays at a few blocks
-whatever the checkpoint's size.
+Streamed: A's shards go through the streaming engine (:func:`gaugefix.shards.stream`) into
+a merge sink, which reads B and the base by offset at each block's elements, so memory
+stays at a few blocks whatever the checkpoint's size (slerp reads each tensor twice: norms
+and dot product, then the blend). A merge whose arithmetic overflows (a huge weight, or a
+result beyond A's dtype) is refused, naming the tensor: nothing is written.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from tqdm.auto import tqdm
@@ -27,8 +32,8 @@ from ..checkpoint import Checkpoint
 from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import atomic_dir, copy_files, no_bar, transaction
-from ..registry import MERGE_METHODS, merge_method
-from ..shards import ElementReader, Entry, element_blocks, read_layout, torch_dtype
+from ..registry import MERGE_METHODS, MergeMethod, check_merge_options, merge_method
+from ..shards import Block, ElementReader, Entry, Layout, Sink, element_blocks, stream, torch_dtype
 
 
 def check_weight(method: str, weight: float) -> None:
@@ -39,6 +44,27 @@ def check_weight(method: str, weight: float) -> None:
         free = [m.name for m in MERGE_METHODS.values() if m.weight_range is None]
         raise GaugefixError(f"a {method} merge weight must lie in {lo_hi[0]:g}..{lo_hi[1]:g}, "
                             f"got {weight} ({' and '.join(free)} takes any scale)")
+
+
+def check_merge(method: str, weight: float, *, aligned: bool, base: object | None,
+                export_aligned: object | None, options: Mapping[str, Any] | None = None
+                ) -> MergeMethod:
+    """A merge's arguments against its method's registry entry (an unknown method, a
+    weight out of its range, a base it does not take or lacks, an option it does not
+    declare) and each other (an export without a gauge): the first problem, as one error."""
+    m = merge_method(method)
+    check_weight(method, weight)
+    if m.takes_base and base is None:
+        raise GaugefixError(f"{method} needs --base (the common base, in A's chart)")
+    if not m.takes_base and base is not None:
+        takes = [x.name for x in MERGE_METHODS.values() if x.takes_base]
+        raise GaugefixError(f"{method} takes no base (--base goes with "
+                            f"{' and '.join(takes) or 'no method'}), got {base}")
+    if export_aligned is not None and not aligned:
+        raise GaugefixError(f"nothing to export to {export_aligned}: an unaligned merge "
+                            "moves no B into A's chart (--export-aligned needs a gauge)")
+    check_merge_options(m, options or {})
+    return m
 
 
 def check_same_layout(reference: Checkpoint, others: dict[str, Checkpoint]) -> None:
@@ -67,16 +93,17 @@ def check_same_layout(reference: Checkpoint, others: dict[str, Checkpoint]) -> N
 def merge_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPerm | None,
                       out: str | Path, *, method: str = "linear", weight: float = 0.5,
                       base: str | Path | None = None, export_aligned: str | Path | None = None,
-                      overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
+                      overwrite: bool = False, progress: bool = False,
+                      options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Merge A with B (moved into A's chart by ``gauge``⁻¹; ``None`` = no alignment).
 
-    Everything is checked before anything is written (families, widths, the gauge, the
-    weight, every tensor's name and shape), and the merge and ``export_aligned`` appear
-    together or not at all.
+    Everything is checked before anything is written (the method, its weight, base and
+    ``options`` against its registry entry, families, widths, the gauge, every tensor's
+    name and shape), and the merge and ``export_aligned`` appear together or not at all
+    (also when the arithmetic overflows, found while merging).
     """
-    check_weight(method, weight)
-    if merge_method(method).needs_base and base is None:
-        raise GaugefixError(f"{method} needs --base (the common base, in A's chart)")
+    m = check_merge(method, weight, aligned=gauge is not None, base=base,
+                    export_aligned=export_aligned, options=options)
     ca, cb = Checkpoint.open(model_a), Checkpoint.open(model_b)
     cbase = Checkpoint.open(base) if base is not None else None
     if ca.family.name != cb.family.name:
@@ -101,83 +128,95 @@ def merge_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPer
                 write_gauged_weights(cb, aligned, gauge.inverse(), plan, progress=progress)
             b_dir = aligned  # read from where it was written (published with the merge)
         copy_files(ca.path, tmp, {s.name for s in ca.shards})  # the shard index too
-        readers = [ElementReader(Checkpoint.open(b_dir).shards)]
-        if cbase is not None:
-            readers.append(ElementReader(cbase.shards))
+        b = ElementReader(Checkpoint.open(b_dir).shards)
+        cbase_reader = ElementReader(cbase.shards) if cbase is not None else None
         n = 0
         try:
             for shard in tqdm(ca.shards, desc="merging", unit="shard",
                               disable=no_bar(progress)):
-                n += _merge_shard(shard, tmp / shard.name, method, weight, *readers)
+                sink = MergeSink(tmp / shard.name, m, weight, b, cbase_reader, shard,
+                                 dict(options or {}))
+                n += len(stream(shard, {}, sink).entries)
         finally:
-            for r in readers:
-                r.close()
+            for r in (b, cbase_reader):
+                if r is not None:
+                    r.close()
         if gauge is not None and export_aligned is None:
             shutil.rmtree(tmp / ".aligned-B")
     return {"tensors": n, "method": method, "weight": weight, "aligned": gauge is not None}
 
 
-def _merge_shard(shard: Path, dst: Path, method: str, w: float, b: ElementReader,
-                 base: ElementReader | None = None) -> int:
-    """One shard of A merged with B (and the base), tensor by tensor in element blocks; the
-    output keeps A's header and layout. Non-float tensors are A's."""
-    layout = read_layout(shard)
-    a = ElementReader([shard])
-    try:
-        with open(dst, "wb") as fo:
-            fo.write(layout.header)
-            pos = len(layout.header)
-            for e in layout.entries:
-                if e.begin != pos:
-                    raise GaugefixError(f"{shard}: bytes between tensors; not a safetensors "
-                                        "file written by safetensors")
-                dtype = torch_dtype(e.dtype, str(shard))
-                coef = _slerp_coefficients(e, a, b, w) if method == "slerp" else None
+class MergeSink(Sink):
+    """A's blocks (untouched: A is in its own chart) merged with B's (and the base's) at
+    the same elements, by the method's own implementation, on float64 blocks cast to A's
+    dtype, written to ``dst`` under A's header and in A's layout. Non-float tensors and any
+    bytes between tensors are A's. A non-finite value the inputs did not have (an overflow)
+    is refused, naming the tensor, the element and the weight."""
+
+    def __init__(self, dst: Path, method: MergeMethod, weight: float, b: ElementReader,
+                 base: ElementReader | None, shard: Path,
+                 options: Mapping[str, Any] | None = None) -> None:
+        self.dst, self.method, self.w, self.b, self.base = dst, method, weight, b, base
+        self.shard = shard
+        self.options = dict(options or {})
+        self.extra: dict[str, Any] = {}
+
+    def open(self, layout: Layout) -> None:
+        self._f: BinaryIO = open(self.dst, "wb")  # noqa: SIM115 - closed in close()
+        self._f.write(layout.header)
+
+    def take(self, block: Block, src: memoryview, out: memoryview
+             ) -> list[concurrent.futures.Future[Any]]:
+        e = block.entry
+        dtype = torch_dtype(e.dtype, str(self.shard)) if e is not None else None
+        if e is None or dtype is None or not dtype.is_floating_point:
+            self._f.write(out)
+            return []
+        start, count = block.elements
+        if start == 0:  # the tensor's first block: its first pass, for a method with one
+            self.extra = self._per_tensor(e) if self.method.per_tensor is not None \
+                else self.options
+        a = torch.frombuffer(bytearray(out), dtype=dtype).double()
+        xb = self.b.read(e.name, start, count).double()
+        xbase = None if self.base is None else self.base.read(e.name, start, count).double()
+        merged = self.method.combine(a, xb, self.w, xbase, **self.extra).to(dtype)
+        bad = ~torch.isfinite(merged)
+        if bool(bad.any()):
+            self._refuse(e, start, bad, a, xb, xbase)
+        self._f.write(merged.view(torch.uint8).numpy())
+        return []
+
+    def _per_tensor(self, e: Entry) -> dict[str, Any]:
+        a = ElementReader([self.shard])
+        try:
+            def blocks() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
                 for start, count in element_blocks(e):
-                    xa = a.read(e.name, start, count)
-                    if not dtype.is_floating_point:
-                        out = xa
-                    elif coef is not None:
-                        out = coef[0] * xa.double() + coef[1] * b.read(e.name, start,
-                                                                       count).double()
-                    else:
-                        xb = b.read(e.name, start, count).double()
-                        xbase = None if base is None else base.read(e.name, start, count)
-                        out = _elementwise(xa.double(), xb, method, w, xbase)
-                    fo.write(out.to(dtype).view(torch.uint8).numpy())
-                pos = e.end
-    finally:
-        a.close()
-    return len(layout.entries)
+                    yield (a.read(e.name, start, count).double(),
+                           self.b.read(e.name, start, count).double(),
+                           None if self.base is None else
+                           self.base.read(e.name, start, count).double())
 
+            assert self.method.per_tensor is not None
+            return self.method.per_tensor(blocks(), self.w, **self.options)
+        finally:
+            a.close()
 
-def _elementwise(a: torch.Tensor, b: torch.Tensor, method: str, w: float,
-                 base: torch.Tensor | None) -> torch.Tensor:
-    """linear ((1−w)·A + w·B) and task-arithmetic (base + (A − base) + w·(B − base)), on
-    float64 blocks, cast to A's dtype by the caller."""
-    if method == "linear":
-        return (1 - w) * a + w * b
-    assert base is not None
-    base = base.double()
-    return base + (a - base) + w * (b - base)
+    def _refuse(self, e: Entry, start: int, bad: torch.Tensor, a: torch.Tensor,
+                b: torch.Tensor, base: torch.Tensor | None) -> None:
+        new = bad & torch.isfinite(a) & torch.isfinite(b)
+        if base is not None:
+            new &= torch.isfinite(base)
+        if not bool(new.any()):
+            return  # non-finite where an input already was: carried, not made
+        i = int(new.nonzero()[0])
+        at = ", ".join(f"{n}={float(x[i]):g}" for n, x in (("A", a), ("B", b), ("base", base))
+                       if x is not None)
+        raise GaugefixError(f"a {self.method.name} merge with weight {self.w:g} overflows: "
+                            f"{e.name} gets a non-finite value (element {start + i}: {at}; "
+                            f"{e.dtype}); nothing written")
 
-
-def _slerp_coefficients(e: Entry, a: ElementReader, b: ElementReader, w: float,
-                        eps: float = 1e-8) -> tuple[float, float]:
-    """slerp's weights on A and B for one tensor, from norms and dot product accumulated
-    over blocks (a first pass; the blend is the second)."""
-    na2 = nb2 = dot = 0.0
-    for start, count in element_blocks(e):
-        xa, xb = a.read(e.name, start, count).double(), b.read(e.name, start, count).double()
-        na2, nb2, dot = na2 + float(xa @ xa), nb2 + float(xb @ xb), dot + float(xa @ xb)
-    na, nb = math.sqrt(na2), math.sqrt(nb2)
-    if na < eps or nb < eps:
-        return 1 - w, w
-    theta = math.acos(max(-1.0, min(1.0, dot / (na * nb))))
-    if abs(theta) < 1e-4:
-        return 1 - w, w
-    s = math.sin(theta)
-    return math.sin((1 - w) * theta) / s, math.sin(w * theta) / s
+    def close(self, ok: bool) -> None:
+        self._f.close()
 
 
 @contextlib.contextmanager
