@@ -80,7 +80,9 @@ def test_a_command_writes_what_its_job_writes(name, pair, tmp_path, cli, monkeyp
     (pair / "neurons.json").write_text(json.dumps([{"index": 3, "score": 1.5}]))
     argv, job = JOBS[name]
     monkeypatch.chdir(pair)
-    by_cli, by_api = tmp_path / "cli.out", tmp_path / "api.out"
+    suffix = ".json" if name in ("match", "match-activations", "trajectory", "audit",
+                                 "transport") else ""
+    by_cli, by_api = tmp_path / f"cli{suffix}", tmp_path / f"api{suffix}"
     cli(*[str(a).format(out=by_cli) for a in argv])
     job(pair, by_api)
     a, b = _tree(by_cli), _tree(by_api)

@@ -32,6 +32,7 @@ from ..checkpoint import Checkpoint
 from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import atomic_dir, copy_files, no_bar, transaction
+from ..model import ModelLike, open_model
 from ..registry import MERGE_METHODS, MergeMethod, check_merge_options, merge_method
 from ..shards import Block, ElementReader, Entry, Layout, Sink, element_blocks, stream, torch_dtype
 
@@ -90,9 +91,9 @@ def check_same_layout(reference: Checkpoint, others: dict[str, Checkpoint]) -> N
         raise GaugefixError(f"cannot merge: {' | '.join(problems)}")
 
 
-def merge_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPerm | None,
+def merge_checkpoints(model_a: ModelLike, model_b: ModelLike, gauge: SignedPerm | None,
                       out: str | Path, *, method: str = "linear", weight: float = 0.5,
-                      base: str | Path | None = None, export_aligned: str | Path | None = None,
+                      base: ModelLike | None = None, export_aligned: str | Path | None = None,
                       overwrite: bool = False, progress: bool = False,
                       options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Merge A with B (moved into A's chart by ``gauge``⁻¹; ``None`` = no alignment).
@@ -104,8 +105,8 @@ def merge_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPer
     """
     m = check_merge(method, weight, aligned=gauge is not None, base=base,
                     export_aligned=export_aligned, options=options)
-    ca, cb = Checkpoint.open(model_a), Checkpoint.open(model_b)
-    cbase = Checkpoint.open(base) if base is not None else None
+    ca, cb = _on_disk(model_a), _on_disk(model_b)
+    cbase = _on_disk(base) if base is not None else None
     if ca.family.name != cb.family.name:
         raise GaugefixError(f"different families: {ca.family.name} vs {cb.family.name}")
     if ca.hidden_size != cb.hidden_size:
@@ -128,7 +129,7 @@ def merge_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPer
                 write_gauged_weights(cb, aligned, gauge.inverse(), plan, progress=progress)
             b_dir = aligned  # read from where it was written (published with the merge)
         copy_files(ca.path, tmp, {s.name for s in ca.shards})  # the shard index too
-        b = ElementReader(Checkpoint.open(b_dir).shards)
+        b = ElementReader([Path(b_dir) / s.name for s in cb.shards])
         cbase_reader = ElementReader(cbase.shards) if cbase is not None else None
         n = 0
         try:
@@ -144,6 +145,14 @@ def merge_checkpoints(model_a: str | Path, model_b: str | Path, gauge: SignedPer
         if gauge is not None and export_aligned is None:
             shutil.rmtree(tmp / ".aligned-B")
     return {"tensors": n, "method": method, "weight": weight, "aligned": gauge is not None}
+
+
+def _on_disk(model: ModelLike) -> Checkpoint:
+    m = open_model(model).check()
+    if m.checkpoint is None:
+        raise GaugefixError(f"{m.name} is a model in memory; merge reads checkpoints on disk "
+                            "(save_pretrained it first)")
+    return m.checkpoint
 
 
 class MergeSink(Sink):
