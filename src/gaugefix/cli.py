@@ -39,6 +39,7 @@ except ImportError:  # pragma: no cover - older typer
 
 from .errors import GaugefixError, GaugefixWarning
 from .registry import (
+    base_help,
     check_options,
     kinds_help,
     methods_help,
@@ -755,8 +756,7 @@ def merge(
     method: Annotated[str, typer.Option(help=methods_help())] = "linear",
     weight: Annotated[float, typer.Option(callback=_range(), help=f"weight of B "
                                           f"({weight_help()})")] = 0.5,
-    base: Annotated[Path | None, typer.Option(help="task-arithmetic: the common base, in "
-                    "A's chart")] = None,
+    base: Annotated[Path | None, typer.Option(help=base_help())] = None,
     export_aligned: Annotated[Path | None, typer.Option(help="also write B in A's chart "
                               "here (for mergekit)")] = None,
     unaligned: Annotated[bool, typer.Option(help="merge without any alignment (a baseline)")

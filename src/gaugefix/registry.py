@@ -183,6 +183,12 @@ def weight_help() -> str:
     return "; ".join(f"{r} for {' and '.join(names)}" for r, names in ranges.items())
 
 
+def base_help() -> str:
+    """Which methods take a base, as the merge command's --base help says it."""
+    names = [m.name for m in MERGE_METHODS.values() if m.takes_base]
+    return f"{' and '.join(names) or 'no method'}: the common base, in A's chart"
+
+
 # what each kind's option means to it: the CLI's help for --model and --family comes from here
 OPTION_HELP: dict[tuple[str, str], str] = {
     ("lora", "model"): "the base checkpoint (for its family)",
