@@ -9,7 +9,11 @@ peak RSS ≤ 2× the largest tensor + 0.6 GB.
 
     python benchmarks/bench_apply.py [--hidden 2048] [--layers 24] [--vocab 32000]
                                      [--shard-gb 1.0] [--dir /path/with/space] [--repeat 5]
-                                     [--no-cold]
+                                     [--no-cold] [--before EXE]
+
+``--before EXE``: also time another build's ``gaugefix`` (a script that runs an older
+checkout's ``gaugefix.cli:main``), alternated with this one's in the same run, so that a
+change is measured against what it replaced on the same machine at the same moment.
 """
 
 from __future__ import annotations
@@ -123,7 +127,8 @@ def drop_caches() -> bool:
         return False
 
 
-def bench(src: Path, work: Path, gb: float, largest: int, repeat: int, cold: bool) -> dict:
+def bench(src: Path, work: Path, gb: float, largest: int, repeat: int, cold: bool,
+          before: str | None = None) -> dict:
     """Best of ``repeat`` runs of each case, in alternating order (this VM's page-cache
     writes vary run to run by up to 4× in system time, for cp as for gaugefix: the best run
     is the machine's, the others its neighbours'); with ``cold``, also each case once more
@@ -135,6 +140,12 @@ def bench(src: Path, work: Path, gb: float, largest: int, repeat: int, cold: boo
                                                    "0", "--gauge-out", str(out) + ".json"],
         "gaugefix (start-up only)": lambda out: [EXE, "apply", "--help"],
     }
+    if before is not None:
+        cases["before: gaugefix apply"] = lambda out: [before, "apply", str(src), str(out),
+                                                       "--random", "0"]
+        cases["before: gaugefix apply --gauge-out"] = lambda out: [
+            before, "apply", str(src), str(out), "--random", "0", "--gauge-out",
+            str(out) + ".json"]
     runs: dict[str, list[tuple[float, int]]] = {}
     subprocess.run(["cat", *map(str, src.iterdir())], stdout=subprocess.DEVNULL, check=True)
     order = [(r, name) for r in range(repeat)
@@ -176,6 +187,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-cold", dest="cold", action="store_false",
                     help="skip the cold-cache runs (they need root to empty the page cache)")
+    ap.add_argument("--before", default=None, help="another build's gaugefix, timed alongside")
     ap.add_argument("--dir", default=None, help="where to generate (needs ~4× the checkpoint)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -185,7 +197,8 @@ def main() -> None:
             src = root / label.replace(" ", "-")
             gb, largest = generate(src, hidden=args.hidden, layers=args.layers,
                                    vocab=args.vocab, shard_gb=shard)
-            results[label] = bench(src, root, gb, largest, args.repeat, args.cold)
+            results[label] = bench(src, root, gb, largest, args.repeat, args.cold,
+                                   args.before)
             shutil.rmtree(src)
     print(json.dumps({"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
                       **results}, indent=2))

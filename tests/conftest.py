@@ -79,8 +79,7 @@ class Lineage:
     def __init__(self, family: str, *, base_steps: int, base_lr: float, d: int = 64,
                  seed: int = SEED) -> None:
         from gaugefix.demo.corpus import Corpus
-
-        from .support import MIX_A, MIX_B, corpus_model
+        from gaugefix.testing import MIX_A, MIX_B, corpus_model
 
         self.corpus = Corpus()
         self.d, self.seed, self.base_lr = d, seed, base_lr
@@ -94,7 +93,7 @@ class Lineage:
         self.every = 0
 
     def train_base(self, steps: int) -> None:
-        from .support import train
+        from gaugefix.testing import train
 
         self.base_opt = train(self.base, self.corpus.stream(100_000, self.seed), steps=steps,
                               lr=self.base_lr, seed=self.seed + 17 * self.base_steps,
@@ -105,7 +104,7 @@ class Lineage:
         """``n`` more checkpoints on each run, ``every`` steps apart."""
         import copy
 
-        from .support import train
+        from gaugefix.testing import train
 
         self.every = every
         for k, run in enumerate(self.runs, start=1):

@@ -39,9 +39,8 @@ def base_world(tmp_path_factory) -> Path:
     from peft import LoraConfig, get_peft_model
 
     from gaugefix.apply import gauge_model
+    from gaugefix.testing import make_optimizer, save_saelens, train_on_batches
     from gaugefix.tiny import build_tiny
-
-    from .support import make_optimizer, save_saelens, train_on_batches
 
     w = tmp_path_factory.mktemp("world")
     a = build_tiny("llama", seed=0)

@@ -14,11 +14,11 @@ from transformers import AutoModelForCausalLM
 from gaugefix.apply import gauge_model, gauge_state_dict
 from gaugefix.arch import detect_family, get_family
 from gaugefix.group import SignedPerm
+from gaugefix.testing import force_gauge, rotate_dense
 from gaugefix.tiny import build_tiny
 from gaugefix.verify import compare_models, probe_tokens
 
 from .conftest import FAMILIES, LAYERNORM_FAMILIES
-from .support import force_gauge, rotate_dense
 
 
 def tolerance(model: torch.nn.Module, ids: torch.Tensor) -> float:

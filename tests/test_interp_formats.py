@@ -511,7 +511,7 @@ def test_tl_processing_read_from_the_cfg():
 
 
 def test_sae_on_centred_tl_model_refused_via_cli(tmp_path, cli, gauge_file):
-    from .support import save_saelens
+    from gaugefix.testing import save_saelens
 
     sae = {"W_enc": _t(D, F, seed=210), "b_enc": torch.zeros(F), "W_dec": _t(F, D, seed=211),
            "b_dec": torch.zeros(D)}

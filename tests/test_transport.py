@@ -13,8 +13,7 @@ from gaugefix.apply import gauge_model
 from gaugefix.demo.steer import sentiment_direction, sentiment_effect
 from gaugefix.group import SignedPerm
 from gaugefix.stats import ResidualTap, residuals
-
-from .support import nmse, sae_reconstruct, save_saelens, train_sae
+from gaugefix.testing import nmse, sae_reconstruct, save_saelens, train_sae
 
 
 @pytest.fixture(scope="module")

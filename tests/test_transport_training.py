@@ -12,9 +12,8 @@ from safetensors.torch import load_file
 
 from gaugefix.arch import detect_family
 from gaugefix.group import SignedPerm
+from gaugefix.testing import eval_loss, gauge_deviation, make_optimizer, train_on_batches
 from gaugefix.verify import probe_tokens
-
-from .support import eval_loss, gauge_deviation, make_optimizer, train_on_batches
 
 
 # ---------------------------------------------------------------------------- LoRA
@@ -174,8 +173,9 @@ def test_coordinate_preserving_merge(trained_llama, tmp_path, cli):
     (by construction: A and B differ little, which is checked, not assumed)."""
     import math
 
+    from gaugefix.testing import MIX_B, train
+
     from .conftest import fixture_failed
-    from .support import MIX_B, train
 
     lin = trained_llama
     b_native = copy.deepcopy(lin.base)

@@ -21,28 +21,33 @@ from ..estimate import StatsOptions, compose_gauges, estimate_gauge, match_weigh
 from ..group import SignedPerm
 from ..model import Model, open_model
 from ..stats import ResidualTap, residuals
+from ..testing import (
+    corpus_model,
+    eval_loss,
+    force_gauge,
+    function_error,
+    gauge_deviation,
+    make_optimizer,
+    nmse,
+    random_orthogonal,
+    rotate_dense,
+    sae_reconstruct,
+    train,
+    train_on_batches,
+    train_sae,
+)
 from ..tiny import TINY_SPECS
 from ..transport import merge_checkpoints
 from ..transport.base import transport_tensors
 from ..transport.optim import transport_state_dict
 from ..transport.sae import SAELENS_RULES
 from .corpus import Corpus
-from .groups import force_gauge, function_error, random_orthogonal, rotate_dense
 from .lineage import Lineage
-from .sae import nmse, sae_reconstruct, train_sae
 from .steer import (
     refusal_direction,
     refusal_effect,
     sentiment_direction,
     sentiment_effect,
-)
-from .train import (
-    corpus_model,
-    eval_loss,
-    gauge_deviation,
-    make_optimizer,
-    train,
-    train_on_batches,
 )
 
 METHODS = ("signmarg", "signed", "perm")

@@ -18,11 +18,8 @@ import torch
 from ..apply import gauge_model
 from ..arch import detect_family
 from ..group import SignedPerm
+from ..testing import MIX_A, MIX_B, corpus_model, train
 from .corpus import Corpus
-from .train import corpus_model, train
-
-MIX_A = {"review_pos": 3, "review_neg": 1, "request_ok": 1, "request_refuse": 1, "story": 0.2}
-MIX_B = {"review_pos": 1, "review_neg": 3, "request_ok": 0.2, "request_refuse": 0.2, "story": 3}
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,28 @@
-"""Test fixtures' building blocks: tiny-model training, a SAELens-layout SAE, maps pushed
-through the weights without the group check. Kept here so that the tests do not depend on
-the demo's internals (the demo keeps its own copies; the trained fixtures still draw their
-tokens and sentiment probes from the demo's generated corpus, see conftest.py)."""
+"""Building blocks shared by the tests and the demo: tiny language models trained on a token
+stream (AdamW, CPU, seconds), a small ReLU SAE saved in the SAELens folder layout (so SAELens
+itself loads it), and maps pushed through a model's weights *without* the group check of
+:func:`gaugefix.gauge_model` (per-coordinate signs on LayerNorm models, dense rotations on
+models with generic gains), to show what breaks.
+
+Shipped with the package (as ``numpy.testing`` is) so that a test never borrows the demo's
+internals and the demo and the tests train the same way.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gaugefix.arch import detect_family
-from gaugefix.group import SignedPerm
-from gaugefix.tiny import build_tiny
+from .arch import detect_family
+from .group import SignedPerm
+from .tiny import build_tiny
 
-# document mixes of the two fine-tuning runs of a lineage (categories of the demo corpus)
+# document mixes of the two fine-tuning runs of a lineage (categories of the demo's corpus)
 MIX_A = {"review_pos": 3, "review_neg": 1, "request_ok": 1, "request_refuse": 1, "story": 0.2}
 MIX_B = {"review_pos": 1, "review_neg": 3, "request_ok": 0.2, "request_refuse": 0.2, "story": 3}
 
@@ -24,7 +30,7 @@ MIX_B = {"review_pos": 1, "review_neg": 3, "request_ok": 0.2, "request_refuse": 
 # ---------------------------------------------------------------------------- training
 def corpus_model(family: str, vocab_size: int, *, hidden_size: int = 64, layers: int = 2,
                  seed: int = 0) -> torch.nn.Module:
-    """A tiny untrained model sized for a corpus (norm gains at their init values)."""
+    """A tiny untrained model sized for the corpus (norm gains at their init values)."""
     kw: dict[str, object] = dict(vocab_size=vocab_size, hidden_size=hidden_size,
                                  num_hidden_layers=layers)
     if family != "gpt2":
@@ -48,23 +54,49 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
 
 
-def train(model: torch.nn.Module, tokens: np.ndarray, *, steps: int, lr: float = 3e-3,
-          batch_size: int = 16, seq_len: int = 64, seed: int = 0,
-          optimizer: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
-    """Plain next-token training with AdamW; returns the optimizer (its state is reused)."""
+def train(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    *,
+    steps: int,
+    lr: float = 3e-3,
+    batch_size: int = 16,
+    seq_len: int = 64,
+    seed: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    warmup: int = 0,
+    step_offset: int = 0,
+) -> torch.optim.Optimizer:
+    """Plain next-token training with AdamW; returns the optimizer (its state is reused).
+
+    ``warmup``: linear learning-rate warm-up over that many steps, counted from
+    ``step_offset`` (so training resumed in chunks warms up once)."""
     model.train()
     opt = optimizer or make_optimizer(model, lr)
     gen = batches(tokens, batch_size, seq_len, seed)
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * min(1.0, (step_offset + step) / warmup) if warmup else lr
         ids = next(gen)
         loss = model(ids, labels=ids).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if on_step is not None:
+            on_step(step, float(loss))
     model.eval()
     return opt
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module, tokens: np.ndarray, *, seq_len: int = 64,
+              max_batches: int = 8, batch_size: int = 16) -> float:
+    model.eval()
+    n = min(max_batches * batch_size, (len(tokens) - 1) // seq_len)
+    ids = torch.from_numpy(tokens[: n * seq_len].reshape(n, seq_len))
+    losses = [float(model(chunk, labels=chunk).loss) for chunk in ids.split(batch_size)]
+    return float(np.mean(losses))
 
 
 def train_on_batches(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -79,21 +111,16 @@ def train_on_batches(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     model.eval()
 
 
-@torch.no_grad()
-def eval_loss(model: torch.nn.Module, tokens: np.ndarray, *, seq_len: int = 64,
-              max_batches: int = 8, batch_size: int = 16) -> float:
-    model.eval()
-    n = min(max_batches * batch_size, (len(tokens) - 1) // seq_len)
-    ids = torch.from_numpy(tokens[: n * seq_len].reshape(n, seq_len))
-    losses = [float(model(chunk, labels=chunk).loss) for chunk in ids.split(batch_size)]
-    return float(np.mean(losses))
-
-
 def gauge_deviation(model_b: torch.nn.Module, model_a: torch.nn.Module,
                     gauge: SignedPerm) -> float:
-    """‖W_B − Q·W_A‖ / ‖W_A‖ over all parameters together (0 when B is exactly A in chart B):
-    a whole-model distance, since Adam turns rounding-level gradient differences into full
-    ±lr steps on single entries."""
+    """‖W_B − Q·W_A‖ / ‖W_A‖ over all parameters together (0 when B is exactly A in chart B).
+
+    A whole-model distance, not the worst single entry: Adam turns rounding-level gradient
+    differences on parameters whose gradient is near zero into full ±lr steps, so the largest
+    entry-wise deviation between two charts depends on the training run, while the relative
+    distance of the whole model stays at rounding level for a correct transport."""
+    from ..arch import detect_family
+
     fam = detect_family(model_a.config)
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     num = sum(float((sd_b[k] - fam.op_for(k)(gauge, v)).double().pow(2).sum())
@@ -102,10 +129,10 @@ def gauge_deviation(model_b: torch.nn.Module, model_a: torch.nn.Module,
     return (num / den) ** 0.5
 
 
-# ---------------------------------------------------------------------------- SAE
+# ---------------------------------------------------------------------------- SAEs
 def train_sae(acts: torch.Tensor, d_sae: int, *, steps: int = 600, lr: float = 3e-3,
               l1: float = 1e-3, batch_size: int = 512, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Standard ReLU SAE: ``relu((x − b_dec) W_enc + b_enc) W_dec + b_dec``, L1 penalty."""
+    """Standard SAE: ``relu((x − b_dec) W_enc + b_enc) W_dec + b_dec`` with an L1 penalty."""
     gen = torch.Generator().manual_seed(seed)
     x = acts.float()
     d = x.shape[1]
@@ -144,8 +171,6 @@ def nmse(x: torch.Tensor, rec: torch.Tensor) -> float:
 
 def save_saelens(folder: str | Path, sae: dict[str, torch.Tensor], *, hook_name: str,
                  model_name: str = "") -> Path:
-    """The SAELens folder layout (``cfg.json`` + ``sae_weights.safetensors``, architecture
-    ``standard``), which SAELens itself loads."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -163,7 +188,7 @@ def save_saelens(folder: str | Path, sae: dict[str, torch.Tensor], *, hook_name:
     return folder
 
 
-# ---------------------------------------------------------------------------- maps, unchecked
+# ---------------------------------------------------------------------------- unchecked maps
 def force_gauge(model: torch.nn.Module, gauge: SignedPerm) -> torch.nn.Module:
     """Any signed permutation through every residual-touching tensor, group check skipped."""
     fam = detect_family(model.config)
@@ -173,8 +198,11 @@ def force_gauge(model: torch.nn.Module, gauge: SignedPerm) -> torch.nn.Module:
 
 
 def rotate_dense(model: torch.nn.Module, q: torch.Tensor) -> torch.nn.Module:
-    """A dense orthogonal Q along every residual axis the architecture map names; norm gains
-    and LayerNorm biases are left as they are (exact only when the gains tie)."""
+    """A dense orthogonal Q along every residual axis the architecture map names.
+
+    Norm gains and LayerNorm biases are left as they are: that is exact only when the
+    gains tie (e.g. all 1.0 at initialisation), which is the point of the experiment.
+    """
     fam = detect_family(model.config)
     new = {}
     for k, v in model.state_dict().items():
@@ -187,3 +215,16 @@ def rotate_dense(model: torch.nn.Module, q: torch.Tensor) -> torch.nn.Module:
     out = copy.deepcopy(model)
     out.load_state_dict(new)
     return out
+
+
+def random_orthogonal(d: int, seed: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(seed)))
+    return q * torch.sign(torch.diagonal(r))
+
+
+@torch.no_grad()
+def function_error(a: torch.nn.Module, b: torch.nn.Module, ids: torch.Tensor) -> float:
+    """max |logits_B − logits_A| / max |logits_A|."""
+    la, lb = a(ids).logits.double(), b(ids).logits.double()
+    return float((lb - la).abs().max() / la.abs().max())
