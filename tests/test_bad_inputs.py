@@ -987,3 +987,35 @@ def test_the_other_weight_layout_is_left_out_not_copied_unmoved(world, cli):
     assert "pytorch_model.bin left out of the output" in res.stderr
     assert not (world / "out" / "pytorch_model.bin").exists()
     assert (world / "out" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------- recorded or refused
+@pytest.mark.parametrize("argv", [
+    ["transport", "steering", "steer.pt", "--gauge", "g.json", "-o", "out.pt",
+     "--checkpoint", "B"],
+    ["transport", "neurons", "neurons.json", "--gauge", "g.json", "-o", "out.json",
+     "--checkpoint", "B"],
+    ["transport", "sae", "sae", "--gauge", "g.json", "-o", "out", "--checkpoint", "N"],
+], ids=["steering-pt", "neurons", "sae-of-another-width"])
+def test_a_checkpoint_that_cannot_be_recorded_is_refused(argv, world, cli):
+    from gaugefix.tiny import build_tiny
+
+    build_tiny("llama", seed=0, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+               num_key_value_heads=1).save_pretrained(world / "N")
+    before = _snapshot(world)
+    res = cli(*argv, ok=False)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.stderr
+    assert "--checkpoint" in lines[0]
+    assert _snapshot(world) == before
+
+
+def test_an_all_zero_checkpoint_is_named_as_such(world, cli):
+    from safetensors.torch import load_file, save_file
+
+    for m in ("A", "B"):
+        sd = {k: torch.zeros_like(v) for k, v in
+              load_file(world / m / "model.safetensors").items()}
+        save_file(sd, world / m / "model.safetensors", metadata={"format": "pt"})
+    res = cli("match", "A", "B", "--source", "weights", "-o", "out.json", ok=False)
+    assert res.exit_code == 2 and "is zero" in res.stderr, res.stderr

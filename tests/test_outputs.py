@@ -177,3 +177,97 @@ def test_an_input_read_after_reserving_the_output_still_protects_it(tmp_path):
         read_json(tmp_path / "doc.json", "document")
     assert json.loads((tmp_path / "doc.json").read_text()) == {"a": 1}
     assert _temporaries(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------- at the edges
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_signal_after_publishing_says_the_outputs_are_there(tmp_path, cli, tiny_ckpt,
+                                                              monkeypatch, sig):
+    """A signal that lands once the outputs are published (here: while the command says what
+    it wrote) leaves them, complete, and the message says so instead of 'nothing was
+    written'."""
+    import gaugefix.cli as cli_module
+
+    a = tiny_ckpt("llama")
+    signum = getattr(signal, sig)
+    real = cli_module.out.print
+
+    def interrupted(*args, **kwargs):
+        if any("gauge written to" in str(x) for x in args):
+            raise cli_module.Interrupted(signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli_module.out, "print", interrupted)
+    res = cli("apply", a, tmp_path / "B", "--random", 1, "--gauge-out", tmp_path / "g.json",
+              ok=False)
+    assert res.exit_code == 128 + signum
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "after the outputs were written" in lines[0], res.stderr
+    assert "nothing was written" not in res.stderr
+    assert SignedPerm.load(tmp_path / "g.json") == SignedPerm.random(64, seed=1)
+    assert load_file(tmp_path / "B" / "model.safetensors").keys() == \
+        load_file(a / "model.safetensors").keys()
+
+
+@pytest.mark.parametrize("delay", [0.02, 0.15, 0.4, 1.0])
+def test_ctrl_c_while_starting_prints_one_line(tiny_ckpt, delay):
+    """Ctrl-C while Python is still importing (gaugefix, torch, transformers) prints one line,
+    never a traceback."""
+    a = tiny_ckpt("llama")
+    proc = _start("inspect", a)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) <= 1, err
+    if proc.returncode != 0:
+        assert proc.returncode in (130, -signal.SIGINT), (proc.returncode, err)
+        assert not lines or lines[0].startswith("error: interrupted"), err
+
+
+DROP = """
+import os, sys
+import gaugefix.cli, gaugefix.jobs, gaugefix.diagnosis, gaugefix.apply, gaugefix.shards
+import torch, safetensors.torch, numpy, json, typer, rich
+os.setgid(65534)
+os.setuid(65534)
+sys.argv = ["gaugefix", *sys.argv[1:]]
+gaugefix.cli.main()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="drops root privileges to make permissions real")
+def test_permissions_are_real_once_root_is_dropped(tmp_path_factory):
+    """As root every file is readable and writable, so these probes test nothing; the command
+    drops to an unprivileged user first (after its imports)."""
+    import tempfile
+
+    from gaugefix.tiny import build_tiny
+
+    root = Path(tempfile.mkdtemp(dir="/tmp"))
+    root.chmod(0o755)
+    try:
+        build_tiny("llama", seed=0).save_pretrained(root / "A")
+        for p in (root / "A", *(root / "A").iterdir()):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        (root / "locked").mkdir(mode=0o755)  # root's: not writable by the dropped user
+        (root / "A" / "config.json").chmod(0o600)  # unreadable by the dropped user
+        res = subprocess.run([sys.executable, "-c", DROP, "inspect", str(root / "A")],
+                             capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        assert "config.json" in lines[0] and "ermission denied" in lines[0], lines
+        (root / "A" / "config.json").chmod(0o644)
+        res = subprocess.run([sys.executable, "-c", DROP, "apply", str(root / "A"),
+                              str(root / "locked" / "B"), "--random", "1"],
+                             capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        assert "cannot write into" in lines[0], lines
+        assert list((root / "locked").iterdir()) == []
+    finally:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)

@@ -308,7 +308,12 @@ def weight_evidence(a: ModelLike, b: ModelLike, *, features: int | None = DEFAUL
         sa.close()
         sb.close()
     if ev.n_signed_blocks == 0:
-        raise GaugefixError("no residual-axis tensors to build weight signatures from")
+        if not signed_keys:
+            raise GaugefixError("no residual-axis tensors to build weight signatures from")
+        raise GaugefixError(f"every residual tensor ({len(signed_keys)} read) is zero in "
+                            f"{sa.name} or in {sb.name}: zero weights carry no signature, "
+                            "so the data-free estimate has nothing to match (use "
+                            "--source activations)")
     if features is None:
         na, nb = torch.stack(cols_a).sum(0), torch.stack(cols_b).sum(0)
         dot = ev.signed

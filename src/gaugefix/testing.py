@@ -119,7 +119,7 @@ def gauge_deviation(model_b: torch.nn.Module, model_a: torch.nn.Module,
     differences on parameters whose gradient is near zero into full ±lr steps, so the largest
     entry-wise deviation between two charts depends on the training run, while the relative
     distance of the whole model stays at rounding level for a correct transport."""
-    from ..arch import detect_family
+    from .arch import detect_family
 
     fam = detect_family(model_a.config)
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()

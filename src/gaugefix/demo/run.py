@@ -16,6 +16,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .corpus import Corpus
 from .headline import headline, spread, summary_rows
@@ -93,10 +94,11 @@ def run_demo(out_dir: Path, cfg: DemoConfig, console: Console | None = None) -> 
     from . import experiments as ex
     from .report import write_plots, write_report
 
-    console = console or Console()
+    console = console or Console(markup=False, emoji=False)
     if cfg.device != "cpu":
-        console.print("[yellow]note:[/] the demo's tiny models run on the CPU; --device only "
-                      "selects where a user's own checkpoints would run")
+        console.print(Text.assemble(("note:", "yellow"), " the demo's tiny models run on the "
+                                    "CPU; --device only selects where a user's own "
+                                    "checkpoints would run"))
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = out_dir / "cache"
     corpus = Corpus()
@@ -110,7 +112,7 @@ def run_demo(out_dir: Path, cfg: DemoConfig, console: Console | None = None) -> 
         with console.status(f"{name} ..."):
             value = fn(*args)
         timings[name] = round(time.perf_counter() - t, 1)
-        console.print(f"[green]✓[/] {name} ({timings[name]} s)")
+        console.print(Text.assemble(("✓", "green"), f" {name} ({timings[name]} s)"))
         return value
 
     lineages = {fam: step(f"models: {fam} base and two fine-tuning runs", build_lineage,

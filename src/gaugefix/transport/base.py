@@ -135,6 +135,15 @@ def write_folder(src: Path, dst: Path, files: Mapping[str, Planned | FileWriter]
                 how(src / name, tmp / name)
 
 
+def no_record(record: Mapping[str, Any], what: str) -> None:
+    """Refuse ``--checkpoint`` for an object whose format has no place for metadata: the
+    checkpoint it belongs to would be silently not recorded."""
+    if "checkpoint" in record:
+        raise GaugefixError(f"{what} has no place for metadata, so --checkpoint cannot be "
+                            "recorded in it (safetensors and GGUF objects, and folders, record "
+                            "it)")
+
+
 def transport_record(gauge: SignedPerm, inverse: bool, gauge_file: str | None) -> dict[str, Any]:
     """What a transported object records about the gauge it was moved with."""
     return {"tool": "gaugefix", "gauge_file": gauge_file, "direction": "B->A" if inverse

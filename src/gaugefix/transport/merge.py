@@ -32,7 +32,7 @@ from ..checkpoint import Checkpoint
 from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import atomic_dir, copy_files, no_bar, transaction
-from ..model import ModelLike, open_model
+from ..model import Model, ModelLike, open_model
 from ..registry import MERGE_METHODS, MergeMethod, check_merge_options, merge_method
 from ..shards import Block, ElementReader, Entry, Layout, Sink, element_blocks, stream, torch_dtype
 
@@ -105,8 +105,11 @@ def merge_checkpoints(model_a: ModelLike, model_b: ModelLike, gauge: SignedPerm 
     """
     m = check_merge(method, weight, aligned=gauge is not None, base=base,
                     export_aligned=export_aligned, options=options)
-    ca, cb = _on_disk(model_a), _on_disk(model_b)
-    cbase = _on_disk(base) if base is not None else None
+    models = [open_model(x) for x in (model_a, model_b, base) if x is not None]
+    if models[0].checkpoint is not None and not models[0].checkpoint.is_safetensors:
+        raise GaugefixError("merge writes safetensors; model A must be a safetensors checkpoint")
+    ca, cb, *rest = [_on_disk(m) for m in models]
+    cbase = rest[0] if rest else None
     if ca.family.name != cb.family.name:
         raise GaugefixError(f"different families: {ca.family.name} vs {cb.family.name}")
     if ca.hidden_size != cb.hidden_size:
@@ -147,11 +150,11 @@ def merge_checkpoints(model_a: ModelLike, model_b: ModelLike, gauge: SignedPerm 
     return {"tensors": n, "method": method, "weight": weight, "aligned": gauge is not None}
 
 
-def _on_disk(model: ModelLike) -> Checkpoint:
-    m = open_model(model).check()
+def _on_disk(m: Model) -> Checkpoint:
     if m.checkpoint is None:
         raise GaugefixError(f"{m.name} is a model in memory; merge reads checkpoints on disk "
                             "(save_pretrained it first)")
+    m.check()
     return m.checkpoint
 
 

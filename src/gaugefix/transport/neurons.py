@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import atomic_write_text, read_json, read_text
-from .base import check_suffix
+from .base import check_suffix, no_record
 
 LIST_KEYS = ("entries", "neurons", "coordinates")
 SIGN_FIELD = "gauge_sign"
@@ -97,6 +97,7 @@ def transport_neurons(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
                             ".json, .csv or .tsv")
     check_suffix(dst, {".json": "JSON", ".csv": "CSV", ".tsv": "TSV"}[src.suffix],
                  (src.suffix,))
+    no_record(record, "a neuron list")
     if src.suffix == ".json":
         doc = read_json(src, "neuron list", expect=(list, dict))
         if isinstance(doc, list):

@@ -26,7 +26,7 @@ from ..checkpoint import Checkpoint
 from ..errors import GaugefixError
 from ..group import SignedPerm
 from ..io import atomic_dir, atomic_file, check_regular, copy_files, torch_load
-from .base import TORCH_SUFFIXES, check_suffix
+from .base import TORCH_SUFFIXES, check_suffix, no_record
 
 # state key -> signed (like the parameter) / unsigned / untouched
 STATE_TABLE: dict[str, str] = {
@@ -123,6 +123,7 @@ def transport_optim(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
     from ..apply import plan_checkpoint, write_gauged_weights
 
     src, dst = Path(src), Path(dst)
+    no_record(record, "optimizer state")
     if src.is_dir():
         opt_file = src / "optimizer.pt"
         if not opt_file.is_file():

@@ -33,6 +33,7 @@ from ..io import (
     note_input,
     torch_load,
 )
+from .base import no_record
 
 RESIDUAL = Op("H", -1)
 SUFFIXES = (".pt", ".pth", ".safetensors", ".npy", ".gguf")
@@ -84,6 +85,8 @@ def transport_steering(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
                             f"{', '.join(SUFFIXES)}")
     if dst.suffix != src.suffix:
         raise GaugefixError(f"output must keep the input's format ({src.suffix})")
+    if src.suffix in (".pt", ".pth", ".npy"):
+        no_record(record, f"a {src.suffix} steering vector")
     n = 0
     if src.suffix in (".pt", ".pth"):
         out = _transport_pt(_load_pt(src), gauge)
