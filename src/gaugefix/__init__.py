@@ -8,10 +8,7 @@ imported on first use, so that ``import gaugefix`` (and the console script's sta
 light.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+import importlib  # no other import here: the console script's start waits on this module
 
 __version__ = "0.1.0"
 
@@ -23,7 +20,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'gaugefix' has no attribute {name!r}")

@@ -1,29 +1,31 @@
 """The ``gaugefix`` console script: a signal that arrives while Python is still importing
-gaugefix, transformers or torch prints one line instead of a traceback."""
+gaugefix, transformers or torch prints one line instead of a traceback.
 
-from __future__ import annotations
+The handlers go in before anything else is imported (``_signal``, not ``signal``, which
+imports ``enum``: a few milliseconds in which Ctrl-C would still print a traceback)."""
 
+import _signal
 import os
-import signal
 import sys
 
-_SIGNALS = [getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s)]
+_NAMES = {getattr(_signal, n): n for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(_signal, n)}
 
 
 def _starting(signum: int, frame: object) -> None:
-    sys.stderr.write(f"error: interrupted by {signal.Signals(signum).name} while starting; "
-                     "nothing was written\n")
+    sys.stderr.write(f"error: interrupted by {_NAMES[signum]} while starting; nothing was "
+                     "written\n")
     sys.stderr.flush()
     os._exit(128 + signum)
 
 
 def main() -> None:
-    for s in _SIGNALS:
-        signal.signal(s, _starting)
+    for s in _NAMES:
+        _signal.signal(s, _starting)
     from .cli import main as run
 
     # imported: from here on Ctrl-C unwinds (and each command installs its own handlers)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for s in _SIGNALS[1:]:
-        signal.signal(s, signal.SIG_DFL)
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+    for s in _NAMES:
+        if s != _signal.SIGINT:
+            _signal.signal(s, _signal.SIG_DFL)
     run()
