@@ -209,10 +209,11 @@ def test_a_signal_after_publishing_says_the_outputs_are_there(tmp_path, cli, tin
         load_file(a / "model.safetensors").keys()
 
 
-@pytest.mark.parametrize("delay", [0.02, 0.15, 0.4, 1.0])
+@pytest.mark.parametrize("delay", [0.15, 0.4, 1.0])
 def test_ctrl_c_while_starting_prints_one_line(tiny_ckpt, delay):
     """Ctrl-C while Python is still importing (gaugefix, torch, transformers) prints one line,
-    never a traceback."""
+    never a traceback. (Before the console script's first line runs, the interpreter's own
+    start, a Ctrl-C is Python's: see gaugefix._console.)"""
     a = tiny_ckpt("llama")
     proc = _start("inspect", a)
     time.sleep(delay)
