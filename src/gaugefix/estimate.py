@@ -366,6 +366,15 @@ def evidence_options(model: ModelLike, d: int, opts: StatsOptions | None) -> Sta
     return dataclasses.replace(opts, per_position=True, positions=positions)
 
 
+def source_stats(a: ModelLike, b: ModelLike, source: str, opts: StatsOptions | None
+                 ) -> CrossStats:
+    """The activation statistics ``source`` weighs: pooled ones for ``pooled``, every
+    residual position's (up to the in-memory budget) for ``both`` and ``activations``."""
+    a = open_model(a)
+    return activation_stats(a, b, opts if source == "pooled" else
+                            evidence_options(a, a.hidden_size, opts))
+
+
 def estimate_gauge(a: ModelLike, b: ModelLike, *, source: str = DEFAULT_SOURCE,
                    method: str = "signmarg", opts: StatsOptions | None = None,
                    solver: str = "lapjvs", gain_weight: float = 0.0,
@@ -384,8 +393,7 @@ def estimate_gauge(a: ModelLike, b: ModelLike, *, source: str = DEFAULT_SOURCE,
         return match_weights(a, b, method, gain_weight=gain_weight, solver=solver,
                              features=features)
     if stats is None:
-        stats = activation_stats(a, b, opts if source == "pooled" else
-                                 evidence_options(a, d, opts))
+        stats = source_stats(a, b, source, opts)
     if stats.d != d:
         raise GaugefixError(f"width mismatch: statistics have d={stats.d}, the models d={d}")
     if source == "pooled":

@@ -27,8 +27,8 @@ import numpy as np
 
 from .errors import GaugefixError
 from .group import SignedPerm
-from .io import has_non_finite, json_safe
-from .model import Model, ModelLike, open_model
+from .io import json_safe
+from .model import Model, ModelLike, check_pair, open_model
 
 if TYPE_CHECKING:
     from .apply import ApplyReport
@@ -120,25 +120,20 @@ def match(a: ModelLike, b: ModelLike, *, source: str = "both", method: str = "si
     pooled; ``stats``: saved statistics (or statistics files, added) instead of a forward
     pass; ``features``: weight-signature entries sampled (None: every entry);
     ``agreement``: also match each kept position alone and report its agreement."""
-    from .estimate import check_choices, estimate_gauge, evidence_options
+    from .estimate import check_choices, estimate_gauge, gauge_metadata, source_stats
     from .match import match_correlation
     from .stats import CrossStats, sum_stats
 
     check_choices(method, source, solver)
     ma, mb = open_model(a), open_model(b)
-    from .model import check_pair
-
     for m in (ma, mb):
         m.check()
-    fam, d = check_pair(ma, mb)
+    fam, _ = check_pair(ma, mb)
     _positions_checked(opts, ma, mb)
     if stats is not None and not isinstance(stats, CrossStats):
         stats = sum_stats(CrossStats.load(p) for p in stats)
     if stats is None and source != "weights":
-        from .estimate import activation_stats
-
-        stats = activation_stats(ma, mb, opts if source == "pooled" else
-                                 evidence_options(ma, d, opts))
+        stats = source_stats(ma, mb, source, opts)
     result = estimate_gauge(ma, mb, source=source, method=method, opts=opts, solver=solver,
                             gain_weight=gain_weight, features=features, stats=stats)
     extra: dict[str, Any] = {}
@@ -155,8 +150,6 @@ def match(a: ModelLike, b: ModelLike, *, source: str = "both", method: str = "si
             extra["per_position_agreement"] = {str(r["position"]): r["full_agreement"]
                                                for r in rows}
     threshold = result.threshold if min_confidence is None else min_confidence
-    from .estimate import gauge_metadata
-
     meta = gauge_metadata(result, ma, mb, source=source, extra=extra, threshold=threshold,
                           hash_weights=hash_weights)
     return GaugeEstimate(result, meta, threshold, rows)
@@ -165,12 +158,9 @@ def match(a: ModelLike, b: ModelLike, *, source: str = "both", method: str = "si
 def collect_stats(a: ModelLike, b: ModelLike, opts: StatsOptions | None = None) -> CrossStats:
     """Cross-statistics of two residual streams (``gaugefix stats``): every position kept
     one by one, as :func:`match` weighs them (up to the in-memory budget)."""
-    from .estimate import activation_stats, evidence_options
-    from .model import check_pair
+    from .estimate import source_stats
 
-    ma, mb = open_model(a), open_model(b)
-    _, d = check_pair(ma, mb)
-    return activation_stats(ma, mb, evidence_options(ma, d, opts))
+    return source_stats(a, b, "both", opts)
 
 
 # ---------------------------------------------------------------------------- trajectory
@@ -538,11 +528,9 @@ __all__ = [
     "compare",
     "compose",
     "fingerprint",
-    "has_non_finite",
     "identify",
     "inspect",
     "invert",
-    "json_safe",
     "match",
     "merge",
     "stats_options",

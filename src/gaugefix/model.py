@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import pickle
 import re
-from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -212,9 +211,6 @@ class Model:
 
             self._handles[shard] = load_shard(shard)
         return self._handles[shard]
-
-    def getter(self) -> Callable[[str], torch.Tensor]:
-        return self.tensor
 
     def close(self) -> None:
         """Close the open weight files (the model stays usable: they reopen on demand)."""
