@@ -205,56 +205,7 @@ def command(*, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> C
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            from .distributed import barrier, is_main_rank
-            from .io import transaction
-
-            code = 0
-            named: list[Path] = []
-            published = False
-            try:
-                with _signals_unwind(), warnings.catch_warnings():
-                    warnings.simplefilter("always", GaugefixWarning)
-                    warnings.showwarning = _show_warning
-                    _quiet_libraries()
-                    # commands that declare outputs publish them together; the demo writes
-                    # its work products as it goes, each one atomically
-                    tx_or_none = transaction([p for n in inputs
-                                              for p in _existing_paths(kwargs.get(n))]
-                                             ) if outputs else contextlib.nullcontext()
-                    with tx_or_none as tx:
-                        named = [Path(kwargs[n]) for n in outputs if kwargs.get(n) is not None]
-                        for k, path in enumerate(named):  # refused before any work
-                            tx.check(path, bool(kwargs.get("overwrite")), named[:k])
-                        try:
-                            with _quiet_unless_main_rank():
-                                fn(*args, **kwargs)
-                        except typer.Exit as exc:  # the command's own verdict
-                            code = exc.exit_code
-                        barrier()  # under torchrun: publish only if every rank got here
-                    published = bool(outputs)
-                    if is_main_rank():
-                        for line in _after_commit.get():
-                            (err if _json_printed.get() else out).print(line)
-            except GaugefixError as exc:
-                _error_line(exc)
-                raise typer.Exit(2) from None
-            except Interrupted as exc:
-                name = signal.Signals(exc.signum).name
-                if published and all(os.path.lexists(p) for p in named):
-                    _error_line(f"interrupted by {name} after the outputs were written; they "
-                                f"are complete: {', '.join(map(str, named))}")
-                else:
-                    cleaned = "; nothing was written (temporary outputs removed)" \
-                        if outputs else ""
-                    _error_line(f"interrupted by {name}{cleaned}")
-                raise typer.Exit(128 + exc.signum) from None
-            except OSError as exc:
-                where = f"{exc.filename}: " if exc.filename else ""
-                _error_line(f"{where}{exc.strerror or exc}")
-                raise typer.Exit(2) from None
-            finally:
-                _after_commit.set(())
-                _json_printed.set(False)
+            code = _invoke(fn, args, kwargs, inputs, outputs)
             if code:
                 raise typer.Exit(code)
 
@@ -262,6 +213,76 @@ def command(*, inputs: tuple[str, ...] = (), outputs: tuple[str, ...] = ()) -> C
         return fn
 
     return register
+
+
+@contextlib.contextmanager
+def _published(inputs: tuple[str, ...], outputs: tuple[str, ...], kwargs: dict[str, Any]
+               ) -> Iterator[list[Path]]:
+    """The command's outputs, refused before any work where they exist or overlap an input,
+    and published together when the block ends (commands without outputs, the demo, write
+    their work products as they go, each one atomically)."""
+    from .distributed import barrier
+    from .io import transaction
+
+    if not outputs:
+        yield []
+        return
+    with transaction([p for n in inputs for p in _existing_paths(kwargs.get(n))]) as tx:
+        named = [Path(kwargs[n]) for n in outputs if kwargs.get(n) is not None]
+        for k, path in enumerate(named):
+            tx.check(path, bool(kwargs.get("overwrite")), named[:k])
+        yield named
+        barrier()  # under torchrun: publish only if every rank got here
+
+
+def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+            inputs: tuple[str, ...], outputs: tuple[str, ...]) -> int:
+    """Run one command; its exit status (see :func:`command`)."""
+    from .distributed import is_main_rank
+
+    code = 0
+    named: list[Path] = []
+    published = False
+    try:
+        with _signals_unwind(), warnings.catch_warnings():
+            warnings.simplefilter("always", GaugefixWarning)
+            warnings.showwarning = _show_warning
+            _quiet_libraries()
+            with _published(inputs, outputs, kwargs) as named:
+                try:
+                    with _quiet_unless_main_rank():
+                        fn(*args, **kwargs)
+                except typer.Exit as exc:  # the command's own verdict
+                    code = exc.exit_code
+            published = bool(outputs)
+            if is_main_rank():
+                for line in _after_commit.get():
+                    (err if _json_printed.get() else out).print(line)
+    except GaugefixError as exc:
+        _error_line(exc)
+        return 2
+    except Interrupted as exc:
+        _interrupted_line(exc.signum, published, named, bool(outputs))
+        return 128 + exc.signum
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        _error_line(f"{where}{exc.strerror or exc}")
+        return 2
+    finally:
+        _after_commit.set(())
+        _json_printed.set(False)
+    return code
+
+
+def _interrupted_line(signum: int, published: bool, named: list[Path], writes: bool) -> None:
+    """What a signal left, read from the disk: the outputs, complete, or nothing."""
+    name = signal.Signals(signum).name
+    if published and all(os.path.lexists(p) for p in named):
+        _error_line(f"interrupted by {name} after the outputs were written; they are "
+                    f"complete: {', '.join(map(str, named))}")
+    else:
+        cleaned = "; nothing was written (temporary outputs removed)" if writes else ""
+        _error_line(f"interrupted by {name}{cleaned}")
 
 
 _after_commit: ContextVar[tuple[str, ...]] = ContextVar("gaugefix_after_commit", default=())
@@ -596,6 +617,12 @@ def match(
                      solver=solver, gain_weight=gain_weight, features=features or None,
                      min_confidence=min_confidence, agreement=per_layer)
     est.save(output, overwrite=overwrite)
+    _print_estimate(est, f"{method} ({source})")
+    written(f"gauge written to {output}")
+    _strict_verdict(est.low_confidence(), est.gauge.d, est.threshold, strict)
+
+
+def _print_estimate(est: Any, title: str) -> None:
     if est.agreement:
         t = Table(title="per-position agreement with the combined gauge")
         t.add_column("position")
@@ -606,16 +633,14 @@ def match(
                       f"{row['mean_abs_corr']:.3f}")
         out.print(t)
     summ = est.summary()
-    out.print(f"{method} ({source}): mean matched |corr| {summ['mean_abs_corr']:.3f}, "
-              f"confidence min {summ['min_confidence']:.3f} / median "
-              f"{summ['median_confidence']:.3f}; {summ['n_low_confidence']} of {est.gauge.d} "
-              f"coordinates below {summ['low_confidence_threshold']}")
+    out.print(f"{title}: mean matched |corr| {summ['mean_abs_corr']:.3f}, confidence min "
+              f"{summ['min_confidence']:.3f} / median {summ['median_confidence']:.3f}; "
+              f"{summ['n_low_confidence']} of {est.gauge.d} coordinates below "
+              f"{summ['low_confidence_threshold']}")
     low = est.low_confidence()
     if low:
         err.print(Text.assemble(("low-confidence B coordinates:", "yellow"),
                                 f" {_listed(low)}"), soft_wrap=True)
-    written(f"gauge written to {output}")
-    _strict_verdict(low, est.gauge.d, est.threshold, strict)
 
 
 @command(inputs=("checkpoints", "tokens_from"), outputs=("output",))
@@ -644,28 +669,32 @@ def trajectory(
     est = jobs.trajectory(checkpoints, source=source, method=method, opts=opts, solver=solver,
                           bridge=bridge, min_confidence=min_confidence)
     est.save(output, overwrite=overwrite)
-    res = est.result
     if as_json:
         _print_json(est.table)
     else:
-        t = Table(title=f"{len(res.steps)} local gauges ({method}, {source})")
-        for col in ("step", "from → to", "mean |corr|", "min conf.", "median conf.", "low"):
-            t.add_column(col, justify="right" if col != "from → to" else "left")
-        for k, row in enumerate(est.table):
-            style = "bold yellow" if k == res.weakest_step else None
-            t.add_row(str(k), f"{row['from']} → {row['to']}", f"{row['mean_abs_corr']:.3f}",
-                      f"{row['min_confidence']:.3f}", f"{row['median_confidence']:.3f}",
-                      str(row["n_low_confidence"]), style=style)
-        out.print(t)
-        out.print(f"weakest step: {res.weakest_step}")
-        if res.bridges:
-            skipped = sorted(set(range(len(checkpoints))) - set(res.path))
-            out.print(f"path: {' → '.join(map(str, res.path))} (bridges tried: "
-                      + ", ".join(f"{i}→{j}: {n} flagged" for (i, j), n in res.bridges.items())
-                      + (f"; skipped {', '.join(map(str, skipped))})" if skipped else ")"),
-                      soft_wrap=True)
+        _print_trajectory(est, f"({method}, {source})", len(checkpoints))
         written(f"composed gauge written to {output}")
     _strict_verdict(est.low_confidence(), est.gauge.d, est.threshold, strict)
+
+
+def _print_trajectory(est: Any, how: str, n: int) -> None:
+    res = est.result
+    t = Table(title=f"{len(res.steps)} local gauges {how}")
+    for col in ("step", "from → to", "mean |corr|", "min conf.", "median conf.", "low"):
+        t.add_column(col, justify="right" if col != "from → to" else "left")
+    for k, row in enumerate(est.table):
+        style = "bold yellow" if k == res.weakest_step else None
+        t.add_row(str(k), f"{row['from']} → {row['to']}", f"{row['mean_abs_corr']:.3f}",
+                  f"{row['min_confidence']:.3f}", f"{row['median_confidence']:.3f}",
+                  str(row["n_low_confidence"]), style=style)
+    out.print(t)
+    out.print(f"weakest step: {res.weakest_step}")
+    if res.bridges:
+        skipped = sorted(set(range(n)) - set(res.path))
+        out.print(f"path: {' → '.join(map(str, res.path))} (bridges tried: "
+                  + ", ".join(f"{i}→{j}: {k} flagged" for (i, j), k in res.bridges.items())
+                  + (f"; skipped {', '.join(map(str, skipped))})" if skipped else ")"),
+                  soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------- algebra
@@ -810,17 +839,20 @@ def audit(
                    f"prompts on its source {res.document['source']}: {own:.0%} reproduce there")
     if as_json:
         _print_json(res.document)
-        return
+    else:
+        _print_audit(res, claim.name)
+
+
+def _print_audit(res: Any, claim: str) -> None:
     rep = res.report
-    t = Table(title=f"audit of {claim.name}: top-{rep.claim_k} coordinates at position "
-              f"{rep.layer}")
+    t = Table(title=f"audit of {claim}: top-{rep.claim_k} coordinates at position {rep.layer}")
     for col in ("model", "gauge", "raw index", "through gauge"):
         t.add_column(col, justify="left" if col in ("model", "gauge") else "right")
     for r in rep.rows:
         t.add_row(r.model, r.gauge, f"{r.raw:.0%}", f"{r.transported:.0%}")
     out.print(t)
-    if own is not None:
-        out.print(f"on its own source: reproduces {own:.0%}")
+    if res.source_reproduction is not None:
+        out.print(f"on its own source: reproduces {res.source_reproduction:.0%}")
     for kind, v in rep.summary().items():
         out.print(f"{kind}: reproduces {v['raw']:.0%} by raw index, {v['transported']:.0%} "
                   "through the explicit gauge")
