@@ -16,6 +16,7 @@ import torch
 from gaugefix.checkpoint import Checkpoint
 from gaugefix.errors import GaugefixError
 from gaugefix.group import SignedPerm
+from gaugefix.model import open_model
 from gaugefix.registry import MERGE_METHODS
 from gaugefix.tiny import build_tiny
 from gaugefix.transport import merge_checkpoints
@@ -62,7 +63,7 @@ def test_each_method_runs_its_own_implementation(method, models, tmp_path, monke
                       weight=0.3, **_kw(method, models))
     assert calls[method] > 0
     assert all(n == 0 for m, n in calls.items() if m != method), calls
-    get = {n: Checkpoint.open(p).getter() for n, p in (("A", models / "A"), ("B", models / "B"),
+    get = {n: open_model(p).tensor for n, p in (("A", models / "A"), ("B", models / "B"),
                                                        ("base", models / "base"),
                                                        ("M", tmp_path / "M"))}
     for _, k, _ in Checkpoint.open(models / "A").entries():
@@ -124,7 +125,7 @@ def test_non_finite_values_of_the_inputs_are_carried_not_refused(models, tmp_pat
     sd[k].view(-1)[0] = float("inf")
     save_file(sd, str(shard), metadata={"format": "pt"})
     merge_checkpoints(tmp_path / "A", models / "B", None, tmp_path / "M", weight=0.5)
-    assert torch.isinf(Checkpoint.open(tmp_path / "M").getter()(k).view(-1)[0])
+    assert torch.isinf(open_model(tmp_path / "M").tensor(k).view(-1)[0])
 
 
 def test_options_go_with_the_methods_that_declare_them(models, tmp_path):

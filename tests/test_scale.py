@@ -135,8 +135,9 @@ def test_streamed_merge_matches_whole_tensor_merges(method, tmp_path, monkeypatc
     merge_checkpoints(tmp_path / "A", tmp_path / "B", None, tmp_path / "M", method=method,
                       weight=0.3, **extra)
     from gaugefix.checkpoint import Checkpoint
+    from gaugefix.model import open_model
 
-    get = {n: Checkpoint.open(tmp_path / n).getter() for n in ("A", "B", "base", "M")}
+    get = {n: open_model(tmp_path / n).tensor for n in ("A", "B", "base", "M")}
     for shard in Checkpoint.open(tmp_path / "A").shards:
         with safe_open(str(shard), "pt") as f:
             for k in f.keys():  # noqa: SIM118

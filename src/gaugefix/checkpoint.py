@@ -5,9 +5,8 @@ Only safetensors and ``weights_only`` torch files are read; nothing is unpickled
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -94,24 +93,6 @@ class Checkpoint:
             or _SHARD_NAME.match(p.name)))
         return cls(path, config, family, hidden_size_of(config), shards, index_file, other)
 
-    def _config_int(self, *keys: str) -> int:
-        for cfg in (self.config, self.config.get("text_config") or {}):
-            for key in keys:
-                value = cfg.get(key)
-                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                    return value
-        raise GaugefixError(f"{self.path / 'config.json'}: no positive integer "
-                            f"{' / '.join(keys)}")
-
-    @property
-    def n_layers(self) -> int:
-        """Decoder layers: residual positions are 0..n_layers."""
-        return self._config_int("num_hidden_layers", "n_layer", "num_layers")
-
-    @property
-    def vocab_size(self) -> int:
-        return self._config_int("vocab_size")
-
     @property
     def is_safetensors(self) -> bool:
         return self.shards[0].suffix == ".safetensors"
@@ -135,9 +116,6 @@ class Checkpoint:
                 for k, t in load_shard(shard).items():
                     yield shard, k, tuple(t.shape)
 
-    def shard_of(self) -> dict[str, Path]:
-        return {k: shard for shard, k, _ in self.entries()}
-
     def iter_tensors(self, keys: set[str] | None = None
                      ) -> Iterator[tuple[str, torch.Tensor]]:
         """(key, tensor) pairs, shard by shard; only ``keys`` are read when given."""
@@ -151,25 +129,6 @@ class Checkpoint:
                 for k, t in load_shard(shard).items():
                     if keys is None or k in keys:
                         yield k, t
-
-    def getter(self) -> Callable[[str], torch.Tensor]:
-        """A function that reads one tensor by key (lazily; shard files opened once)."""
-        if not self.is_safetensors:
-            return self.tensors().__getitem__
-        where = self.shard_of()
-        handles: dict[Path, Any] = {}
-        stack = contextlib.ExitStack()  # the handles live as long as the getter
-
-        def get(key: str) -> torch.Tensor:
-            if key not in where:
-                raise GaugefixError(f"{self.path} has no tensor {key!r}")
-            if where[key] not in handles:
-                handles[where[key]] = stack.enter_context(open_safetensors(where[key],
-                                                                           "weight shard"))
-            return handles[where[key]].get_tensor(key)
-
-        get.close = stack.close  # type: ignore[attr-defined]
-        return get
 
     def tensors(self, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
         """Load the named tensors (all if ``keys`` is None)."""

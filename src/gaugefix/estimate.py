@@ -41,7 +41,7 @@ from .match import (
     match_correlation,
     match_evidence,
 )
-from .model import DTYPE_NAMES, Model, ModelLike, open_model, torch_dtype
+from .model import Model, ModelLike, open_model, torch_dtype
 from .model import check_pair as _check_models
 from .stats import CrossStats, collect_stats, load_token_source, resolve_positions
 
@@ -130,9 +130,7 @@ class StatsOptions:
                 raise GaugefixError(f"{name} must be a positive integer, got {value!r}")
         if self.seed < 0:
             raise GaugefixError(f"seed must be ≥ 0, got {self.seed}")
-        if self.dtype not in DTYPE_NAMES:
-            raise GaugefixError(f"unknown dtype {self.dtype!r}; choose from "
-                                f"{', '.join(DTYPE_NAMES)}")
+        torch_dtype(self.dtype)  # an unknown name refused here
         check_device(self.device)
 
     def token_ids(self, vocab_size: int, model: Model, d: int) -> np.ndarray:
