@@ -26,7 +26,7 @@ from .checkpoint import Checkpoint, load_shard
 from .errors import GaugefixError
 from .group import SignedPerm
 from .io import atomic_dir, copy_files, no_bar
-from .model import ModelLike, open_model
+from .model import Model, ModelLike, open_model
 
 if TYPE_CHECKING:  # imported where tensors are: a safetensors checkpoint is moved without it
     import torch
@@ -110,6 +110,9 @@ class ApplyReport:
     # while the files stream through when asked for
     source_sha256: str | None = None
     sha256: str | None = None
+    # a quantised input (GGUF): the tensors that could not move exactly and were
+    # requantised, with the error that added (TensorMove.to_dict() rows)
+    requantised: list[dict[str, Any]] = field(default_factory=list)
 
 
 def gauge_checkpoint(
@@ -120,14 +123,20 @@ def gauge_checkpoint(
     overwrite: bool = False,
     progress: bool = True,
     identities: bool = False,
+    record: Mapping[str, Any] | None = None,
 ) -> ApplyReport:
     """Write checkpoint ``model`` in chart B to ``out``, tensor by tensor, atomically.
 
     Every key is planned and every residual width checked before anything is
     written; non-weight files (config, tokenizer, generation config, ...) are copied.
     ``identities``: also hash the input's and the output's weight files on the way.
+    A GGUF file is written as one GGUF file whose ``gaugefix.record`` field holds ``record``
+    (default: the gauge and the source's name) and what moved exactly or was requantised.
     """
     m = open_model(model).check()
+    if m.gguf is not None:
+        return _gauge_gguf(m, Path(out), gauge, overwrite=overwrite, identities=identities,
+                           record=record)
     if m.checkpoint is None:
         raise GaugefixError(f"{m.name} is a model in memory: gauge_model moves it; "
                             "gauge_checkpoint writes a checkpoint on disk")
@@ -148,6 +157,33 @@ def gauge_checkpoint(
         report = write_gauged_weights(ckpt, tmp, gauge, plan, progress=progress,
                                       identities=identities)
     report.output = Path(out)
+    return report
+
+
+def _gauge_gguf(m: Model, out: Path, gauge: SignedPerm, *, overwrite: bool,
+                identities: bool, record: Mapping[str, Any] | None) -> ApplyReport:
+    """A GGUF file in chart B: one GGUF file, moved exactly where its layout allows and
+    requantised (recorded in its ``gaugefix.record`` field) where it does not."""
+    from .io import atomic_file, sha256_files
+
+    assert m.gguf is not None
+    m.family.check_gauge(gauge, m.hidden_size)
+    plan = m.plan
+    _check_widths(plan, m.shapes, gauge.d)
+    report = ApplyReport(m.gguf.path, out, m.family.name, gauge.d, shards=1)
+    for op in plan.values():
+        report.ops[str(op)] = report.ops.get(str(op), 0) + 1
+    report.n_tensors = len(plan)
+    report.n_transformed = sum(op.residual_axis is not None for op in plan.values())
+    if record is None:
+        record = {"gauge": gauge.to_json(), "source": m.gguf.path.name}
+    with atomic_file(out, overwrite=overwrite, inputs=(m.gguf.path,)) as tmp:
+        moved = m.gguf.write(tmp, plan, gauge, record)
+        report.bytes_written = tmp.stat().st_size
+        if identities:
+            report.source_sha256 = m.identity()["sha256"]
+            report.sha256 = sha256_files([tmp])
+    report.requantised = [r.to_dict() for r in moved if r.how == "requantised"]
     return report
 
 

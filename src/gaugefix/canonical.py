@@ -50,6 +50,9 @@ class CanonicalChart:
     interchangeable: list[list[int]] = field(default_factory=list)  # identical slices
     rotatable: list[list[int]] = field(default_factory=list)  # equal gains in every norm
     sign_symmetric: bool = False  # LayerNorm: the global flip leaves the weights as they are
+    # a quantised model (GGUF): the tensors the chart could not reach exactly in the format,
+    # requantised (TensorMove.to_dict rows); empty: every byte moved exactly
+    requantised: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def defined(self) -> bool:
@@ -64,6 +67,12 @@ class CanonicalChart:
     def describe(self) -> list[str]:
         """One line per thing the weights leave open (empty: the chart is unique)."""
         lines = []
+        if self.requantised:
+            worst = max(r["error"] for r in self.requantised)
+            lines.append(f"{len(self.requantised)} quantised tensors could not move exactly "
+                         f"(their blocks run along the residual axis) and were requantised "
+                         f"(relative error up to {worst:.3g}): a re-gauged copy of this model "
+                         "reaches the same bytes only if it was re-gauged exactly")
         if not self.defined:
             return [f"every gain is equal: rotations of the whole residual stream (O("
                     f"{self.gauge.d})) preserve the function; this chart is canonical for "
@@ -223,7 +232,10 @@ def canonicalize(model: ModelLike, out: str | Path, *, overwrite: bool = False,
 
     m = open_model(model)
     chart = canonical_chart(m, discrete_only=discrete_only)
-    gauge_checkpoint(m, out, chart.gauge, overwrite=overwrite, progress=progress)
+    # a GGUF output records no gauge or source: re-gauged copies give the same bytes
+    rep = gauge_checkpoint(m, out, chart.gauge, overwrite=overwrite, progress=progress,
+                           record={"chart": "canonical"})
+    chart.requantised = rep.requantised
     return chart
 
 
@@ -231,7 +243,8 @@ def canonicalize(model: ModelLike, out: str | Path, *, overwrite: bool = False,
 FINGERPRINT_VERSION = "gf1"
 
 
-def _tensor_digests(model: Model, gauge: SignedPerm) -> dict[str, str]:
+def _tensor_digests(model: Model, gauge: SignedPerm
+                    ) -> tuple[dict[str, str], list[dict[str, Any]]]:
     """sha256 of each tensor's bytes in the chart ``gauge`` leads to (name order-free: one
     digest per tensor, after its dtype and shape), streamed in blocks through the primitive
     (:func:`gaugefix.shards.stream` into a digest sink)."""
@@ -240,6 +253,16 @@ def _tensor_digests(model: Model, gauge: SignedPerm) -> dict[str, str]:
     from .apply import plan_checkpoint
     from .shards import DigestSink, gauge_moves, read_layout, stream, torch_dtype
 
+    if model.gguf is not None:  # the packed bytes each tensor has in the chart
+        out = {}
+        requantised = []
+        for t, data, rec in model.gguf.moves(model.plan, gauge):
+            h = hashlib.sha256(f"{t.tensor_type.name} {list(data.shape)}".encode())
+            h.update(np.ascontiguousarray(data).view(np.uint8).data)
+            out[model.gguf.names[t.name]] = h.hexdigest()
+            if rec.how == "requantised":
+                requantised.append(rec.to_dict())
+        return out, requantised
     ck = model.checkpoint
     if ck is None:
         raise GaugefixError(f"{model.name}: a fingerprint is of a checkpoint on disk")
@@ -251,12 +274,12 @@ def _tensor_digests(model: Model, gauge: SignedPerm) -> dict[str, str]:
             h = hashlib.sha256(f"{moved.dtype} {list(moved.shape)}".encode())
             h.update(_bits(moved).tobytes())
             out[key] = h.hexdigest()
-        return out
+        return out, []
     sink = DigestSink(lambda e: f"{torch_dtype(e.dtype)} {list(e.shape)}".encode())
     for shard in ck.shards:
         layout = read_layout(shard)
         stream(shard, gauge_moves(plan, gauge, layout), sink, layout=layout)
-    return sink.digests
+    return sink.digests, []
 
 
 @dataclass
@@ -287,7 +310,7 @@ def fingerprint(model: ModelLike, *, discrete_only: bool = False) -> Fingerprint
 
     m = open_model(model)
     chart = canonical_chart(m, discrete_only=discrete_only)
-    digests = _tensor_digests(m, chart.gauge)
+    digests, chart.requantised = _tensor_digests(m, chart.gauge)
     shapes = {k: (str(s)) for k, s in m.shapes.items()}
     doc = [[k, shapes[k], digests[k]] for k in sorted(digests)]
     full = hashlib.sha256(json.dumps([FINGERPRINT_VERSION, chart.family, doc]).encode()
@@ -346,6 +369,46 @@ def _relative_distances(a: Model, b: Model, gauge: SignedPerm) -> dict[str, floa
     return out
 
 
+# a quantised tensor is "that tensor, rounded" when its error is within this many times the
+# rounding its type is expected to cost (a uniform grid over each block's range); a float
+# tensor (GGUF keeps norms in F32) when within float32 rounding
+ROUNDING_FACTOR = 2.0
+FLOAT_MATCH = 1e-6
+
+
+def _up_to_quantisation(a: Model, b: Model, gauge: SignedPerm, dist: dict[str, float]
+                        ) -> dict[str, Any] | None:
+    """Whether B differs from A (moved by ``gauge``) by no more than the quantisation of the
+    quantised one of them: None when neither is quantised."""
+    from .quant.gguf_file import rounding_noise
+
+    types = {}
+    for m in (a, b):
+        if m.gguf is not None:
+            for key, t in m.gguf.types.items():
+                if m.gguf.quantised.get(t):
+                    types[key] = t
+    if not types:
+        return None
+    ratios = {}
+    within = True
+    for key, d in dist.items():
+        if key not in types:
+            within &= d <= FLOAT_MATCH
+            continue
+        values = a.plan[key](gauge, a.tensor(key)).numpy()
+        bound = rounding_noise(values, types[key])
+        ratios[key] = d / bound if bound > 0 else (0.0 if d == 0 else float("inf"))
+        within &= ratios[key] <= ROUNDING_FACTOR
+    counts: dict[str, int] = {}
+    for t in types.values():
+        counts[t] = counts.get(t, 0) + 1
+    return {"within": bool(within), "types": ", ".join(f"{t} ×{n}" for t, n in
+                                                        sorted(counts.items())),
+            "max_ratio": max(ratios.values()) if ratios else 0.0,
+            "factor": ROUNDING_FACTOR}
+
+
 def identify(a: ModelLike, b: ModelLike) -> Identity:
     """Whether B is A up to gauge, derived from A, or unrelated, from the weights alone."""
     from .estimate import match_weights
@@ -381,6 +444,15 @@ def identify(a: ModelLike, b: ModelLike) -> Identity:
                 "relative_distance": {k: round(v, 6) for k, v in sorted(dist.items())}}
     aligned = result.summary()["median_confidence"]
     evidence["median_alignment_confidence"] = aligned
+    quantised = _up_to_quantisation(ca, cb, result.gauge, dist)
+    if quantised is not None:
+        evidence["quantisation"] = quantised
+        if quantised["within"]:
+            return Identity("derived", f"the same network up to {quantised['types']} "
+                            f"quantisation: after alignment every quantised tensor differs by "
+                            f"at most {quantised['max_ratio']:.2g}× the rounding its type "
+                            f"costs (median relative error {median:.3g}), every other tensor "
+                            "by float rounding only", result.gauge, evidence)
     if median <= DERIVED_MAX_DISTANCE:
         return Identity("derived", f"after alignment the tensors differ by {median:.3g} "
                         f"(median relative distance, ≤ {DERIVED_MAX_DISTANCE})", result.gauge,

@@ -34,7 +34,8 @@ def resolve_model_dir(model: str | Path) -> Path:
         note_input(p)
         return p
     if p.exists():
-        raise GaugefixError(f"{model} is a file; expected a checkpoint directory")
+        raise GaugefixError(f"{model} is a file but not a GGUF file (no GGUF magic); a model "
+                            "is a checkpoint directory, a .gguf file or a hub id")
     text = str(model)
     if text.count("/") == 1 and not text.startswith((".", "/")):
         snapshot = _hub_snapshot(text)

@@ -29,6 +29,8 @@ from .errors import GaugefixError
 if TYPE_CHECKING:
     import torch
 
+    from .quant.gguf_file import GgufFile
+
 # what every library function accepts as a model (opened at its boundary by open_model)
 ModelLike = Union[str, Path, "Model", "torch.nn.Module"]
 
@@ -90,11 +92,12 @@ class Model:
     """One opened input model (see the module docstring). Build it with :func:`open_model`."""
 
     def __init__(self, name: str, *, checkpoint: Checkpoint | None = None,
-                 module: torch.nn.Module | None = None) -> None:
-        if (checkpoint is None) == (module is None):
-            raise TypeError("a Model is a checkpoint or a module")
+                 module: torch.nn.Module | None = None, gguf: GgufFile | None = None) -> None:
+        if sum(x is not None for x in (checkpoint, module, gguf)) != 1:
+            raise TypeError("a Model is a checkpoint, a GGUF file or a module")
         self.name = name
         self.checkpoint = checkpoint
+        self.gguf = gguf
         self._module = module
         self._loaded: dict[tuple[str, str, str | None], torch.nn.Module] = {}
         self._identity: dict[str, str] | None = None
@@ -105,6 +108,10 @@ class Model:
             self.config: dict[str, Any] = checkpoint.config
             self.family: Family = checkpoint.family
             self.hidden_size: int = checkpoint.hidden_size
+        elif gguf is not None:
+            self.config = gguf.config
+            self.family = detect_family(self.config)
+            self.hidden_size = hidden_size_of(self.config)
         else:
             config = module.config  # type: ignore[union-attr]
             self.config = config.to_dict()
@@ -114,12 +121,19 @@ class Model:
     # ------------------------------------------------------------------ what it is
     @property
     def path(self) -> Path | None:
-        """The checkpoint directory (None for a model in memory)."""
+        """The checkpoint directory or GGUF file (None for a model in memory)."""
+        if self.gguf is not None:
+            return self.gguf.path
         return None if self.checkpoint is None else self.checkpoint.path
 
     @property
     def in_memory(self) -> bool:
-        return self.checkpoint is None
+        return self.checkpoint is None and self.gguf is None
+
+    @property
+    def quantised(self) -> dict[str, int]:
+        """Tensors per quantised type ({} for a float model)."""
+        return self.gguf.quantised if self.gguf is not None else {}
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, {self.family.name}, d={self.hidden_size})"
@@ -151,11 +165,13 @@ class Model:
 
     @property
     def tokenizer_dir(self) -> Path | None:
-        return self.path
+        return self.path if self.gguf is None else None
 
     # ------------------------------------------------------------------ tensors
     @cached_property
     def _where(self) -> dict[str, tuple[Path | None, tuple[int, ...]]]:
+        if self.gguf is not None:
+            return {k: (self.gguf.path, s) for k, s in self.gguf.shapes.items()}
         if self.checkpoint is None:
             return {k: (None, tuple(v.shape)) for k, v in self._state_dict.items()}
         return {k: (shard, shape) for shard, k, shape in self.checkpoint.entries()}
@@ -179,6 +195,8 @@ class Model:
         """``tensor[idx]``, reading only the slice's bytes where the format allows."""
         if key not in self._where:
             raise GaugefixError(f"{self.name} has no tensor {key!r}")
+        if self.gguf is not None:  # dequantised whole (the last tensor is kept)
+            return self.gguf.tensor(key)[idx]
         if self.checkpoint is None:
             return self._state_dict[key][idx]
         shard = self._where[key][0]
@@ -196,6 +214,8 @@ class Model:
         """One whole tensor (lazily: shard files opened once)."""
         if key not in self._where:
             raise GaugefixError(f"{self.name} has no tensor {key!r}")
+        if self.gguf is not None:
+            return self.gguf.tensor(key)
         if self.checkpoint is None:
             return self._state_dict[key]
         shard = self._where[key][0]
@@ -225,7 +245,7 @@ class Model:
         per model, before any work. (Any other tensor the config needs and the files lack,
         such as an untied head, is refused when the module is loaded: :func:`load_causal_lm`.)
         """
-        if self._checked or self.checkpoint is None:
+        if self._checked or self.in_memory:
             return self
         problems: list[str] = []
         d = self.hidden_size
@@ -251,7 +271,8 @@ class Model:
                 problems.append(f"config declares {n} layers but the weights have none for "
                                 f"layer{'s' if len(missing) > 1 else ''} {_ranges(missing)}")
         if problems:
-            raise GaugefixError(f"{self.name}: its config.json contradicts its tensors: "
+            what = "metadata" if self.gguf is not None else "config.json"
+            raise GaugefixError(f"{self.name}: its {what} contradicts its tensors: "
                                 + "; ".join(problems))
         self._checked = True
         return self
@@ -260,15 +281,15 @@ class Model:
     def identity(self, sha256: str | None = None) -> dict[str, str]:
         """Name and content hash of the weights (sha256 of the weight files in shard order),
         computed once; ``sha256`` when the caller already hashed them on the way."""
-        if self.checkpoint is None:
+        if self.in_memory:
             return {"name": self.name}
         if sha256 is not None:
             self._identity = {"name": self.name, "sha256": sha256}
         if self._identity is None:
             from .io import sha256_files
 
-            self._identity = {"name": self.name,
-                              "sha256": sha256_files(self.checkpoint.shards)}
+            files = [self.gguf.path] if self.gguf is not None else self.checkpoint.shards
+            self._identity = {"name": self.name, "sha256": sha256_files(files)}
         return self._identity
 
     # ------------------------------------------------------------------ the module
@@ -282,7 +303,11 @@ class Model:
             self.check()
             path = self.path
             assert path is not None
-            if device_map is not None:  # accelerate places the layers
+            if self.gguf is not None:  # transformers dequantises it
+                options = {} if device_map is None else {"device_map": device_map}
+                model = self.gguf.load(torch_dtype(dtype), **options)
+                self._loaded[key] = model if device_map is not None else model.to(device)
+            elif device_map is not None:  # accelerate places the layers
                 model = load_causal_lm(path, torch_dtype(dtype), device_map=device_map)
             else:
                 model = load_causal_lm(path, torch_dtype(dtype)).to(device)
@@ -313,6 +338,11 @@ def open_model(ref: ModelLike) -> Model:
     if isinstance(ref, Model):
         return ref
     if isinstance(ref, str | Path):
+        from .quant.gguf_file import GgufFile, find_gguf
+
+        found = find_gguf(Path(ref))
+        if found is not None:
+            return Model(str(ref), gguf=GgufFile.open(found))
         return Model(str(ref), checkpoint=Checkpoint.open(ref))
     import torch
 

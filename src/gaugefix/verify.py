@@ -24,17 +24,40 @@ class VerifyReport:
     logits_rel_err: float
     hidden_rel_err: list[float] = field(default_factory=list)
     tol: float | None = None
+    # quantised models (GGUF): each tensor's verdict (TensorMove.to_dict rows): "exact" (B's
+    # values are A's moved, bit for bit), "requantised" (B is byte for byte the format's
+    # reference quantiser on A's moved values: the function then differs by that, and the
+    # forward errors above are reported, not held to ``tol``) or "differs"
+    tensors: list[dict[str, Any]] | None = None
 
     @property
     def max_rel_err(self) -> float:
         return max([self.logits_rel_err, *self.hidden_rel_err])
 
     @property
+    def requantised(self) -> int:
+        return sum(t["how"] == "requantised" for t in self.tensors or ())
+
+    @property
+    def differs(self) -> list[str]:
+        return [t["tensor"] for t in self.tensors or () if t["how"] == "differs"]
+
+    @property
     def passed(self) -> bool:
+        if self.differs:
+            return False
+        if self.requantised:  # not the same function by construction: the tensors decide
+            return True
         return self.tol is None or self.max_rel_err <= self.tol
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "max_rel_err": self.max_rel_err, "passed": self.passed}
+        out = {**asdict(self), "max_rel_err": self.max_rel_err, "passed": self.passed}
+        if self.tensors is None:
+            out.pop("tensors")
+        else:
+            out["exact_tensors"] = sum(t["how"] == "exact" for t in self.tensors)
+            out["requantised_tensors"] = self.requantised
+        return out
 
 
 def probe_tokens(vocab_size: int, n_tokens: int, max_len: int, seed: int = 0) -> torch.Tensor:
@@ -109,4 +132,9 @@ def verify_checkpoints(model_a: ModelLike, model_b: ModelLike, gauge: SignedPerm
     a, b = ma.load(dtype), mb.load(dtype)
     vocab = min(ma.vocab_size, mb.vocab_size)
     ids = probe_tokens(vocab, n_tokens, min(128, ma.max_positions or 128), seed)
-    return compare_models(a, b, gauge, ids, DEFAULT_TOL[dtype] if tol is None else tol)
+    report = compare_models(a, b, gauge, ids, DEFAULT_TOL[dtype] if tol is None else tol)
+    if ma.gguf is not None and mb.gguf is not None:
+        from .quant.gguf_file import check_moved
+
+        report.tensors = [t.to_dict() for t in check_moved(ma.gguf, mb.gguf, ma.plan, gauge)]
+    return report

