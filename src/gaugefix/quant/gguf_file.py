@@ -130,11 +130,12 @@ class TensorMove:
     error: float | None = None
     round_trip: float | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, round_trip: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {"tensor": self.name, "type": self.type, "how": self.how}
         if self.error is not None:
-            out.update(error=float(f"{self.error:.4g}"),
-                       round_trip=float(f"{self.round_trip:.4g}"))
+            out["error"] = float(f"{self.error:.4g}")
+        if round_trip and self.round_trip is not None:
+            out["round_trip"] = float(f"{self.round_trip:.4g}")
         return out
 
 
@@ -535,7 +536,10 @@ class GgufFile:
                 moved.append(rec)
         doc = dict(record)
         doc["exact"] = sum(r.how != "requantised" for r in moved)
-        doc["requantised"] = [r.to_dict() for r in moved if r.how == "requantised"]
+        # a canonical chart's record holds nothing of the chart it came from: the round trip
+        # is the input's (re-gauged copies differ there), the error the output's
+        keep = "chart" not in record
+        doc["requantised"] = [r.to_dict(keep) for r in moved if r.how == "requantised"]
         text = json.dumps(doc)
         if len(text) > reserved:  # cannot happen with the reservation above; say so if it did
             raise GaugefixError("internal error: the gauge record outgrew its reserved field")
