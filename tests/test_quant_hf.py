@@ -172,6 +172,16 @@ def test_gptq_reader_permutation_without_act_order():
     assert m.config_change == {"desc_act": True}
 
 
+def test_gptq_without_g_idx_tensor_keeps_the_grid():
+    """Some GPTQ checkpoints omit g_idx: no column->group map to write, so a permutation
+    that splits groups requantises the cells it mixes instead."""
+    scheme, t, _, qerr = gptq_build(weight(57), 32, False)
+    del t["g_idx"]
+    check_exact(scheme, t, group_gauge(IN, 32, seed=58), 1)
+    m = check_requantised(scheme, t, SignedPerm.random(IN, seed=59, kind="perm"), 1, qerr)
+    assert set(m.tensors) == set(t) and m.config_change == {}
+
+
 def test_gptq_reader_signs():
     scheme, t, _, qerr = gptq_build(weight(9), 32, True)
     # a sign shared by a whole group negates that group's scales: exact

@@ -44,8 +44,9 @@ Decisions (the table :data:`CAPABILITIES` says the same, and the tests hold ``mo
   columns move with their ``g_idx``. A GPTQ checkpoint without act-order whose
   permutation does not move groups whole gets the permuted ``g_idx`` too, and
   ``desc_act`` must become true (the exllama/marlin kernels ignore ``g_idx`` otherwise):
-  reported in ``Moved.config_change``. AWQ and compressed-tensors groups without
-  ``g_idx`` have a fixed grid: the cells that mix groups are requantised.
+  reported in ``Moved.config_change``. AWQ, compressed-tensors groups without
+  ``weight_g_idx`` and GPTQ checkpoints stored without ``g_idx`` have a fixed grid: the
+  cells that mix groups are requantised.
 * A reader sign is exact for a group flipped whole (negate that group's scales, as a
   writer sign negates a row's) and for a flipped code ``q`` whose mirror ``2z - q`` is a
   code (symmetric codes: all but ``-2^(b-1)``); any other cell is requantised.
@@ -142,7 +143,8 @@ _NOT_EMBEDDING = "not quantised by this format (moves as a float tensor)"
 CAPABILITIES: dict[str, dict[str, str]] = {
     "gptq": {
         "reader-permutation": "exact (groups moved whole: scale/zero rows move; otherwise the "
-                              "columns move with g_idx and desc_act must be true)",
+                              "columns move with g_idx and desc_act must be true; with no g_idx "
+                              "tensor the mixed cells are requantised)",
         "reader-sign": "exact if each flipped group is flipped whole or every flipped code's "
                        "mirror 2z-q is a code; else those cells requantised (GPTQ RTN)",
         **_EXACT_WRITERS,
@@ -649,7 +651,9 @@ def _move_int(scheme: QuantScheme, t: dict[str, torch.Tensor], gauge: SignedPerm
         s[flip] = -s[flip]
         moved = _Codes(c.q[perm], s, None if c.z is None else c.z[perm], c.gidx, c.qmin, c.qmax)
         return _encode(scheme, moved, t, name), "exact", None, None, change, 0
-    moved, cells = _reader_codes(scheme, c, perm, flip)
+    # any column->group map can be stored where the checkpoint holds one (else: fixed grid)
+    free = "g_idx" in t or "weight_g_idx" in t
+    moved, cells = _reader_codes(scheme, c, perm, flip, free)
     if not torch.equal(moved.gidx, c.gidx) and scheme.layout == "gptq" and not scheme.act_order:
         change["desc_act"] = True
     if not cells.any():
@@ -665,8 +669,8 @@ def _move_int(scheme: QuantScheme, t: dict[str, torch.Tensor], gauge: SignedPerm
             int(cells.sum()))
 
 
-def _reader_codes(scheme: QuantScheme, c: _Codes, perm: torch.Tensor, flip: torch.Tensor
-                  ) -> tuple[_Codes, torch.Tensor]:
+def _reader_codes(scheme: QuantScheme, c: _Codes, perm: torch.Tensor, flip: torch.Tensor,
+                  free: bool) -> tuple[_Codes, torch.Tensor]:
     """The codes moved on the input axis; the (row, group) cells that still need requantising."""
     n_in, groups = c.q.shape[1], c.s.shape[1]
     q, src = c.q[:, perm].clone(), c.gidx[perm]
@@ -674,7 +678,6 @@ def _reader_codes(scheme: QuantScheme, c: _Codes, perm: torch.Tensor, flip: torc
     z = None if c.z is None else c.z.clone()
     cells = torch.zeros(c.q.shape[0], groups, dtype=torch.bool)
     grid = _grid(n_in, scheme.group_size)
-    free = scheme.layout == "gptq" or (scheme.layout == "ct-int" and scheme.act_order)
     gidx = grid
     if not torch.equal(c.gidx, grid):  # act-order: the columns take their groups along
         gidx = src
