@@ -159,7 +159,8 @@ CAPABILITIES: dict[str, dict[str, str]] = {
     },
     "awq": {
         "reader-permutation": "exact if every destination group draws from one source group "
-                              "(any order inside); else the mixed cells requantised (AWQ RTN)",
+                              "(any order inside) or, row by row, from groups of equal scale "
+                              "and zero; else those cells requantised (AWQ RTN)",
         "reader-sign": "exact if each flipped group is flipped whole or every flipped code's "
                        "mirror 2z-q is a code; else those cells requantised (AWQ RTN)",
         **_EXACT_WRITERS,
@@ -173,17 +174,20 @@ CAPABILITIES: dict[str, dict[str, str]] = {
         "embedding": "exact as a reader (same rules)",
     },
     "ct-int-group": {
-        "reader-permutation": "exact if every destination group draws from one source group; "
-                              "else the mixed cells requantised (compressed-tensors)",
-        "reader-sign": "exact if each flipped group is flipped whole or no flipped code is "
-                       "-2^(b-1); else those cells requantised (compressed-tensors)",
+        "reader-permutation": "exact if every destination group draws from one source group "
+                              "(any order inside) or, row by row, from groups of equal scale "
+                              "and zero; else those cells requantised (compressed-tensors)",
+        "reader-sign": "exact if each flipped group is flipped whole or every flipped code's "
+                       "mirror 2z-q is a code (symmetric: none is -2^(b-1)); else those "
+                       "cells requantised (compressed-tensors)",
         **_EXACT_WRITERS,
         "embedding": "exact as a reader (same rules)",
     },
     "ct-int-group-act-order": {
         "reader-permutation": "exact (columns move with weight_g_idx)",
-        "reader-sign": "exact if each flipped group is flipped whole or no flipped code is "
-                       "-2^(b-1); else those cells requantised (compressed-tensors)",
+        "reader-sign": "exact if each flipped group is flipped whole or every flipped code's "
+                       "mirror 2z-q is a code (symmetric: none is -2^(b-1)); else those "
+                       "cells requantised (compressed-tensors)",
         **_EXACT_WRITERS,
         "embedding": "exact as a reader (same rules)",
     },
