@@ -68,11 +68,12 @@ class CanonicalChart:
         """One line per thing the weights leave open (empty: the chart is unique)."""
         lines = []
         if self.requantised:
-            worst = max(r["error"] for r in self.requantised)
+            errors = [r["error"] for r in self.requantised if "error" in r]
+            worst = f" (relative error up to {max(errors):.3g})" if errors else ""
             lines.append(f"{len(self.requantised)} quantised tensors could not move exactly "
-                         f"(their blocks run along the residual axis) and were requantised "
-                         f"(relative error up to {worst:.3g}): a re-gauged copy of this model "
-                         "reaches the same bytes only if it was re-gauged exactly")
+                         f"(their blocks run along the residual axis) and were requantised"
+                         f"{worst}: a re-gauged copy of this model reaches the same bytes only "
+                         "if it was re-gauged exactly")
         if not self.defined:
             return [f"every gain is equal: rotations of the whole residual stream (O("
                     f"{self.gauge.d})) preserve the function; this chart is canonical for "
@@ -256,7 +257,7 @@ def _tensor_digests(model: Model, gauge: SignedPerm
     if model.gguf is not None:  # the packed bytes each tensor has in the chart
         out = {}
         requantised = []
-        for t, data, rec in model.gguf.moves(model.plan, gauge):
+        for t, data, rec in model.gguf.moves(model.plan, gauge, measure="none"):
             h = hashlib.sha256(f"{t.tensor_type.name} {list(data.shape)}".encode())
             h.update(np.ascontiguousarray(data).view(np.uint8).data)
             out[model.gguf.names[t.name]] = h.hexdigest()

@@ -266,10 +266,12 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def move_tensor(name: str, data: np.ndarray, ttype: Any, op: Op, gauge: SignedPerm
-                ) -> tuple[np.ndarray, TensorMove]:
+def move_tensor(name: str, data: np.ndarray, ttype: Any, op: Op, gauge: SignedPerm,
+                measure: str = "round_trip") -> tuple[np.ndarray, TensorMove]:
     """One GGUF tensor's data (as gguf-py's reader holds it: packed bytes on the inner axis)
-    moved under ``op``: exactly where the layout allows, else requantised (or refused)."""
+    moved under ``op``: exactly where the layout allows, else requantised (or refused).
+    ``measure``: what a requantised tensor's record holds: "round_trip" (the error and the
+    plain round trip's), "error", or "none" (a fingerprint needs only the bytes)."""
     from gguf import quants
 
     tname = _type_name(ttype)
@@ -294,10 +296,12 @@ def move_tensor(name: str, data: np.ndarray, ttype: Any, op: Op, gauge: SignedPe
         values = quants.dequantize(data, t)
         target = g.apply(values, values.ndim - 1, op.signed)
         data = quants.quantize(target, t)
-        record = TensorMove(name, tname, "requantised",
-                            _relative(quants.dequantize(data, t), target),
-                            _relative(quants.dequantize(quants.quantize(values, t), t),
-                                      values))
+        record = TensorMove(name, tname, "requantised")
+        if measure != "none":
+            record.error = _relative(quants.dequantize(data, t), target)
+        if measure == "round_trip":
+            record.round_trip = _relative(quants.dequantize(quants.quantize(values, t), t),
+                                          values)
     return np.ascontiguousarray(data), record
 
 
@@ -490,15 +494,17 @@ class GgufFile:
                 logging.enable_progress_bar()
 
     # ------------------------------------------------------------------ moving it
-    def moves(self, plan: Mapping[str, Op], gauge: SignedPerm
+    def moves(self, plan: Mapping[str, Op], gauge: SignedPerm, measure: str = "round_trip"
               ) -> Iterator[tuple[Any, np.ndarray, TensorMove]]:
-        """(reader tensor, moved data, record) for every tensor in file order."""
+        """(reader tensor, moved data, record) for every tensor in file order (``measure``:
+        see :func:`move_tensor`)."""
         for key, t in self.tensors.items():
             op = plan[key]
             if op.residual_axis is None:
                 yield t, t.data, TensorMove(t.name, t.tensor_type.name, "untouched")
                 continue
-            data, record = move_tensor(t.name, np.asarray(t.data), t.tensor_type, op, gauge)
+            data, record = move_tensor(t.name, np.asarray(t.data), t.tensor_type, op, gauge,
+                                       measure)
             yield t, data, record
 
     def write(self, out: Path, plan: Mapping[str, Op], gauge: SignedPerm,
@@ -511,6 +517,10 @@ class GgufFile:
         import gguf
 
         reader = self.reader
+        # a canonical chart's record holds nothing of the chart it came from: the round trip
+        # is the input's (re-gauged copies differ there), the error the output's
+        keep = "chart" not in record
+        measure = "round_trip" if keep else "error"
         n_moved = sum(plan[k].residual_axis is not None for k in self.tensors)
         reserved = 512 + 256 * n_moved + len(json.dumps(dict(record)))
         mark = _RECORD_MARK + " " * (reserved - len(_RECORD_MARK))
@@ -531,14 +541,11 @@ class GgufFile:
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             moved = []
-            for _, data, rec in self.moves(plan, gauge):
+            for _, data, rec in self.moves(plan, gauge, measure):
                 writer.write_tensor_data(data)
                 moved.append(rec)
         doc = dict(record)
         doc["exact"] = sum(r.how != "requantised" for r in moved)
-        # a canonical chart's record holds nothing of the chart it came from: the round trip
-        # is the input's (re-gauged copies differ there), the error the output's
-        keep = "chart" not in record
         doc["requantised"] = [r.to_dict(keep) for r in moved if r.how == "requantised"]
         text = json.dumps(doc)
         if len(text) > reserved:  # cannot happen with the reservation above; say so if it did
