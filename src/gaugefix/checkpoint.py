@@ -84,7 +84,8 @@ class Checkpoint:
         path = resolve_model_dir(model)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
-            raise GaugefixError(f"{path}: no config.json (not a HF checkpoint directory)")
+            raise GaugefixError(f"{path}: no config.json and no .gguf file (neither a Hugging "
+                                "Face checkpoint directory nor a folder holding a GGUF file)")
         config = read_json(cfg_file, "model config")
         family = detect_family(config)
         shards, index_file = _weight_files(path)

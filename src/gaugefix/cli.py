@@ -342,6 +342,10 @@ def inspect(
     t.add_row("family", f"{rep.family} (model_type {rep.model_type})")
     t.add_row("norm", rep.norm_description)
     t.add_row("hidden size d", str(rep.hidden_size))
+    if rep.quantised:
+        t.add_row("quantised", ", ".join(f"{k} ×{n}" for k, n in sorted(rep.quantised.items()))
+                  + " (writer rows move exactly; readers' blocks exactly when a gauge keeps "
+                  "them whole, else requantised)")
     if rep.gains_all_one:
         t.add_row("gauge group", f"O({rep.hidden_size}): every gain is equal, so rotations are "
                   f"symmetries too ({rep.gauge_group} among signed permutations)")
@@ -450,8 +454,24 @@ def apply(
     if rep.n_tower:
         written(f"{rep.n_tower} tensors of the vision/audio tower(s) left as they are (they "
                 "never touch the text model's residual stream)")
+    if rep.requantised:
+        written(_requantised_line(rep.requantised))
     if gauge_out is not None:
         written(f"gauge written to {gauge_out}")
+
+
+def _requantised_line(rows: list[dict[str, Any]]) -> str:
+    """What a move that was not exact in the format cost (rows: TensorMove.to_dict)."""
+    errors = sorted(r["error"] for r in rows)
+    types = sorted({r["type"] for r in rows})
+    trips = [r["round_trip"] for r in rows if "round_trip" in r]
+    trip = f" (a plain round trip of the unmoved tensors: up to {max(trips):.2g})" \
+        if trips else ""
+    return (f"not exact: {len(rows)} quantised tensors ({', '.join(types)}) have blocks along "
+            f"the residual axis that this gauge splits; they were requantised with the "
+            f"format's reference quantiser, relative error median {errors[len(errors) // 2]:.2g}"
+            f", max {errors[-1]:.2g}{trip}; the output records them (gaugefix.record). A gauge "
+            "that keeps the blocks whole moves them exactly")
 
 
 # ---------------------------------------------------------------------------- verify
@@ -485,6 +505,15 @@ def verify(
         for i, e in enumerate(rep.hidden_rel_err):
             t.add_row(f"hidden_states[{i}]", f"{e:.2e}")
         out.print(t)
+        if rep.tensors is not None:
+            exact = sum(r["how"] == "exact" for r in rep.tensors)
+            out.print(f"tensors: {exact} exact (B's values are A's moved, bit for bit), "
+                      f"{rep.requantised} requantised (byte for byte the format's reference "
+                      f"quantiser on A's moved values), {len(rep.differs)} differ"
+                      + (f" ({', '.join(rep.differs[:4])})" if rep.differs else ""))
+            if rep.requantised:
+                out.print("the requantised tensors change the function by their rounding: the "
+                          "errors above are reported, not held to the tolerance")
         verdict = ("PASS", "green") if rep.passed else ("FAIL", "red")
         source = "" if tol is not None else f", the default for {dtype}"
         out.print(Text.assemble(verdict, f": max {rep.max_rel_err:.2e} (tol {rep.tol:.0e}"

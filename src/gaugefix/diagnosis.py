@@ -38,6 +38,8 @@ class GaugeGroupReport:
     min_separation: float | None = None
     closest_pair: list[int] | None = None
     warnings: list[str] = field(default_factory=list)
+    # a quantised model: tensors per quantised type (GGUF: Q4_1, Q4_K, ...)
+    quantised: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,13 +151,15 @@ def inspect_checkpoint(model: ModelLike) -> GaugeGroupReport:
         tensors = {k: m.tensor(k) for k in norm_keys}
     finally:
         m.close()
-    return diagnose(
+    rep = diagnose(
         tensors,
         m.family,
         m.hidden_size,
         model_type=m.config.get("model_type"),
         tied_embeddings=_tied(m.config),
     )
+    rep.quantised = dict(m.quantised)
+    return rep
 
 
 def _tied(config: dict[str, Any]) -> bool | None:
