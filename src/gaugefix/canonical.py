@@ -263,6 +263,8 @@ def _tensor_digests(model: Model, gauge: SignedPerm
             if rec.how == "requantised":
                 requantised.append(rec.to_dict())
         return out, requantised
+    if model.checkpoint is not None and model._quant is not None:
+        return _hf_quant_digests(model, gauge)
     ck = model.checkpoint
     if ck is None:
         raise GaugefixError(f"{model.name}: a fingerprint is of a checkpoint on disk")
@@ -280,6 +282,29 @@ def _tensor_digests(model: Model, gauge: SignedPerm
         layout = read_layout(shard)
         stream(shard, gauge_moves(plan, gauge, layout), sink, layout=layout)
     return sink.digests, []
+
+
+def _hf_quant_digests(model: Model, gauge: SignedPerm
+                      ) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """A HF quantised checkpoint: per logical tensor, sha256 of the stored tensors it has in
+    the chart (each by name, dtype, shape and bytes, in name order: a quantised Linear is its
+    packed codes, scales, zeros and group map), with the requantised ones."""
+    import hashlib
+
+    from .quant.hf_checkpoint import moves
+
+    out, requantised = {}, []
+    for key, tensors, rec, _ in moves(model, model.plan, gauge):
+        h = hashlib.sha256()
+        for name in sorted(tensors):
+            t = tensors[name]
+            h.update(f"{name[len(key) - len('weight'):] if name != key else ''} "
+                     f"{t.dtype} {list(t.shape)}".encode())
+            h.update(_bits(t).tobytes())
+        out[key] = h.hexdigest()
+        if rec.how == "requantised":
+            requantised.append(rec.to_dict(round_trip=False))
+    return out, requantised
 
 
 @dataclass

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
     from .quant.gguf_file import GgufFile
+    from .quant.hf_checkpoint import HfQuant
 
 # what every library function accepts as a model (opened at its boundary by open_model)
 ModelLike = Union[str, Path, "Model", "torch.nn.Module"]
@@ -132,8 +133,12 @@ class Model:
 
     @property
     def quantised(self) -> dict[str, int]:
-        """Tensors per quantised type ({} for a float model)."""
-        return self.gguf.quantised if self.gguf is not None else {}
+        """Tensors per quantised type ({} for a float model): GGML types, or the HF scheme
+        (its :data:`gaugefix.quant.hf.CAPABILITIES` row) with its count of Linears."""
+        if self.gguf is not None:
+            return self.gguf.quantised
+        q = self._quant
+        return {} if q is None else {q.name: len(q.groups)}
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, {self.family.name}, d={self.hidden_size})"
@@ -174,7 +179,73 @@ class Model:
             return {k: (self.gguf.path, s) for k, s in self.gguf.shapes.items()}
         if self.checkpoint is None:
             return {k: (None, tuple(v.shape)) for k, v in self._state_dict.items()}
+        q = self._quant
+        if q is None:
+            return self._stored_where
+        return self._logical_where(q)
+
+    # ---------------------------------------------- a HF quantised checkpoint (quant.hf)
+    @cached_property
+    def _stored_where(self) -> dict[str, tuple[Path | None, tuple[int, ...]]]:
+        """Every stored tensor of a checkpoint: its shard and shape."""
+        assert self.checkpoint is not None
         return {k: (shard, shape) for shard, k, shape in self.checkpoint.entries()}
+
+    @cached_property
+    def _quant(self) -> HfQuant | None:
+        """The scheme and Linear groups of a checkpoint whose config.json has a
+        ``quantization_config`` (None otherwise; an unsupported one: one error line)."""
+        if self.checkpoint is None or not self.config.get("quantization_config"):
+            return None
+        from .quant.hf_checkpoint import detect
+
+        if not self.checkpoint.is_safetensors:
+            raise GaugefixError(f"{self.name}: a quantised checkpoint is read from safetensors "
+                                "shards only")
+        return detect(self.config, list(self._stored_where))
+
+    def _logical_where(self, q: HfQuant) -> dict[str, tuple[Path | None, tuple[int, ...]]]:
+        """Each quantised group as one logical ``<module>.weight`` of its dequantised
+        [out, in] shape (shard: None), every other tensor as stored."""
+        from .quant import hf
+
+        stored = q.stored
+        out: dict[str, tuple[Path | None, tuple[int, ...]]] = {}
+        for k, where in self._stored_where.items():
+            key = stored.get(k)
+            if key is None:
+                out[k] = where
+            elif key not in out:
+                shapes = {n: self._stored_where[n][1] for n in q.groups[key].values()}
+                out[key] = (None, hf.logical_shape(q.scheme, shapes))
+        return out
+
+    def _stored_tensor(self, name: str) -> torch.Tensor:
+        """One stored tensor of a checkpoint, by its stored name (shards opened once)."""
+        shard = self._stored_where[name][0]
+        assert shard is not None and self.checkpoint is not None
+        if not self.checkpoint.is_safetensors:
+            return self._torch_shard(shard)[name]
+        if shard not in self._handles:
+            from .io import open_safetensors
+
+            self._handles[shard] = self._stack.enter_context(
+                open_safetensors(shard, "weight shard"))
+        return self._handles[shard].get_tensor(name)
+
+    def _dequantised(self, key: str) -> torch.Tensor | None:
+        """A quantised group's float32 [out, in] weight (None: ``key`` is no group); the
+        last one is kept, as slices of one tensor come one after another."""
+        q = self._quant
+        if q is None or key not in q.groups:
+            return None
+        cache = self.__dict__.setdefault("_deq_cache", {})
+        if cache.get("key") != key:
+            from .quant import hf
+            from .quant.hf_checkpoint import group_of
+
+            cache.update(key=key, value=hf.dequantise(q.scheme, group_of(self, key)))
+        return cache["value"]
 
     @cached_property
     def _state_dict(self) -> dict[str, torch.Tensor]:
@@ -199,6 +270,8 @@ class Model:
             return self.gguf.tensor(key)[idx]
         if self.checkpoint is None:
             return self._state_dict[key][idx]
+        if (deq := self._dequantised(key)) is not None:
+            return deq[idx]
         shard = self._where[key][0]
         assert shard is not None
         if not self.checkpoint.is_safetensors:
@@ -218,6 +291,8 @@ class Model:
             return self.gguf.tensor(key)
         if self.checkpoint is None:
             return self._state_dict[key]
+        if (deq := self._dequantised(key)) is not None:
+            return deq
         shard = self._where[key][0]
         assert shard is not None
         if not self.checkpoint.is_safetensors:
@@ -307,6 +382,13 @@ class Model:
                 options = {} if device_map is None else {"device_map": device_map}
                 model = self.gguf.load(torch_dtype(dtype), **options)
                 self._loaded[key] = model if device_map is not None else model.to(device)
+            elif self._quant is not None:  # transformers' quantised loading
+                from .quant.hf_checkpoint import load
+
+                options = {} if device_map is None else {"device_map": device_map}
+                model = load(self, torch_dtype(dtype), **options)
+                if device_map is None:
+                    model = model.to(device)
             elif device_map is not None:  # accelerate places the layers
                 model = load_causal_lm(path, torch_dtype(dtype), device_map=device_map)
             else:
