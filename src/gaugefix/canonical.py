@@ -286,21 +286,33 @@ def _tensor_digests(model: Model, gauge: SignedPerm
 
 def _hf_quant_digests(model: Model, gauge: SignedPerm
                       ) -> tuple[dict[str, str], list[dict[str, Any]]]:
-    """A HF quantised checkpoint: per logical tensor, sha256 of the stored tensors it has in
-    the chart (each by name, dtype, shape and bytes, in name order: a quantised Linear is its
-    packed codes, scales, zeros and group map), with the requantised ones."""
+    """A HF quantised checkpoint: per logical tensor, sha256 of what it is in the chart, and
+    the tensors :func:`.quant.hf.move` would requantise to get there. A quantised Linear is
+    hashed as its stored tensors' roles, dtypes and shapes and its dequantised values moved
+    exactly (float32): the packed bytes the chart's move reaches are not a function of the
+    values alone (a sign is a negated group scale or mirrored codes, a cell whose mirror
+    does not fit is requantised, g_idx labels follow the path), so an exactly re-gauged
+    copy would not always reach the same bytes, while its dequantised values are, bit for
+    bit, the input's moved. Any other tensor: its moved bytes."""
     import hashlib
 
     from .quant.hf_checkpoint import moves
 
+    q = model._quant
+    assert q is not None
+    plan = model.plan
     out, requantised = {}, []
-    for key, tensors, rec, _ in moves(model, model.plan, gauge):
+    for key, tensors, rec, _ in moves(model, plan, gauge):
         h = hashlib.sha256()
         for name in sorted(tensors):
             t = tensors[name]
-            h.update(f"{name[len(key) - len('weight'):] if name != key else ''} "
-                     f"{t.dtype} {list(t.shape)}".encode())
-            h.update(_bits(t).tobytes())
+            role = name[len(key) - len("weight"):] if name != key else ""
+            h.update(f"{role} {t.dtype} {list(t.shape)};".encode())
+        if key in q.groups:
+            h.update(q.name.encode())
+            h.update(_bits(plan[key](gauge, model.tensor(key)).contiguous()).tobytes())
+        else:
+            h.update(_bits(tensors[key]).tobytes())
         out[key] = h.hexdigest()
         if rec.how == "requantised":
             requantised.append(rec.to_dict(round_trip=False))
