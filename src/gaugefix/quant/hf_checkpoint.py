@@ -212,7 +212,7 @@ def load(model: Model, dtype: torch.dtype, **options: Any) -> torch.nn.Module:
     """The module through transformers' own quantised loading; a missing kernel library
     (optimum/gptqmodel for GPTQ, autoawq for AWQ, a GPU for some) as
     :class:`QuantLibraryMissing`, one line."""
-    from ..model import load_causal_lm
+    from ..loading import load_causal_lm
 
     q = model._quant
     assert q is not None and model.path is not None
