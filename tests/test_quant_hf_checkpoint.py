@@ -229,3 +229,49 @@ def test_unknown_integer_tensor_is_still_refused(ckpts, tmp_path):
     save_file(sd, str(src / "model.safetensors"))
     with pytest.raises(GaugefixError, match=r"integer tensor lm_head\.weight"):
         jobs.apply(src, tmp_path / "o", SignedPerm.random(D, seed=1), progress=False)
+
+
+def test_sharded_checkpoint_with_a_group_across_shards(ckpts, tmp_path):
+    """Two shards and an index, one Linear's qweight in one shard and its scales in the
+    other: the group is read across shards, each shard written with its own names."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "sharded"
+    src.mkdir()
+    (src / "config.json").write_bytes((ckpts["gptq"] / "config.json").read_bytes())
+    sd = load_file(ckpts["gptq"] / "model.safetensors")
+    split = "model.layers.0.self_attn.q_proj.scales"
+    first = {k: v for k, v in sd.items() if "layers.1." in k or k == split}
+    rest = {k: v for k, v in sd.items() if k not in first}
+    names = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    weight_map = {}
+    for name, part in zip(names, (first, rest), strict=True):
+        save_file(part, str(src / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": weight_map}))
+    g = SignedPerm.random(D, seed=21)
+    res = jobs.apply(src, tmp_path / "out", g, progress=False)
+    out = tmp_path / "out"
+    assert res.report.shards == 2
+    _expect(src, out, g, {t["tensor"] for t in res.report.requantised})
+    for name, part in zip(names, (first, rest), strict=True):
+        assert set(load_file(out / name)) == set(part)
+        assert read_record(out / name) == read_record(out / names[0])
+    assert (out / "model.safetensors.index.json").read_text() == \
+        (src / "model.safetensors.index.json").read_text()
+
+
+def test_canonicalize_and_cli_verify(ckpts, tmp_path, cli):
+    """canonicalize writes the canonical chart (requantised tensors said); the CLI's verify
+    says in one line why the forward pass did not run, and passes on the tensors."""
+    src = ckpts["awq"]
+    chart = jobs.canonicalize(src, tmp_path / "canon")
+    _expect(src, tmp_path / "canon", chart.gauge,
+            {t["tensor"] for t in chart.requantised})
+    assert read_record(tmp_path / "canon" / "model.safetensors")["chart"] == "canonical"
+    g = EXACT["awq"]()
+    jobs.apply(src, tmp_path / "b", g, progress=False)
+    g.save(tmp_path / "g.json")
+    res = cli("verify", src, tmp_path / "b", "--gauge", tmp_path / "g.json", "--tokens", 8)
+    assert "transformers cannot run awq here" in res.output and "PASS" in res.output
