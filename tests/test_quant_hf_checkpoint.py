@@ -112,7 +112,7 @@ def _expect(a, b, gauge, requantised: set[str]) -> None:
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_model_presents_logical_tensors(ckpts, fmt):
     m = open_model(ckpts[fmt]).check()
-    q = m._quant
+    q = m.hf_quant
     assert q is not None and q.name == fmt
     assert m.quantised == {fmt: 2 * len(LINEARS)}
     assert m.shapes["model.layers.0.self_attn.q_proj.weight"] == (D, D)
@@ -123,7 +123,7 @@ def test_model_presents_logical_tensors(ckpts, fmt):
     w = m.tensor(key)
     assert w.dtype == torch.float32 and tuple(w.shape) == (FF, D)
     assert torch.equal(m.slice(key, (slice(0, 3), slice(5, 9))), w[:3, 5:9])
-    assert torch.equal(w, hf.dequantise(q.scheme, {n: m._stored_tensor(n)
+    assert torch.equal(w, hf.dequantise(q.scheme, {n: m.stored_tensor(n)
                                                    for n in q.groups[key].values()}))
     rep = jobs.inspect(m)
     assert rep is not None

@@ -139,7 +139,7 @@ def gauge_checkpoint(
     if m.gguf is not None:
         return _gauge_gguf(m, Path(out), gauge, overwrite=overwrite, identities=identities,
                            record=record)
-    if m.checkpoint is not None and m._quant is not None:
+    if m.checkpoint is not None and m.hf_quant is not None:
         return _gauge_hf_quant(m, Path(out), gauge, overwrite=overwrite, identities=identities,
                                record=record)
     if m.checkpoint is None:
@@ -204,7 +204,7 @@ def _gauge_hf_quant(m: Model, out: Path, gauge: SignedPerm, *, overwrite: bool,
     from .io import sha256_files
     from .quant.hf_checkpoint import write
 
-    ckpt, q = m.checkpoint, m._quant
+    ckpt, q = m.checkpoint, m.hf_quant
     assert ckpt is not None and q is not None
     ckpt.family.check_gauge(gauge, ckpt.hidden_size)
     plan = m.plan

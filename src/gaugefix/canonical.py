@@ -263,7 +263,7 @@ def _tensor_digests(model: Model, gauge: SignedPerm
             if rec.how == "requantised":
                 requantised.append(rec.to_dict())
         return out, requantised
-    if model.checkpoint is not None and model._quant is not None:
+    if model.checkpoint is not None and model.hf_quant is not None:
         return _hf_quant_digests(model, gauge)
     ck = model.checkpoint
     if ck is None:
@@ -298,7 +298,7 @@ def _hf_quant_digests(model: Model, gauge: SignedPerm
 
     from .quant.hf_checkpoint import moves
 
-    q = model._quant
+    q = model.hf_quant
     assert q is not None
     plan = model.plan
     out, requantised = {}, []

@@ -167,6 +167,11 @@ class Model:
                                 "shards only")
         return detect(self.config, list(self._stored_where))
 
+    @property
+    def hf_quant(self) -> HfQuant | None:
+        """A checkpoint in a HF quantised format: its scheme and groups (None otherwise)."""
+        return self._quant
+
     def _logical_where(self, q: HfQuant) -> dict[str, tuple[Path | None, tuple[int, ...]]]:
         """Each quantised group as one logical ``<module>.weight`` of its dequantised
         [out, in] shape (shard: None), every other tensor as stored."""
@@ -183,7 +188,7 @@ class Model:
                 out[key] = (None, hf.logical_shape(q.scheme, shapes))
         return out
 
-    def _stored_tensor(self, name: str) -> torch.Tensor:
+    def stored_tensor(self, name: str) -> torch.Tensor:
         """One stored tensor of a checkpoint, by its stored name (shards opened once)."""
         shard = self._stored_where[name][0]
         assert shard is not None and self.checkpoint is not None

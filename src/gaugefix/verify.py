@@ -136,7 +136,7 @@ def verify_checkpoints(model_a: ModelLike, model_b: ModelLike, gauge: SignedPerm
     for m in (ma, mb):
         m.family.check_gauge(gauge, m.hidden_size)
     torch_dtype(dtype)  # refused before any model is loaded
-    if ma._quant is not None or mb._quant is not None:
+    if ma.hf_quant is not None or mb.hf_quant is not None:
         return _verify_hf_quant(ma, mb, gauge, n_tokens=n_tokens, tol=tol, dtype=dtype,
                                 seed=seed)
     a, b = ma.load(dtype), mb.load(dtype)
@@ -157,9 +157,9 @@ def _verify_hf_quant(ma: Model, mb: Model, gauge: SignedPerm, *, n_tokens: int,
     transformers can run the format here (else ``forward`` says why not, in one line)."""
     from .quant.hf_checkpoint import QuantLibraryMissing, check_moved
 
-    if ma._quant is None or mb._quant is None:
-        raise GaugefixError(f"{(mb if ma._quant is None else ma).name} is quantised and "
-                            f"{(ma if ma._quant is None else mb).name} is not: verify compares "
+    if ma.hf_quant is None or mb.hf_quant is None:
+        raise GaugefixError(f"{(mb if ma.hf_quant is None else ma).name} is quantised and "
+                            f"{(ma if ma.hf_quant is None else mb).name} is not: verify compares "
                             "a quantised checkpoint with its moved copy")
     tensors = [t.to_dict() for t in check_moved(ma, mb, gauge)]
     tol = DEFAULT_TOL[dtype] if tol is None else tol

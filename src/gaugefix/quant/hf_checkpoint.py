@@ -70,9 +70,9 @@ def detect(config: Mapping[str, Any], names: list[str]) -> HfQuant | None:
 
 def group_of(model: Model, key: str) -> dict[str, torch.Tensor]:
     """The stored tensors (by stored name) of the logical ``key``."""
-    q = model._quant
+    q = model.hf_quant
     assert q is not None
-    return {n: model._stored_tensor(n) for n in q.groups[key].values()}
+    return {n: model.stored_tensor(n) for n in q.groups[key].values()}
 
 
 def move_group(q: HfQuant, key: str, tensors: Mapping[str, Any], op: Op, gauge: SignedPerm
@@ -103,14 +103,14 @@ def moves(model: Model, plan: Mapping[str, Op], gauge: SignedPerm
           ) -> Iterator[tuple[str, dict[str, Any], TensorMove, dict[str, Any]]]:
     """(logical key, moved stored tensors by name, record, config changes) for every logical
     tensor, in key order."""
-    q = model._quant
+    q = model.hf_quant
     assert q is not None
     for key in sorted(plan):
         op = plan[key]
         if key in q.groups:
             yield (key, *move_group(q, key, group_of(model, key), op, gauge))
         else:
-            t = model._stored_tensor(key)
+            t = model.stored_tensor(key)
             how = "untouched" if op.residual_axis is None else "exact"
             yield key, {key: op(gauge, t).contiguous()}, TensorMove(key, str(t.dtype), how), {}
 
@@ -172,7 +172,7 @@ def check_moved(a: Model, b: Model, gauge: SignedPerm) -> list[TensorMove]:
     ``differs``."""
     import torch
 
-    qa, qb = a._quant, b._quant
+    qa, qb = a.hf_quant, b.hf_quant
     assert qa is not None and qb is not None
     plan, out = a.plan, []
     for key in sorted(plan):
@@ -214,7 +214,7 @@ def load(model: Model, dtype: torch.dtype, **options: Any) -> torch.nn.Module:
     :class:`QuantLibraryMissing`, one line."""
     from ..loading import load_causal_lm
 
-    q = model._quant
+    q = model.hf_quant
     assert q is not None and model.path is not None
     try:
         return load_causal_lm(model.path, dtype, **options)
