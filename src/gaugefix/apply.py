@@ -110,8 +110,8 @@ class ApplyReport:
     # while the files stream through when asked for
     source_sha256: str | None = None
     sha256: str | None = None
-    # a quantised input (GGUF): the tensors that could not move exactly and were
-    # requantised, with the error that added (TensorMove.to_dict() rows)
+    # a quantised input (GGUF, HF quantised formats): the tensors that could not move
+    # exactly and were requantised, with the error that added (TensorMove.to_dict() rows)
     requantised: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -131,12 +131,17 @@ def gauge_checkpoint(
     written; non-weight files (config, tokenizer, generation config, ...) are copied.
     ``identities``: also hash the input's and the output's weight files on the way.
     A GGUF file is written as one GGUF file whose ``gaugefix.record`` field holds ``record``
-    (default: the gauge and the source's name) and what moved exactly or was requantised.
+    (default: the gauge and the source's name) and what moved exactly or was requantised;
+    a checkpoint in a HF quantised format (GPTQ, AWQ, compressed-tensors, FP8) as a
+    checkpoint whose shards' ``__metadata__`` hold that record (:mod:`.quant.hf_checkpoint`).
     """
     m = open_model(model).check()
     if m.gguf is not None:
         return _gauge_gguf(m, Path(out), gauge, overwrite=overwrite, identities=identities,
                            record=record)
+    if m.checkpoint is not None and m.hf_quant is not None:
+        return _gauge_hf_quant(m, Path(out), gauge, overwrite=overwrite, identities=identities,
+                               record=record)
     if m.checkpoint is None:
         raise GaugefixError(f"{m.name} is a model in memory: gauge_model moves it; "
                             "gauge_checkpoint writes a checkpoint on disk")
@@ -183,6 +188,50 @@ def _gauge_gguf(m: Model, out: Path, gauge: SignedPerm, *, overwrite: bool,
         if identities:
             report.source_sha256 = m.identity()["sha256"]
             report.sha256 = sha256_files([tmp])
+    report.requantised = [r.to_dict() for r in moved if r.how == "requantised"]
+    return report
+
+
+def _gauge_hf_quant(m: Model, out: Path, gauge: SignedPerm, *, overwrite: bool,
+                    identities: bool, record: Mapping[str, Any] | None) -> ApplyReport:
+    """A checkpoint in a HF quantised format in chart B: each quantised Linear moved on its
+    packed data where exact, its cells requantised with the format's quantiser elsewhere
+    (:func:`.quant.hf.move`), every other tensor by its op; the shards are written whole
+    (held in memory: see :func:`.quant.hf_checkpoint.write`), the config's
+    ``quantization_config`` updated where a move needs it (GPTQ ``desc_act``)."""
+    import json
+
+    from .io import sha256_files
+    from .quant.hf_checkpoint import write
+
+    ckpt, q = m.checkpoint, m.hf_quant
+    assert ckpt is not None and q is not None
+    ckpt.family.check_gauge(gauge, ckpt.hidden_size)
+    plan = m.plan
+    _check_widths(plan, m.shapes, gauge.d)
+    # integer tensors of the scheme move with it; any other integer tensor is refused
+    dtypes = _dtypes(ckpt)
+    _check_dtypes({k: op for k, op in plan.items() if k not in q.groups}, dtypes, gauge)
+    report = ApplyReport(ckpt.path, out, m.family.name, gauge.d, shards=len(ckpt.shards))
+    for op in plan.values():
+        report.ops[str(op)] = report.ops.get(str(op), 0) + 1
+    report.n_tensors = len(plan)
+    report.n_transformed = sum(op.residual_axis is not None for op in plan.values())
+    report.n_tower = sum(1 for k in plan if ckpt.family.in_tower(k))
+    if record is None:
+        record = {"gauge": gauge.to_json(), "source": ckpt.path.name}
+    with atomic_dir(out, overwrite=overwrite, inputs=(ckpt.path,)) as tmp:
+        copy_files(ckpt.path, tmp, ckpt.weight_files)
+        if ckpt.index_file is not None:
+            shutil.copy2(ckpt.index_file, tmp / ckpt.index_file.name)
+        moved, change, report.bytes_written = write(m, tmp, plan, gauge, record)
+        if change:
+            config = json.loads((ckpt.path / "config.json").read_text())
+            config["quantization_config"] = {**config["quantization_config"], **change}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if identities:
+            report.source_sha256 = m.identity()["sha256"]
+            report.sha256 = sha256_files([tmp / s.name for s in ckpt.shards])
     report.requantised = [r.to_dict() for r in moved if r.how == "requantised"]
     return report
 

@@ -264,6 +264,8 @@ def _tensor_digests(model: Model, gauge: SignedPerm
             if rec.how == "requantised":
                 requantised.append(rec.to_dict())
         return out, requantised
+    if model.checkpoint is not None and model.hf_quant is not None:
+        return _hf_quant_digests(model, gauge)
     ck = model.checkpoint
     if ck is None:
         raise GaugefixError(f"{model.name}: a fingerprint is of a checkpoint on disk")
@@ -281,6 +283,41 @@ def _tensor_digests(model: Model, gauge: SignedPerm
         layout = read_layout(shard)
         stream(shard, gauge_moves(plan, gauge, layout), sink, layout=layout)
     return sink.digests, []
+
+
+def _hf_quant_digests(model: Model, gauge: SignedPerm
+                      ) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """A HF quantised checkpoint: per logical tensor, sha256 of what it is in the chart, and
+    the tensors :func:`.quant.hf.move` would requantise to get there. A quantised Linear is
+    hashed as its stored tensors' roles, dtypes and shapes and its dequantised values moved
+    exactly (float32): the packed bytes the chart's move reaches are not a function of the
+    values alone (a sign is a negated group scale or mirrored codes, a cell whose mirror
+    does not fit is requantised, g_idx labels follow the path), so an exactly re-gauged
+    copy would not always reach the same bytes, while its dequantised values are, bit for
+    bit, the input's moved. Any other tensor: its moved bytes."""
+    import hashlib
+
+    from .quant.hf_checkpoint import moves
+
+    q = model.hf_quant
+    assert q is not None
+    plan = model.plan
+    out, requantised = {}, []
+    for key, tensors, rec, _ in moves(model, plan, gauge):
+        h = hashlib.sha256()
+        for name in sorted(tensors):
+            t = tensors[name]
+            role = name[len(key) - len("weight"):] if name != key else ""
+            h.update(f"{role} {t.dtype} {list(t.shape)};".encode())
+        if key in q.groups:
+            h.update(q.name.encode())
+            h.update(_bits(plan[key](gauge, model.tensor(key)).contiguous()).tobytes())
+        else:
+            h.update(_bits(tensors[key]).tobytes())
+        out[key] = h.hexdigest()
+        if rec.how == "requantised":
+            requantised.append(rec.to_dict(round_trip=False))
+    return out, requantised
 
 
 @dataclass

@@ -497,6 +497,12 @@ def verify(
                       seed=seed)
     if as_json:
         _print_json(rep.to_dict())
+    elif rep.forward is not None:  # a quantised format transformers cannot run here
+        out.print(rep.forward)
+        exact = sum(t["how"] == "exact" for t in rep.tensors or ())
+        verdict = ("PASS", "green") if rep.passed else ("FAIL", "red")
+        out.print(Text.assemble(verdict, f": {exact} tensors exact, {rep.requantised} "
+                                f"requantised, {len(rep.differs)} differ"))
     else:
         t = Table(title=f"max relative error on {rep.n_tokens} probe tokens ({dtype})")
         t.add_column("output")

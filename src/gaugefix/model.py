@@ -16,7 +16,6 @@ Library functions take a :data:`ModelLike` and open it at their boundary with
 from __future__ import annotations
 
 import contextlib
-import pickle
 import re
 from functools import cached_property
 from pathlib import Path
@@ -25,11 +24,13 @@ from typing import TYPE_CHECKING, Any, Union
 from .arch import Family, Op, check_width, detect_family, hidden_size_of
 from .checkpoint import Checkpoint
 from .errors import GaugefixError
+from .loading import load_causal_lm
 
 if TYPE_CHECKING:
     import torch
 
     from .quant.gguf_file import GgufFile
+    from .quant.hf_checkpoint import HfQuant
 
 # what every library function accepts as a model (opened at its boundary by open_model)
 ModelLike = Union[str, Path, "Model", "torch.nn.Module"]
@@ -46,43 +47,6 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPE_NAMES:
         raise GaugefixError(f"unknown dtype {name!r}; choose from {', '.join(DTYPE_NAMES)}")
     return getattr(torch, name)
-
-
-def load_causal_lm(path: Path, dtype: torch.dtype, **options: Any) -> torch.nn.Module:
-    """A checkpoint through transformers' own loading (``options`` go to from_pretrained,
-    e.g. a device map), with every way it can refuse a bad checkpoint in one line."""
-    import torch
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-
-    # transformers' fused-expert kernel (grouped_mm) has no float64; the eager loop does
-    extra = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
-    extra.update(options)
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                           output_loading_info=True, **extra)
-    except pickle.UnpicklingError:
-        raise GaugefixError(f"{path}: refused: its weights need code to unpickle, and gaugefix "
-                            "only reads torch files with weights_only=True") from None
-    except SafetensorError as exc:
-        raise GaugefixError(f"{path}: not a valid weight shard ({exc})") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # config or files unusable
-        first = str(exc).strip().split("\n", 1)[0]
-        raise GaugefixError(f"{path}: transformers could not load the model ({first})") from None
-    except RuntimeError as exc:
-        if "mismatch" not in str(exc):
-            raise  # a bug or out of memory, not a bad checkpoint: let it show
-        raise GaugefixError(f"{path}: tensor shapes do not fit its config.json") from None
-    missing = sorted(info.get("missing_keys") or ())
-    if missing:  # transformers would fill them at random: not the checkpoint's function
-        from .arch import collapse_layers
-
-        names = list(dict.fromkeys(collapse_layers(k) for k in missing))
-        raise GaugefixError(f"{path}: its config.json needs {len(missing)} tensors the weight "
-                            f"files lack ({', '.join(names[:6])}"
-                            f"{' ...' if len(names) > 6 else ''}); transformers would "
-                            "initialise them at random")
-    return model.eval()
 
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.")
@@ -132,8 +96,12 @@ class Model:
 
     @property
     def quantised(self) -> dict[str, int]:
-        """Tensors per quantised type ({} for a float model)."""
-        return self.gguf.quantised if self.gguf is not None else {}
+        """Tensors per quantised type ({} for a float model): GGML types, or the HF scheme
+        (its :data:`gaugefix.quant.hf.CAPABILITIES` row) with its count of Linears."""
+        if self.gguf is not None:
+            return self.gguf.quantised
+        q = self._quant
+        return {} if q is None else {q.name: len(q.groups)}
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, {self.family.name}, d={self.hidden_size})"
@@ -174,7 +142,78 @@ class Model:
             return {k: (self.gguf.path, s) for k, s in self.gguf.shapes.items()}
         if self.checkpoint is None:
             return {k: (None, tuple(v.shape)) for k, v in self._state_dict.items()}
+        q = self._quant
+        if q is None:
+            return self._stored_where
+        return self._logical_where(q)
+
+    # ---------------------------------------------- a HF quantised checkpoint (quant.hf)
+    @cached_property
+    def _stored_where(self) -> dict[str, tuple[Path | None, tuple[int, ...]]]:
+        """Every stored tensor of a checkpoint: its shard and shape."""
+        assert self.checkpoint is not None
         return {k: (shard, shape) for shard, k, shape in self.checkpoint.entries()}
+
+    @cached_property
+    def _quant(self) -> HfQuant | None:
+        """The scheme and Linear groups of a checkpoint whose config.json has a
+        ``quantization_config`` (None otherwise; an unsupported one: one error line)."""
+        if self.checkpoint is None or not self.config.get("quantization_config"):
+            return None
+        from .quant.hf_checkpoint import detect
+
+        if not self.checkpoint.is_safetensors:
+            raise GaugefixError(f"{self.name}: a quantised checkpoint is read from safetensors "
+                                "shards only")
+        return detect(self.config, list(self._stored_where))
+
+    @property
+    def hf_quant(self) -> HfQuant | None:
+        """A checkpoint in a HF quantised format: its scheme and groups (None otherwise)."""
+        return self._quant
+
+    def _logical_where(self, q: HfQuant) -> dict[str, tuple[Path | None, tuple[int, ...]]]:
+        """Each quantised group as one logical ``<module>.weight`` of its dequantised
+        [out, in] shape (shard: None), every other tensor as stored."""
+        from .quant import hf
+
+        stored = q.stored
+        out: dict[str, tuple[Path | None, tuple[int, ...]]] = {}
+        for k, where in self._stored_where.items():
+            key = stored.get(k)
+            if key is None:
+                out[k] = where
+            elif key not in out:
+                shapes = {n: self._stored_where[n][1] for n in q.groups[key].values()}
+                out[key] = (None, hf.logical_shape(q.scheme, shapes))
+        return out
+
+    def stored_tensor(self, name: str) -> torch.Tensor:
+        """One stored tensor of a checkpoint, by its stored name (shards opened once)."""
+        shard = self._stored_where[name][0]
+        assert shard is not None and self.checkpoint is not None
+        if not self.checkpoint.is_safetensors:
+            return self._torch_shard(shard)[name]
+        if shard not in self._handles:
+            from .io import open_safetensors
+
+            self._handles[shard] = self._stack.enter_context(
+                open_safetensors(shard, "weight shard"))
+        return self._handles[shard].get_tensor(name)
+
+    def _dequantised(self, key: str) -> torch.Tensor | None:
+        """A quantised group's float32 [out, in] weight (None: ``key`` is no group); the
+        last one is kept, as slices of one tensor come one after another."""
+        q = self._quant
+        if q is None or key not in q.groups:
+            return None
+        cache = self.__dict__.setdefault("_deq_cache", {})
+        if cache.get("key") != key:
+            from .quant import hf
+            from .quant.hf_checkpoint import group_of
+
+            cache.update(key=key, value=hf.dequantise(q.scheme, group_of(self, key)))
+        return cache["value"]
 
     @cached_property
     def _state_dict(self) -> dict[str, torch.Tensor]:
@@ -199,6 +238,8 @@ class Model:
             return self.gguf.tensor(key)[idx]
         if self.checkpoint is None:
             return self._state_dict[key][idx]
+        if (deq := self._dequantised(key)) is not None:
+            return deq[idx]
         shard = self._where[key][0]
         assert shard is not None
         if not self.checkpoint.is_safetensors:
@@ -218,6 +259,8 @@ class Model:
             return self.gguf.tensor(key)
         if self.checkpoint is None:
             return self._state_dict[key]
+        if (deq := self._dequantised(key)) is not None:
+            return deq
         shard = self._where[key][0]
         assert shard is not None
         if not self.checkpoint.is_safetensors:
@@ -307,6 +350,13 @@ class Model:
                 options = {} if device_map is None else {"device_map": device_map}
                 model = self.gguf.load(torch_dtype(dtype), **options)
                 self._loaded[key] = model if device_map is not None else model.to(device)
+            elif self._quant is not None:  # transformers' quantised loading
+                from .quant.hf_checkpoint import load
+
+                options = {} if device_map is None else {"device_map": device_map}
+                model = load(self, torch_dtype(dtype), **options)
+                if device_map is None:
+                    model = model.to(device)
             elif device_map is not None:  # accelerate places the layers
                 model = load_causal_lm(path, torch_dtype(dtype), device_map=device_map)
             else:

@@ -482,7 +482,7 @@ class GgufFile:
         from transformers import GgufConfig
         from transformers.utils import logging
 
-        from ..model import load_causal_lm
+        from ..loading import load_causal_lm
 
         bars = logging.is_progress_bar_enabled()
         logging.disable_progress_bar()  # gaugefix's own output says what is going on
