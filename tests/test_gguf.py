@@ -242,12 +242,17 @@ def test_smollm2_random_gauge_requantises_the_readers_and_says_so(smol, tmp_path
 
 
 def test_smollm2_canonical_chart_and_fingerprint_survive_an_exact_regauging(smol, tmp_path):
-    """Re-gauged exactly, the file canonicalises to the same bytes and has the same
+    """``match`` finds the gauge between the file and an exactly re-gauged copy; re-gauged
+    exactly, the file canonicalises to the same bytes and has the same
     fingerprint; the chart says which tensors it had to requantise."""
     from gaugefix import jobs
 
     b = tmp_path / "b.gguf"
-    jobs.apply(smol, b, _block_gauge(576, 1))
+    g = _block_gauge(576, 1)
+    jobs.apply(smol, b, g)
+    # the gauge between the two files, from their weights alone (dequantised), every
+    # coordinate and sign
+    assert jobs.match(smol, b, source="weights").gauge == g
     fa, fb = jobs.fingerprint(smol), jobs.fingerprint(b)
     assert fa.sha256 == fb.sha256
     assert fa.chart.requantised and any("requantised" in line for line in fa.chart.describe())
@@ -317,3 +322,22 @@ def test_gemma3_k_quants_move_exactly_on_their_rows(tmp_path_factory, tmp_path):
                        )[1].how == "exact"
     assert move_tensor(q.name, np.asarray(q.data), q.tensor_type, READER, r
                        )[1].how == "requantised"
+
+
+def test_readme_tables_are_the_shipped_ones():
+    """The README's format × move tables are generated from the layout data that the moves
+    use: a change to either shows here."""
+    from gaugefix.quant import hf
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert gguf_file.capability_markdown() in readme
+    assert hf.capability_markdown() in readme
+
+
+def test_merge_refuses_a_quantised_model_in_one_line(smol, tmp_path):
+    from gaugefix import jobs
+
+    with pytest.raises(GaugefixError, match=r"is quantised \(Q4_1, Q8_0\); merge works on "
+                                            r"float checkpoints"):
+        jobs.merge(smol, smol, tmp_path / "m")
+    assert not (tmp_path / "m").exists()

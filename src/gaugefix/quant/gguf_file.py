@@ -633,3 +633,32 @@ def rounding_noise(values: np.ndarray, tname: str) -> float:
     noise = float(np.sqrt((step ** 2 / 12 * block).sum()))
     norm = float(np.linalg.norm(x))
     return noise / norm if norm > 0 else 0.0
+
+
+def capability_markdown() -> str:
+    """The GGUF rows of the README's table, from :data:`LAYOUTS` and gguf-py's quantisers:
+    format × move → exact / requantised / refused."""
+    can = set(quantisable())
+    rows = ["| GGUF type | reader permutation | reader sign | writer permutation | writer sign "
+            "| embedding |", "|---|---|---|---|---|---|"]
+    groups: dict[str, list[str]] = {}
+    for tname, layout in LAYOUTS.items():
+        if tname in _FLOAT_BITS:
+            cells = ["exact"] * 5
+        else:
+            block = _block_size(tname)[0]
+            fallback = ("else requantised (gguf-py)" if tname in can else
+                        "else refused (gguf-py has no quantiser for it)")
+            sign_field = ("element sign bits" if layout.xor else
+                          "d" + (", m/dmin" if len(layout.scales) > 1 else "") + " negated")
+            if layout.codes:
+                perm = f"exact if every {block}-block maps onto one block; {fallback}"
+                rsign = "exact (symmetric codes)"
+            else:
+                perm = f"exact if whole {block}-blocks move in order; {fallback}"
+                rsign = f"exact if whole {block}-blocks flip; {fallback}"
+            cells = [perm, rsign, "exact (rows whole)", f"exact ({sign_field})", "as reader"]
+        groups.setdefault(" | ".join(cells), []).append(tname)
+    for cells, names in groups.items():
+        rows.append(f"| {', '.join(names)} | {cells} |")
+    return "\n".join(rows)

@@ -151,6 +151,11 @@ def merge_checkpoints(model_a: ModelLike, model_b: ModelLike, gauge: SignedPerm 
 
 
 def _on_disk(m: Model) -> Checkpoint:
+    if m.quantised:  # merging quantised codes is not merging weights
+        raise GaugefixError(f"{m.name} is quantised ({', '.join(sorted(m.quantised))}); merge "
+                            "works on float checkpoints: dequantise it first (transformers "
+                            "loads it dequantised: save_pretrained the result), merge, then "
+                            "quantise the merge with the format's own tool")
     if m.checkpoint is None:
         raise GaugefixError(f"{m.name} is a model in memory; merge reads checkpoints on disk "
                             "(save_pretrained it first)")
