@@ -114,6 +114,17 @@ class ApplyReport:
     # exactly and were requantised, with the error that added (TensorMove.to_dict() rows)
     requantised: list[dict[str, Any]] = field(default_factory=list)
 
+    @classmethod
+    def planned(cls, source: Path, output: Path, family: Family, plan: Mapping[str, Op],
+                d: int, *, shards: int) -> ApplyReport:
+        """The report of a planned move, before anything is written: the ops' counts."""
+        report = cls(source, output, family.name, d, shards=shards, n_tensors=len(plan))
+        for op in plan.values():
+            report.ops[str(op)] = report.ops.get(str(op), 0) + 1
+        report.n_transformed = sum(op.residual_axis is not None for op in plan.values())
+        report.n_tower = sum(1 for k in plan if family.in_tower(k))
+        return report
+
 
 def gauge_checkpoint(
     model: ModelLike,
@@ -175,11 +186,7 @@ def _gauge_gguf(m: Model, out: Path, gauge: SignedPerm, *, overwrite: bool,
     m.family.check_gauge(gauge, m.hidden_size)
     plan = m.plan
     _check_widths(plan, m.shapes, gauge.d)
-    report = ApplyReport(m.gguf.path, out, m.family.name, gauge.d, shards=1)
-    for op in plan.values():
-        report.ops[str(op)] = report.ops.get(str(op), 0) + 1
-    report.n_tensors = len(plan)
-    report.n_transformed = sum(op.residual_axis is not None for op in plan.values())
+    report = ApplyReport.planned(m.gguf.path, out, m.family, plan, gauge.d, shards=1)
     if record is None:
         record = {"gauge": gauge.to_json(), "source": m.gguf.path.name}
     with atomic_file(out, overwrite=overwrite, inputs=(m.gguf.path,)) as tmp:
@@ -212,12 +219,8 @@ def _gauge_hf_quant(m: Model, out: Path, gauge: SignedPerm, *, overwrite: bool,
     # integer tensors of the scheme move with it; any other integer tensor is refused
     dtypes = _dtypes(ckpt)
     _check_dtypes({k: op for k, op in plan.items() if k not in q.groups}, dtypes, gauge)
-    report = ApplyReport(ckpt.path, out, m.family.name, gauge.d, shards=len(ckpt.shards))
-    for op in plan.values():
-        report.ops[str(op)] = report.ops.get(str(op), 0) + 1
-    report.n_tensors = len(plan)
-    report.n_transformed = sum(op.residual_axis is not None for op in plan.values())
-    report.n_tower = sum(1 for k in plan if ckpt.family.in_tower(k))
+    report = ApplyReport.planned(ckpt.path, out, m.family, plan, gauge.d,
+                                 shards=len(ckpt.shards))
     if record is None:
         record = {"gauge": gauge.to_json(), "source": ckpt.path.name}
     with atomic_dir(out, overwrite=overwrite, inputs=(ckpt.path,)) as tmp:
@@ -266,12 +269,8 @@ def write_gauged_weights(ckpt: Checkpoint, out_dir: Path, gauge: SignedPerm,
     safetensors streamed tensor by tensor (:mod:`gaugefix.shards`), torch files whole."""
     from .shards import Hashes, gauge_moves, read_layout, rewrite
 
-    report = ApplyReport(ckpt.path, out_dir, ckpt.family.name, gauge.d, shards=len(ckpt.shards))
-    for op in plan.values():
-        report.ops[str(op)] = report.ops.get(str(op), 0) + 1
-    report.n_tensors = len(plan)
-    report.n_transformed = sum(1 for op in plan.values() if op.residual_axis is not None)
-    report.n_tower = sum(1 for k in plan if ckpt.family.in_tower(k))
+    report = ApplyReport.planned(ckpt.path, out_dir, ckpt.family, plan, gauge.d,
+                                 shards=len(ckpt.shards))
     if ckpt.index_file is not None:
         shutil.copy2(ckpt.index_file, out_dir / ckpt.index_file.name)
     hashes = Hashes(identities, identities)  # one stream over the shards, in order
