@@ -37,7 +37,7 @@ import contextlib
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -100,8 +100,10 @@ def _type_name(ttype: Any) -> str:
     return getattr(ttype, "name", str(ttype))
 
 
+@cache
 def quantisable() -> tuple[str, ...]:
-    """The GGML types gguf-py's reference quantiser writes (requantising is possible)."""
+    """The GGML types gguf-py's reference quantiser writes (requantising is possible); asked
+    of gguf-py once."""
     from gguf import GGMLQuantizationType as T
     from gguf import quants
 
