@@ -420,12 +420,10 @@ def _up_to_quantisation(a: Model, b: Model, gauge: SignedPerm, dist: dict[str, f
     quantised one of them: None when neither is quantised."""
     from .quant.gguf_file import rounding_noise
 
-    types = {}
+    types = {}  # key -> the GGML type of whichever side quantised it
     for m in (a, b):
         if m.gguf is not None:
-            for key, t in m.gguf.types.items():
-                if m.gguf.quantised.get(t):
-                    types[key] = t
+            types.update((k, t) for k, t in m.gguf.types.items() if t in m.gguf.quantised)
     if not types:
         return None
     ratios = {}
