@@ -36,6 +36,7 @@ from .arch import Family
 from .errors import GaugefixError
 from .group import SignedPerm
 from .model import Model, ModelLike, open_model
+from .relation import DEFAULT_ALPHA
 
 # entries read along each non-residual axis at each depth; the last depth reads everything
 _DEPTHS = (2, 16, 256, None)
@@ -369,16 +370,6 @@ def fingerprint(model: ModelLike, *, discrete_only: bool = False) -> Fingerprint
 
 
 # ---------------------------------------------------------------------------- identity
-# calibrated on benchmarks/bench_identify.py (tiny d=64 lineages): models trained from other
-# initialisations lie at 1.14-1.35 even after alignment (√2 for unaligned independent weights
-# of equal norm); fine-tunes at lr 5e-3 at 0.41-0.91. A difference as large as the weights
-# themselves is the limit.
-DERIVED_MAX_DISTANCE = 1.0
-# or: the data-free alignment singles out most partners (the median coordinate's margin at the
-# flag threshold of the estimator), which independent weights never do (≤ 0.16 there)
-DERIVED_MIN_CONFIDENCE = 1.5
-
-
 @dataclass
 class Identity:
     """``verdict``: same (one function up to gauge), derived, or unrelated; ``gauge``: A → B
@@ -395,16 +386,12 @@ class Identity:
 
 
 def _relative_distances(a: Model, b: Model, gauge: SignedPerm) -> dict[str, float]:
-    """Per tensor: ||B - g(A)|| / max(||A||, ||B||), tensor by tensor (one pair in memory)."""
-    import torch
+    """Per tensor: ||B - g(A)|| / max(||A||, ||B||), tensor by tensor (one pair in memory,
+    float64 a row block at a time)."""
+    from .relation import relative_distance
 
-    out = {}
-    for key, op in a.plan.items():
-        tb = b.tensor(key).to(torch.float64)
-        moved = op(gauge, a.tensor(key)).to(torch.float64)
-        scale = max(float(moved.norm()), float(tb.norm()))
-        out[key] = float((tb - moved).norm()) / scale if scale > 0 else 0.0
-    return out
+    return {key: relative_distance(op, a.tensor(key), b.tensor(key), gauge, a.hidden_size)
+            for key, op in a.plan.items()}
 
 
 # a quantised tensor is "that tensor, rounded" when its error is within this many times the
@@ -445,10 +432,22 @@ def _up_to_quantisation(a: Model, b: Model, gauge: SignedPerm, dist: dict[str, f
             "factor": ROUNDING_FACTOR}
 
 
-def identify(a: ModelLike, b: ModelLike) -> Identity:
-    """Whether B is A up to gauge, derived from A, or unrelated, from the weights alone."""
-    from .estimate import match_weights
+def _check_alpha(alpha: float) -> float:
+    if not (isinstance(alpha, (int, float)) and 0 < alpha < 1):
+        raise GaugefixError(f"alpha must be a probability strictly between 0 and 1, not "
+                            f"{alpha!r}")
+    return float(alpha)
 
+
+def identify(a: ModelLike, b: ModelLike, *, alpha: float = DEFAULT_ALPHA) -> Identity:
+    """Whether B is A up to gauge, derived from A, or unrelated, from the weights alone.
+
+    ``same``: bit-identical canonical forms (exact). ``derived``: the held-out test of
+    :func:`gaugefix.relation.relate` rejects "unrelated" at level ``alpha`` (its p-values,
+    combined and per tensor group, are in the evidence), or B is A up to quantisation."""
+    from .relation import relate
+
+    alpha = _check_alpha(alpha)
     ca, cb = open_model(a).check(), open_model(b).check()
     if ca.family.name != cb.family.name:
         return Identity("unrelated", f"different families: {ca.family.name} and "
@@ -469,17 +468,22 @@ def identify(a: ModelLike, b: ModelLike) -> Identity:
                         "(through both canonical charts)", gauge,
                         {"fingerprint": fa.fingerprint, "tensors_compared": len(fa.tensors),
                          "open": fa.chart.describe()})
-    result = match_weights(ca, cb)
+    evidence: dict[str, Any] = {"fingerprint_a": fa.fingerprint,
+                                "fingerprint_b": fb.fingerprint}
+    rel = relate(ca, cb)
+    if rel is None:
+        return Identity("unrelated", "fewer than two tensors with one residual axis are "
+                        "nonzero in both models: nothing to align on and test on", None,
+                        evidence)
+    result = rel.match
     dist = _relative_distances(ca, cb, result.gauge)
     median = float(np.median(list(dist.values())))
-    evidence = {"fingerprint_a": fa.fingerprint, "fingerprint_b": fb.fingerprint,
-                "median_relative_distance": median,
-                "max_relative_distance": max(dist.values()),
-                "threshold": DERIVED_MAX_DISTANCE,
-                "confidence": result.summary(),
-                "relative_distance": {k: round(v, 6) for k, v in sorted(dist.items())}}
-    aligned = result.summary()["median_confidence"]
-    evidence["median_alignment_confidence"] = aligned
+    evidence.update(rel.evidence(alpha))
+    evidence.update({"median_relative_distance": median,
+                     "max_relative_distance": max(dist.values()),
+                     "confidence": result.summary(),
+                     "median_alignment_confidence": result.summary()["median_confidence"],
+                     "relative_distance": {k: round(v, 6) for k, v in sorted(dist.items())}})
     quantised = _up_to_quantisation(ca, cb, result.gauge, dist)
     if quantised is not None:
         evidence["quantisation"] = quantised
@@ -489,16 +493,16 @@ def identify(a: ModelLike, b: ModelLike) -> Identity:
                             f"at most {quantised['max_ratio']:.2g}× the rounding its type "
                             f"costs (median relative error {median:.3g}), every other tensor "
                             "by float rounding only", result.gauge, evidence)
-    if median <= DERIVED_MAX_DISTANCE:
-        return Identity("derived", f"after alignment the tensors differ by {median:.3g} "
-                        f"(median relative distance, ≤ {DERIVED_MAX_DISTANCE})", result.gauge,
-                        evidence)
-    if aligned >= DERIVED_MIN_CONFIDENCE:
-        return Identity("derived", f"the weights single out their partners (median alignment "
-                        f"confidence {aligned:.3g} ≥ {DERIVED_MIN_CONFIDENCE} standard "
-                        f"deviations), though they moved by {median:.3g}", result.gauge,
-                        evidence)
-    return Identity("unrelated", f"even aligned, the tensors differ by {median:.3g} (median "
-                    f"relative distance, > {DERIVED_MAX_DISTANCE}) and the alignment is no better "
-                    f"than chance (median confidence {aligned:.3g} < {DERIVED_MIN_CONFIDENCE})",
-                    None, evidence)
+    held_out = (f"aligned on half of the tensors, the other half agree with mean cosine "
+                f"{rel.mean_cosine:.3g} over {rel.tensors} tensors (p = {_p(rel)}")
+    if rel.p_value <= alpha:
+        return Identity("derived", f"{held_out} ≤ α = {alpha:g})", result.gauge, evidence)
+    return Identity("unrelated", f"{held_out} > α = {alpha:g}: no better than a random "
+                    "gauge)", None, evidence)
+
+
+def _p(rel: Any) -> str:
+    """A p-value as text, however small (its log10 when below float range)."""
+    if rel.p_value > 0:
+        return f"{rel.p_value:.2g}"
+    return f"10^{rel.log10_p_value:.0f}"

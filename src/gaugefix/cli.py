@@ -411,12 +411,15 @@ def fingerprint(
 def identify(
     model_a: Annotated[str, typer.Argument(help="checkpoint A")],
     model_b: Annotated[str, typer.Argument(help="checkpoint B")],
+    alpha: Annotated[float | None, typer.Option(
+        "--alpha", help="derived when the held-out test's p-value is at most this (the "
+        "false-positive rate per unrelated pair); default 1e-6")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Same function up to gauge, derived (e.g. fine-tuned), or unrelated: from weights alone."""
     from . import jobs
 
-    r = jobs.identify(model_a, model_b)
+    r = jobs.identify(model_a, model_b, alpha=alpha)
     if as_json:
         _print_json(r.to_dict())
         return

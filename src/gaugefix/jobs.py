@@ -449,11 +449,13 @@ def fingerprint(model: ModelLike, *, discrete_only: bool = False) -> Fingerprint
     return run(model, discrete_only=discrete_only)
 
 
-def identify(a: ModelLike, b: ModelLike) -> Identity:
-    """Same function up to gauge, derived, or unrelated (``gaugefix identify``)."""
+def identify(a: ModelLike, b: ModelLike, *, alpha: float | None = None) -> Identity:
+    """Same function up to gauge, derived, or unrelated (``gaugefix identify``); ``alpha``:
+    the held-out test's level (None: :data:`gaugefix.relation.DEFAULT_ALPHA`)."""
     from .canonical import identify as run
+    from .relation import DEFAULT_ALPHA
 
-    return run(a, b)
+    return run(a, b, alpha=DEFAULT_ALPHA if alpha is None else alpha)
 
 
 # ---------------------------------------------------------------------------- transport
