@@ -94,7 +94,7 @@ def relative_distance(op: Op, ta: torch.Tensor, tb: torch.Tensor, gauge: SignedP
         ra = _rows(ta, op.residual_axis, d)
         rb = _rows(tb, op.residual_axis, d)
         perm = torch.from_numpy(np.array(gauge.perm, dtype=np.int64))
-        sign = torch.as_tensor(gauge.sign if op.signed else np.ones(d), dtype=torch.float64)
+        sign = torch.from_numpy(np.array(gauge.sign if op.signed else np.ones(d), dtype=np.float64))
     else:  # a residual map, several streams or untouched: small, moved whole
         ra = op(gauge, ta).reshape(-1, 1)
         rb = tb.reshape(-1, 1)
@@ -138,12 +138,14 @@ class _Null:
     var: float = 0.0
     bound: float = 0.0  # Hoeffding's proxy (B_d)
     tensors: int = 0
+    cosine: float = 0.0  # the sum of the test tensors' cosines (the uncentred statistic)
 
     def add(self, other: _Null) -> None:
         self.stat += other.stat
         self.var += other.var
         self.bound += other.bound
         self.tensors += other.tensors
+        self.cosine += other.cosine
 
 
 def _test(n: np.ndarray, gauge: SignedPerm, signed: bool, tensors: int) -> _Null:
@@ -153,12 +155,14 @@ def _test(n: np.ndarray, gauge: SignedPerm, signed: bool, tensors: int) -> _Null
         stat = float((gauge.sign * matched).sum())
         var = float((n * n).sum()) / d
         bound = float((n * n).max(1).sum())
+        cosine = stat
     else:
         centred = n - n.mean(1, keepdims=True) - n.mean(0, keepdims=True) + n.mean()
         stat = float(gauge.sign[0]) * float(matched.sum() - n.sum() / d)
         var = float((centred * centred).sum()) / max(1, d - 1)
         bound = 0.0
-    return _Null(stat, var, bound, tensors)
+        cosine = float(gauge.sign[0]) * float(matched.sum())
+    return _Null(stat, var, bound, tensors, cosine)
 
 
 def _log10_p(null: _Null, signed: bool) -> tuple[float, float]:
@@ -186,7 +190,7 @@ class Relation:
     p_value: float
     log10_p_value: float
     z: float
-    mean_cosine: float  # the statistic over the number of test tensors
+    mean_cosine: float  # the test tensors' mean cos(B_t, g(A_t)), each under the other fold's g
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)
     fold_gauges_agree: float = 0.0  # share of coordinates the two folds' gauges map alike
     tensors: int = 0
@@ -251,12 +255,12 @@ def relate(a: Model, b: Model) -> Relation | None:
                                                        if ff == f)))
     log_p, z = _log10_p(total, signed)
     out = Relation(_matcher(grams, d, signed), 10 ** log_p, log_p, z,
-                   total.stat / total.tensors, tensors=total.tensors)
+                   total.cosine / total.tensors, tensors=total.tensors)
     out.fold_gauges_agree = float(np.mean((gauges[0].perm == gauges[1].perm) &
                                           (gauges[0].sign == gauges[1].sign)))
     for name, null in sorted(groups.items()):
         lp, gz = _log10_p(null, signed)
-        out.groups[name] = {"tensors": null.tensors, "mean_cosine": round(null.stat /
+        out.groups[name] = {"tensors": null.tensors, "mean_cosine": round(null.cosine /
                             null.tensors, 6), "z": round(gz, 3), "p_value": 10 ** lp,
                             "log10_p_value": round(lp, 3)}
     return out

@@ -1,0 +1,128 @@
+"""identify's statistical verdict (issue 21): derived when the held-out alignment test rejects
+"unrelated" at level alpha; p-values in the evidence; no scale fools it; unrelated pairs'
+p-values are not small."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gaugefix.apply import gauge_model
+from gaugefix.canonical import identify
+from gaugefix.group import SignedPerm
+from gaugefix.model import open_model
+from gaugefix.relation import DEFAULT_ALPHA, folds, relate
+from gaugefix.tiny import build_tiny
+
+FAMILIES = {"llama": "signed", "gpt_neox": "global"}  # B_d and S_d×{±1}
+
+
+def _noisy(model, rel, seed):
+    """Every weight moved by ``rel`` of its tensor's own scale (a stand-in for fine-tuning)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * rel * p.std().clamp_min(1e-3))
+    return model
+
+
+@pytest.fixture
+def saved(tmp_path):
+    def save(model, name):
+        model.save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    return save
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_regauged_copy_is_same_and_noisy_copies_derived_with_tiny_p(family, saved):
+    a = saved(build_tiny(family, seed=3), "A")
+    g = SignedPerm.random(64, seed=8, kind=FAMILIES[family])
+    assert identify(a, saved(gauge_model(build_tiny(family, seed=3), g), "same")).verdict == \
+        "same"
+    for rel in (0.01, 0.1):
+        r = identify(a, saved(gauge_model(_noisy(build_tiny(family, seed=3), rel, 1), g),
+                              f"noise{rel}"))
+        assert r.verdict == "derived", (rel, r.reason)
+        assert r.gauge == g  # the witness
+        assert r.evidence["p_value"] < 1e-20 and r.evidence["log10_p_value"] < -20
+        assert r.evidence["alpha"] == DEFAULT_ALPHA
+        groups = r.evidence["groups"]
+        assert groups and all(v["p_value"] < 1e-3 for v in groups.values()), groups
+        assert r.evidence["held_out_mean_cosine"] > 0.9
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_independent_initialisations_are_unrelated(family, saved):
+    a = saved(build_tiny(family, seed=3), "A")
+    for seed in (9, 10):
+        r = identify(a, saved(build_tiny(family, seed=seed), f"B{seed}"))
+        assert r.verdict == "unrelated", r.reason
+        assert r.gauge is None and r.evidence["p_value"] > DEFAULT_ALPHA
+
+
+def test_a_much_smaller_initialisation_is_unrelated(tmp_path):
+    """The scale defect: ‖B − g(A)‖ / max(‖A‖, ‖B‖) → 1 when B's weights are tiny, which the
+    distance threshold (≤ 1.0) called derived; cosines do not see scale."""
+    import transformers
+
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).save_pretrained(
+        tmp_path / "A")
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **cfg, initializer_range=1e-5)).save_pretrained(tmp_path / "B")
+    r = identify(tmp_path / "A", tmp_path / "B")
+    assert r.verdict == "unrelated", r.reason
+    assert r.evidence["p_value"] > DEFAULT_ALPHA
+    assert 0.99 < r.evidence["median_relative_distance"] <= 1.0  # what the old rule misread
+
+
+def test_cli_alpha_and_p_values_in_json(saved, cli):
+    a = saved(build_tiny("llama", seed=3), "A")
+    b = saved(gauge_model(_noisy(build_tiny("llama", seed=3), 0.1, 1),
+                          SignedPerm.random(64, seed=8)), "B")
+    r = json.loads(cli("identify", a, b, "--json").stdout)
+    assert r["verdict"] == "derived" and r["alpha"] == DEFAULT_ALPHA
+    assert 0 < r["p_value"] < 1e-20 and r["groups"]
+    strict = 10 ** (r["log10_p_value"] - 1)  # below the p-value: not significant there
+    r2 = json.loads(cli("identify", a, b, "--json", "--alpha", strict).stdout)
+    assert r2["verdict"] == "unrelated" and r2["alpha"] == pytest.approx(strict)
+    assert r2["p_value"] == r["p_value"] and r2["gauge"] is None
+    text = cli("identify", a, b, "--alpha", "0.01").stdout
+    assert text.startswith("derived") and "p = " in text
+    bad = cli("identify", a, b, "--alpha", "1.5", ok=False)
+    assert bad.exit_code != 0 and "alpha" in bad.output + (bad.stderr or "")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_false_positives_by_construction(family):
+    """24 pairs of independent initialisations: none derived at the default alpha, and the
+    p-values are not concentrated near 0 (the B_d bound is conservative; the S_d×{±1} normal
+    z is roughly standard)."""
+    models = [open_model(build_tiny(family, seed=100 + k)) for k in range(25)]
+    rels = [relate(models[0], m) for m in models[1:]]
+    p = np.array([r.p_value for r in rels])
+    z = np.array([r.z for r in rels])
+    assert (p > DEFAULT_ALPHA).all()
+    assert (p < 0.01).sum() <= 1 and (p < 0.1).sum() <= 6, p
+    assert np.abs(z).max() < 4 and abs(z.mean()) < 1 and 0.3 < z.std() < 2, z
+    for r in rels:  # every group too
+        assert min(g["p_value"] for g in r.groups.values()) > 1e-4
+
+
+def test_folds_split_layers_by_parity_and_never_leave_one_empty():
+    keys = ["model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight",
+            "model.layers.1.mlp.down_proj.weight", "lm_head.weight"]
+    f = folds(keys)
+    assert f["model.layers.0.mlp.down_proj.weight"] == 0
+    assert f["model.layers.1.mlp.down_proj.weight"] == 1
+    assert {f["model.embed_tokens.weight"], f["lm_head.weight"]} == {0, 1}
+    one_layer = folds(["model.layers.0.a.weight", "model.layers.0.b.weight"])
+    assert sorted(one_layer.values()) == [0, 1]
