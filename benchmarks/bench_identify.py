@@ -9,8 +9,9 @@ own random gauge):
   re-gauged fine-tune: every checkpoint is in its own gauge);
 * unrelated — bases of the same family and shape trained from other initialisations.
 
-Prints each pair's verdict and median relative distance after alignment, the distance
-ranges per true relation (what DERIVED_MAX_DISTANCE is calibrated on) and the confusion table;
+Prints, per true relation, the verdicts at the default α (derived when the held-out alignment
+test's p-value is at most α, see gaugefix.relation), the p-values (log10: their range and
+median), the held-out mean cosine and the old rule's median relative distance after alignment;
 beside it, a HuRef-style invariant (Zeng et al., NeurIPS 2024): per layer, the token-by-token
 product E·diag(g)·Wᵀ·W·diag(g)·Eᵀ of the embedding rows of a fixed token subset, the layer's
 input-norm gains and its attention input weights, which no residual rotation (so no gauge)
@@ -18,6 +19,9 @@ changes; two models are compared by the cosine similarity of these products. It 
 similarity, never a witness; gaugefix's verdict comes with the gauge and a bit-exact check.
 
     python benchmarks/bench_identify.py [--cache DIR] [--json out.json]
+        [--families llama,...] [--corpora grammar,...] [--seeds 0,1,...]
+
+(every lineage is trained once and cached; the whole grid trains 54 of them.)
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ import numpy as np
 
 from bench_lineages import CORPORA, FAMILIES, LRS, SEEDS, Case
 from gaugefix.apply import gauge_checkpoint
-from gaugefix.canonical import DERIVED_MAX_DISTANCE, identify
+from gaugefix.canonical import identify
 from gaugefix.demo.lineage import build_lineage
 from gaugefix.group import SignedPerm
+from gaugefix.relation import DEFAULT_ALPHA
 
 TOKENS = 64  # the token subset of the HuRef-style invariant
 
@@ -46,12 +51,16 @@ def huref_signature(path: Path) -> np.ndarray:
     import torch
 
     from gaugefix.checkpoint import Checkpoint
+    from gaugefix.model import open_model
 
     ck = Checkpoint.open(path)
     sd = ck.tensors()
+    m = open_model(path)
+    n_layers = m.n_layers
+    m.close()
     emb = next(v for k, v in sd.items() if "embed" in k).double()[:TOKENS]
     out = []
-    for layer in range(ck.n_layers):
+    for layer in range(n_layers):
         tag = f"layers.{layer}."
         gain = next(v for k, v in sd.items() if tag in k and "input_layernorm.weight" in k)
         readers = [v for k, v in sorted(sd.items()) if tag in k and k.endswith("weight")
@@ -67,20 +76,34 @@ def huref_similarity(a: Path, b: Path) -> float:
     return float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
 
 
+def _stats(r) -> dict:
+    """What a row keeps of a verdict's evidence (a same pair has no p-value: it is exact)."""
+    e = r.evidence
+    return {"p_value": e.get("p_value"), "log10_p": e.get("log10_p_value"),
+            "z": e.get("z"), "cosine": e.get("held_out_mean_cosine"),
+            "confidence": e.get("median_alignment_confidence"),
+            "distance": e.get("median_relative_distance", 0.0)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "gaugefix" /
                     "bench-lineages")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--corpora", default=",".join(CORPORA))
+    ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     args = ap.parse_args()
+    families, corpora = args.families.split(","), args.corpora.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     rows = []
     tmp = Path(tempfile.mkdtemp())
     bases: dict[tuple[str, str], list[Path]] = {}
-    for fam, corpus in itertools.product(FAMILIES, CORPORA):
-        for seed in SEEDS:
+    for fam, corpus in itertools.product(families, corpora):
+        for seed in seeds:
             for lr in LRS:
                 case = Case(fam, corpus, seed, lr)
                 lin = build_lineage(args.cache / corpus, case.spec(False), case.corpus_obj())
@@ -99,35 +122,38 @@ def main() -> None:
                     t1 = time.perf_counter()
                     huref = huref_similarity(a, b)
                     rows.append({"family": fam, "corpus": corpus, "seed": seed, "lr": lr,
-                                 "truth": truth, "verdict": r.verdict,
-                                 "distance": r.evidence.get("median_relative_distance", 0.0),
-                                 "confidence": r.evidence.get("median_alignment_confidence"),
+                                 "truth": truth, "verdict": r.verdict, **_stats(r),
                                  "seconds": t1 - t, "huref": huref,
                                  "huref_seconds": time.perf_counter() - t1})
         for a, b in itertools.combinations(bases[(fam, corpus)], 2):
             r = identify(a, b)
             rows.append({"family": fam, "corpus": corpus, "truth": "unrelated",
-                         "verdict": r.verdict, "huref": huref_similarity(a, b),
-                         "confidence": r.evidence.get("median_alignment_confidence"),
-                         "distance": r.evidence.get("median_relative_distance", 0.0)})
+                         "verdict": r.verdict, "huref": huref_similarity(a, b), **_stats(r)})
         print(fam, corpus, "done", flush=True)
-    print(f"\nthreshold: derived if median relative distance ≤ {DERIVED_MAX_DISTANCE}")
-    for truth in ("same", "derived", "unrelated"):
-        d = [r["distance"] for r in rows if r["truth"] == truth]
-        verdicts = {v: sum(r["verdict"] == v for r in rows if r["truth"] == truth)
-                    for v in ("same", "derived", "unrelated")}
-        print(f"  {truth:9s} n={len(d):3d} distance {np.min(d):.3f}–{np.max(d):.3f} "
-              f"(median {np.median(d):.3f})  verdicts {verdicts}")
-    for lr in LRS:
-        sel = [r for r in rows if r["truth"] == "derived" and r.get("lr") == lr]
+    print(f"\nrule: derived if the held-out test's p-value ≤ α = {DEFAULT_ALPHA:g}")
+    for truth, lr in (("same", None), *(("derived", lr) for lr in LRS), ("unrelated", None)):
+        sel = [r for r in rows if r["truth"] == truth and (lr is None or r.get("lr") == lr)]
+        if not sel:
+            continue
+        verdicts = {v: sum(r["verdict"] == v for r in sel) for v in ("same", "derived",
+                                                                     "unrelated")}
+        label = truth if lr is None else f"{truth} lr {lr:g}"
+        print(f"  {label:18s} n={len(sel):3d} verdicts {verdicts}")
+        if truth == "same":
+            continue
+        lp = [r["log10_p"] for r in sel]
+        cos = [r["cosine"] for r in sel]
         d = [r["distance"] for r in sel]
-        print(f"  derived at lr {lr:g}: distance {np.min(d):.3f}–{np.max(d):.3f}, called derived "
-              f"{sum(r['verdict'] == 'derived' for r in sel)} of {len(sel)}")
+        print(f"    log10 p {np.min(lp):.1f}–{np.max(lp):.1f} (median {np.median(lp):.1f}); "
+              f"held-out cosine {np.min(cos):.3f}–{np.max(cos):.3f}; relative distance "
+              f"{np.min(d):.3f}–{np.max(d):.3f}")
     t = [r["seconds"] for r in rows if "seconds" in r]
     th = [r["huref_seconds"] for r in rows if "huref_seconds" in r]
     print(f"  time per pair: identify {np.mean(t):.3f} s mean, HuRef-style {np.mean(th):.3f} s")
     print("\nHuRef-style cosine similarity per true relation:")
     for truth, lr in (("same", None), *(("derived", lr) for lr in LRS), ("unrelated", None)):
+        if not any(r["truth"] == truth for r in rows):
+            continue
         h = [r["huref"] for r in rows if r["truth"] == truth and (lr is None or r["lr"] == lr)]
         label = truth if lr is None else f"{truth} lr {lr:g}"
         print(f"  {label:18s} {np.min(h):.3f}–{np.max(h):.3f} (median {np.median(h):.3f})")

@@ -126,3 +126,25 @@ def test_folds_split_layers_by_parity_and_never_leave_one_empty():
     assert {f["model.embed_tokens.weight"], f["lm_head.weight"]} == {0, 1}
     one_layer = folds(["model.layers.0.a.weight", "model.layers.0.b.weight"])
     assert sorted(one_layer.values()) == [0, 1]
+
+
+def test_statistics_are_taken_in_row_blocks(monkeypatch):
+    """No float64 copy of a whole tensor: cross products and distances accumulate block by
+    block, and agree with the whole-tensor float64 computation."""
+    from gaugefix import relation
+    from gaugefix.arch import Op
+
+    gen = torch.Generator().manual_seed(0)
+    ta = torch.randn(300, 16, generator=gen)  # an embedding: [vocab, d], residual axis 1
+    tb = torch.randn(300, 16, generator=gen)
+    g = SignedPerm.random(16, seed=1)
+    monkeypatch.setattr(relation, "BLOCK_BYTES", 16 * 4 * 7)  # 7 rows a block: 43 blocks
+    gram = relation.cross_gram(ta, tb, 1, 16)
+    np.testing.assert_allclose(gram.cross, (tb.double().T @ ta.double()).numpy(), rtol=1e-5,
+                               atol=1e-4)
+    assert gram.norm_a == pytest.approx(float(ta.double().norm()), rel=1e-6)
+    moved = g.apply(ta, 1).double()
+    want = float((tb.double() - moved).norm()) / max(float(moved.norm()),
+                                                      float(tb.double().norm()))
+    got = relation.relative_distance(Op("H", 1), ta, tb, g, 16)
+    assert got == pytest.approx(want, rel=1e-9)
