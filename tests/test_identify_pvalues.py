@@ -148,3 +148,25 @@ def test_statistics_are_taken_in_row_blocks(monkeypatch):
                                                       float(tb.double().norm()))
     got = relation.relative_distance(Op("H", 1), ta, tb, g, 16)
     assert got == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("op", [("H", 1), ("H", 0), ("G", None)])
+def test_the_moved_tensor_is_read_in_row_blocks(op, monkeypatch):
+    """What the "up to quantisation" verdict rounds: g(A), a block of rows at a time, equal to
+    the whole moved tensor, and its rounding noise the whole tensor's."""
+    from gaugefix import relation
+    from gaugefix.arch import Op
+    from gaugefix.quant.gguf_file import rounding_noise, rounding_noise_parts
+
+    o = Op(*op)
+    shape = {0: (16, 96), 1: (96, 16), None: (16,)}[o.axis if o.kind == "H" else None]
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    g = SignedPerm.random(16, seed=3)
+    monkeypatch.setattr(relation, "BLOCK_BYTES", 4 * 96 * 5)
+    rows = list(relation.moved_rows(o, t, g, 16))
+    whole = o(g, t).double().numpy().reshape(-1, shape[-1])
+    assert len(rows) > 1 or o.kind == "G"
+    np.testing.assert_array_equal(np.concatenate(rows), whole)
+    parts = np.sum([rounding_noise_parts(r, "Q4_0") for r in rows], 0)
+    if o.kind != "G":
+        assert np.sqrt(parts[0] / parts[1]) == pytest.approx(rounding_noise(whole, "Q4_0"))

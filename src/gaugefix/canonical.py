@@ -26,6 +26,7 @@ untrained or gain-free model: O(d)) has no canonical chart at all.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -405,7 +406,8 @@ def _up_to_quantisation(a: Model, b: Model, gauge: SignedPerm, dist: dict[str, f
                         ) -> dict[str, Any] | None:
     """Whether B differs from A (moved by ``gauge``) by no more than the quantisation of the
     quantised one of them: None when neither is quantised."""
-    from .quant.gguf_file import rounding_noise
+    from .quant.gguf_file import rounding_noise_parts
+    from .relation import moved_rows
 
     types = {}  # key -> the GGML type of whichever side quantised it
     for m in (a, b):
@@ -419,8 +421,11 @@ def _up_to_quantisation(a: Model, b: Model, gauge: SignedPerm, dist: dict[str, f
         if key not in types:
             within &= d <= FLOAT_MATCH
             continue
-        values = a.plan[key](gauge, a.tensor(key)).numpy()
-        bound = rounding_noise(values, types[key])
+        noise = norm = 0.0  # g(A) a block of rows at a time, in float64
+        for rows in moved_rows(a.plan[key], a.tensor(key), gauge, a.hidden_size):
+            n, m = rounding_noise_parts(rows, types[key])
+            noise, norm = noise + n, norm + m
+        bound = math.sqrt(noise / norm) if norm > 0 else 0.0
         ratios[key] = d / bound if bound > 0 else (0.0 if d == 0 else float("inf"))
         within &= ratios[key] <= ROUNDING_FACTOR
     counts: dict[str, int] = {}

@@ -34,6 +34,7 @@ whole tensor is made, whatever the vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +110,29 @@ def relative_distance(op: Op, ta: torch.Tensor, tb: torch.Tensor, gauge: SignedP
         nb += float((xb * xb).sum())
     scale = math.sqrt(max(na, nb))
     return math.sqrt(diff) / scale if scale > 0 else 0.0
+
+
+def moved_rows(op: Op, t: torch.Tensor, gauge: SignedPerm, d: int) -> Iterator[np.ndarray]:
+    """g(t) as float64 blocks of rows of its view [-1, last axis] (in order): a 2-D tensor is
+    moved a block at a time, never whole; others (small: norms, residual maps) at once."""
+    perm = np.array(gauge.perm, dtype=np.int64)
+    sign = np.array(gauge.sign if op.signed else np.ones(d), dtype=np.float64)
+    if t.dim() == 2 and op.one_stream:
+        axis = op.residual_axis % 2
+        step = _steps(t.shape[0], t.shape[1]).step
+        if axis == 1:
+            for r0 in range(0, t.shape[0], step):
+                yield t[r0:r0 + step].double().numpy()[:, perm] * sign
+        else:
+            for r0 in range(0, d, step):
+                rows = torch.from_numpy(perm[r0:r0 + step])
+                yield t[rows].double().numpy() * sign[r0:r0 + step, None]
+        return
+    moved = op(gauge, t)
+    flat = moved.reshape(-1, moved.shape[-1] if moved.dim() else 1)
+    step = _steps(flat.shape[0], flat.shape[1]).step
+    for r0 in range(0, flat.shape[0], step):
+        yield flat[r0:r0 + step].double().numpy()
 
 
 def folds(keys: list[str]) -> dict[str, int]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache, cached_property
@@ -629,9 +630,16 @@ def rounding_noise(values: np.ndarray, tname: str) -> float:
     """The relative error rounding ``values`` to ``tname`` is expected to cost: a uniform
     grid of ``2**bits`` levels over each block's range (blocks of 32 along the last axis; 16
     for the K-quants whose sub-blocks are 16), error ``step/√12`` per element."""
+    noise, norm = rounding_noise_parts(values, tname)
+    return math.sqrt(noise / norm) if norm > 0 else 0.0
+
+
+def rounding_noise_parts(values: np.ndarray, tname: str) -> tuple[float, float]:
+    """:func:`rounding_noise`'s two sums (expected squared error, squared norm), which add
+    over blocks of rows: a whole tensor need not be in float64 at once."""
     layout = LAYOUTS.get(tname)
     if layout is None or tname in _FLOAT_BITS:
-        return 0.0
+        return 0.0, 0.0
     block = 16 if tname in ("Q2_K", "Q3_K", "Q6_K") else 32
     x = np.asarray(values, dtype=np.float64)
     n = x.shape[-1]
@@ -639,9 +647,7 @@ def rounding_noise(values: np.ndarray, tname: str) -> float:
         block = n
     x = x.reshape(-1, n // block, block)
     step = (x.max(-1) - x.min(-1)) / (2 ** layout.bits - 1)
-    noise = float(np.sqrt((step ** 2 / 12 * block).sum()))
-    norm = float(np.linalg.norm(x))
-    return noise / norm if norm > 0 else 0.0
+    return float((step ** 2 / 12 * block).sum()), float((x * x).sum())
 
 
 def capability_markdown() -> str:
