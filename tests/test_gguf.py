@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 from pathlib import Path
 
 import numpy as np
@@ -334,10 +335,32 @@ def test_readme_tables_are_the_shipped_ones():
     assert hf.capability_markdown() in readme
 
 
-def test_merge_refuses_a_quantised_model_in_one_line(smol, tmp_path):
+def test_merge_of_a_gguf_file_with_its_regauged_copy_gives_it_back(smol, tmp_path):
+    """A quantised merge reads both dequantised, moves B into A's chart and writes a float
+    checkpoint (merging codes is not merging weights): A with an exact re-gauging of itself,
+    aligned by the gauge, is A, tensor for tensor, and transformers loads the result."""
+    import torch
+    from safetensors.torch import load_file
+
     from gaugefix import jobs
 
-    with pytest.raises(GaugefixError, match=r"is quantised \(Q4_1, Q8_0\); merge works on "
-                                            r"float checkpoints"):
-        jobs.merge(smol, smol, tmp_path / "m")
-    assert not (tmp_path / "m").exists()
+    g = _block_gauge(576, 5)
+    b = tmp_path / "b.gguf"
+    jobs.apply(smol, b, g)
+    out = tmp_path / "merged"
+    res = jobs.merge(smol, b, out, g, weight=0.5)
+    assert res["dequantised"] and res["tensors"] == 272
+    merged = load_file(out / "model.safetensors")
+    for key in ("model.layers.0.self_attn.q_proj.weight", "model.layers.7.mlp.down_proj.weight",
+                "model.norm.weight", "model.embed_tokens.weight"):
+        assert torch.equal(merged[key], smol.tensor(key)), key
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(loaded.state_dict()["model.norm.weight"], smol.tensor("model.norm.weight"))
+    unaligned = jobs.merge(smol, b, tmp_path / "naive", weight=0.5)
+    assert unaligned["aligned"] is False
+    naive = load_file(tmp_path / "naive" / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(naive[key], smol.tensor(key))

@@ -106,6 +106,10 @@ def merge_checkpoints(model_a: ModelLike, model_b: ModelLike, gauge: SignedPerm 
     m = check_merge(method, weight, aligned=gauge is not None, base=base,
                     export_aligned=export_aligned, options=options)
     models = [open_model(x) for x in (model_a, model_b, base) if x is not None]
+    if any(x.quantised for x in models):
+        return _merge_dequantised(models, gauge, out, m, weight, dict(options or {}),
+                                  export_aligned=export_aligned, overwrite=overwrite,
+                                  progress=progress)
     if models[0].checkpoint is not None and not models[0].checkpoint.is_safetensors:
         raise GaugefixError("merge writes safetensors; model A must be a safetensors checkpoint")
     ca, cb, *rest = [_on_disk(m) for m in models]
@@ -150,12 +154,71 @@ def merge_checkpoints(model_a: ModelLike, model_b: ModelLike, gauge: SignedPerm 
     return {"tensors": n, "method": method, "weight": weight, "aligned": gauge is not None}
 
 
+def _merge_dequantised(models: list[Model], gauge: SignedPerm | None, out: str | Path,
+                       method: MergeMethod, weight: float, options: dict[str, Any], *,
+                       export_aligned: str | Path | None, overwrite: bool, progress: bool
+                       ) -> dict[str, Any]:
+    """A merge with a quantised input (GGUF, a HF quantised format): merging codes is not
+    merging weights, so every tensor is read dequantised (float32, as transformers loads it),
+    B and the base moved into A's chart, merged by the method in float64, and the result
+    written as a float32 Hugging Face checkpoint with A's config (transformers'
+    ``save_pretrained`` of A's dequantised module): quantise it with the format's own tool.
+    Memory: the dequantised model A. ``export_aligned``: B moved into A's chart, written
+    in B's own format (moved exactly where its layout allows: see ``apply``)."""
+    from ..apply import gauge_checkpoint
+
+    a, b, *rest = [x.check() for x in models]
+    base_m = rest[0] if rest else None
+    for x in (b, base_m):
+        if x is not None and (x.family.name, x.hidden_size) != (a.family.name, a.hidden_size):
+            raise GaugefixError(f"cannot merge: {x.name} is {x.family.name} d={x.hidden_size}, "
+                                f"{a.name} is {a.family.name} d={a.hidden_size}")
+    if gauge is not None:
+        a.family.check_gauge(gauge, a.hidden_size)
+    problems = [f"{x.name}: {k}" for x in (b, base_m) if x is not None
+                for k, shape in a.shapes.items() if x.shapes.get(k) != shape]
+    if problems:
+        raise GaugefixError(f"cannot merge: tensors missing or of other shapes in "
+                            f"{', '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}")
+    back = gauge.inverse() if gauge is not None else None
+    inputs = [x.path for x in (a, b, base_m) if x is not None and x.path is not None]
+    module = a.load("float32")
+    params = module.state_dict()
+    merged: dict[str, torch.Tensor] = {}
+    for key in tqdm(sorted(a.plan), desc="merging", unit="tensor", disable=no_bar(progress)):
+        op = a.plan[key]
+        ta = a.tensor(key).double()
+        tb = b.tensor(key).double() if back is None else op(back, b.tensor(key)).double()
+        tbase = None
+        if base_m is not None:  # the base is in A's chart (as for float checkpoints)
+            tbase = base_m.tensor(key).double()
+        # the methods work on flat element blocks (as the streamed merge hands them)
+        flat = (ta.reshape(-1), tb.reshape(-1), None if tbase is None else tbase.reshape(-1))
+        extra = (method.per_tensor([flat], weight, **options)
+                 if method.per_tensor is not None else options)
+        result = method.combine(*flat[:2], weight, flat[2], **extra).reshape(ta.shape)
+        if not torch.isfinite(result).all():
+            raise GaugefixError(f"merge overflows in {key}: nothing written")
+        merged[key] = result.to(params[key].dtype if key in params else torch.float32)
+    missing = sorted(set(params) - set(merged) - {"lm_head.weight"})
+    if missing:
+        raise GaugefixError(f"cannot merge: {a.name}'s module has tensors its file lacks "
+                            f"({', '.join(missing[:5])})")
+    with transaction(inputs), atomic_dir(out, overwrite=overwrite) as tmp:
+        if export_aligned is not None and back is not None:
+            gauge_checkpoint(b, export_aligned, back, overwrite=overwrite, progress=progress)
+        import copy
+
+        target = copy.deepcopy(module)  # A's loaded module stays A's
+        target.load_state_dict(merged, strict=False)
+        if getattr(target.config, "quantization_config", None) is not None:
+            del target.config.quantization_config
+        target.save_pretrained(tmp)
+    return {"tensors": len(merged), "method": method.name, "weight": weight,
+            "aligned": gauge is not None, "dequantised": True}
+
+
 def _on_disk(m: Model) -> Checkpoint:
-    if m.quantised:  # merging quantised codes is not merging weights
-        raise GaugefixError(f"{m.name} is quantised ({', '.join(sorted(m.quantised))}); merge "
-                            "works on float checkpoints: dequantise it first (transformers "
-                            "loads it dequantised: save_pretrained the result), merge, then "
-                            "quantise the merge with the format's own tool")
     if m.checkpoint is None:
         raise GaugefixError(f"{m.name} is a model in memory; merge reads checkpoints on disk "
                             "(save_pretrained it first)")
