@@ -205,11 +205,12 @@ def test_smollm2_exact_gauge_preserves_the_function(smol, tmp_path):
     out = tmp_path / "b.gguf"
     res = jobs.apply(smol, out, g)
     assert res.report.requantised == []
-    rep = jobs.verify(smol, out, g, n_tokens=64)
+    b = jobs.open_model(out)
+    rep = jobs.verify(smol, b, g, n_tokens=64)
     assert rep.passed and rep.requantised == 0 and not rep.differs
     assert rep.max_rel_err <= 1e-4
     assert _sha(smol.path) == before
-    record = gguf_file.read_record(gguf.GGUFReader(out))
+    record = gguf_file.read_record(b.gguf.reader)
     assert record["requantised"] == [] and record["exact"] == 272
     assert SignedPerm.from_json(record["gauge"]) == g
 
@@ -364,3 +365,18 @@ def test_merge_of_a_gguf_file_with_its_regauged_copy_gives_it_back(smol, tmp_pat
     naive = load_file(tmp_path / "naive" / "model.safetensors")
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(naive[key], smol.tensor(key))
+
+
+def test_transport_reads_a_gguf_model_and_optim_refuses_it(smol, tmp_path):
+    """``--model`` of a LoRA transport may be a GGUF file (its family is read from it); an
+    optimizer state belongs to a float training checkpoint, so a quantised ``--model`` for
+    the optim kind is one error line."""
+    from gaugefix.transport.lora import resolve_family
+    from gaugefix.transport.optim import transport_optim
+
+    assert resolve_family({}, smol, None).name == "llama"
+    state = tmp_path / "optimizer.pt"
+    state.write_bytes(b"")
+    with pytest.raises(GaugefixError, match="is quantised; an optimizer state belongs"):
+        transport_optim(state, tmp_path / "o.pt", SignedPerm.identity(576), record={},
+                        model=smol)

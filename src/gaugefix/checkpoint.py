@@ -34,6 +34,11 @@ def resolve_model_dir(model: str | Path) -> Path:
         note_input(p)
         return p
     if p.exists():
+        from .quant.gguf_file import is_gguf
+
+        if is_gguf(p):  # a caller that reads checkpoint directories only
+            raise GaugefixError(f"{model} is a GGUF file; a Hugging Face checkpoint directory "
+                                "is needed here")
         raise GaugefixError(f"{model} is a file but not a GGUF file (no GGUF magic); a model "
                             "is a checkpoint directory, a .gguf file or a hub id")
     text = str(model)

@@ -74,8 +74,10 @@ def resolve_family(adapter_cfg: dict[str, Any], model: str | Path | None,
 
     if family is not None:
         return get_family(family)
-    if model is not None:
-        return Checkpoint.open(model).family
+    if model is not None:  # a checkpoint directory, a GGUF file, a hub id
+        from ..model import open_model
+
+        return open_model(model).family
     base = adapter_cfg.get("base_model_name_or_path")
     if isinstance(base, str) and base and (Path(base) / "config.json").is_file():
         return Checkpoint.open(base).family

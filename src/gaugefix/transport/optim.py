@@ -134,7 +134,15 @@ def transport_optim(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
             raise GaugefixError("optim: a bare optimizer state needs --model, the checkpoint "
                                 "it belongs to")
         check_suffix(Path(dst), "a torch optimizer state", TORCH_SUFFIXES)
-        opt_file, ckpt = src, Checkpoint.open(model)
+        from ..model import open_model
+
+        m = open_model(model)
+        if m.checkpoint is None or m.quantised:
+            raise GaugefixError(f"optim: --model {model} is "
+                                f"{'quantised' if m.quantised else 'not a checkpoint directory'}"
+                                "; an optimizer state belongs to the float checkpoint it trains "
+                                "(a quantised model's adapters are moved with the lora kind)")
+        opt_file, ckpt = src, m.checkpoint
     else:  # missing, a device or a FIFO: said which
         check_regular(src, "optimizer state")
         raise GaugefixError(f"optimizer state not found: {src}")
