@@ -224,7 +224,7 @@ def test_smollm2_random_gauge_requantises_the_readers_and_says_so(smol, tmp_path
 
     g = SignedPerm.random(576, 4)
     out = tmp_path / "r.gguf"
-    res = jobs.apply(smol, out, g)
+    res = jobs.apply(smol, out, g, gauge_out=tmp_path / "g.json")
     b = jobs.open_model(out)
     checks = gguf_file.check_moved(smol.gguf, b.gguf, smol.plan, g)
     hows = {c.name: c.how for c in checks}
@@ -239,8 +239,13 @@ def test_smollm2_random_gauge_requantises_the_readers_and_says_so(smol, tmp_path
     assert hows["blk.0.ffn_down.weight"] == hows["blk.0.attn_output.weight"] == "exact"
     errs = [r["error"] for r in res.report.requantised]
     assert 0 < np.median(errs) < 0.2
-    record = gguf_file.read_record(gguf.GGUFReader(out))
+    record = gguf_file.read_record(b.gguf.reader)
     assert {r["tensor"] for r in record["requantised"]} == requantised
+    # the gauge file says it too
+    doc = json.loads((tmp_path / "g.json").read_text())
+    moves = doc["quantised"]
+    assert {r["tensor"] for r in moves["requantised"]} == requantised
+    assert moves["exact"] == 272 - len(requantised)
 
 
 def test_smollm2_canonical_chart_and_fingerprint_survive_an_exact_regauging(smol, tmp_path):

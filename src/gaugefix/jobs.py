@@ -377,6 +377,9 @@ def apply(model: ModelLike, output: str | Path, gauge: SignedPerm | str | Path |
         if gauge_out is not None:
             meta = {"source": m.identity(rep.source_sha256),
                     "target": {"name": str(output), "sha256": rep.sha256}, "method": method}
+            if m.quantised:  # what moved exactly, what had to be requantised (and its cost)
+                meta["quantised"] = {"exact": rep.n_tensors - len(rep.requantised),
+                                     "requantised": rep.requantised}
             g.save(gauge_out, meta, overwrite=overwrite)
     return ApplyResult(rep, g, meta)
 
