@@ -26,15 +26,13 @@ from typing import TYPE_CHECKING, Any
 from ..errors import GaugefixError
 from ..group import SignedPerm
 from . import hf
-from .gguf_file import TensorMove
+from .gguf_file import RECORD_KEY, TensorMove
 
 if TYPE_CHECKING:
     import torch
 
     from ..arch import Op
     from ..model import Model
-
-RECORD_KEY = "gaugefix.record"
 
 
 @dataclass(frozen=True)
