@@ -500,12 +500,17 @@ def verify(
                       seed=seed)
     if as_json:
         _print_json(rep.to_dict())
-    elif rep.forward is not None:  # a quantised format transformers cannot run here
+    else:
+        _print_verify(rep, dtype, tol_given=tol is not None)
+    if not rep.passed:
+        raise typer.Exit(1)
+
+
+def _print_verify(rep: Any, dtype: str, *, tol_given: bool) -> None:
+    """The forward comparison (or why it did not run), each tensor's verdict for a quantised
+    pair, and the verdict line."""
+    if rep.forward is not None:  # a quantised format transformers cannot run here
         out.print(rep.forward)
-        exact = sum(t["how"] == "exact" for t in rep.tensors or ())
-        verdict = ("PASS", "green") if rep.passed else ("FAIL", "red")
-        out.print(Text.assemble(verdict, f": {exact} tensors exact, {rep.requantised} "
-                                f"requantised, {len(rep.differs)} differ"))
     else:
         t = Table(title=f"max relative error on {rep.n_tokens} probe tokens ({dtype})")
         t.add_column("output")
@@ -514,21 +519,21 @@ def verify(
         for i, e in enumerate(rep.hidden_rel_err):
             t.add_row(f"hidden_states[{i}]", f"{e:.2e}")
         out.print(t)
-        if rep.tensors is not None:
-            exact = sum(r["how"] == "exact" for r in rep.tensors)
-            out.print(f"tensors: {exact} exact (B's values are A's moved, bit for bit), "
-                      f"{rep.requantised} requantised (byte for byte the format's reference "
-                      f"quantiser on A's moved values), {len(rep.differs)} differ"
-                      + (f" ({', '.join(rep.differs[:4])})" if rep.differs else ""))
-            if rep.requantised:
-                out.print("the requantised tensors change the function by their rounding: the "
-                          "errors above are reported, not held to the tolerance")
-        verdict = ("PASS", "green") if rep.passed else ("FAIL", "red")
-        source = "" if tol is not None else f", the default for {dtype}"
-        out.print(Text.assemble(verdict, f": max {rep.max_rel_err:.2e} (tol {rep.tol:.0e}"
-                                f"{source})"))
-    if not rep.passed:
-        raise typer.Exit(1)
+    if rep.tensors is not None:
+        exact = sum(r["how"] == "exact" for r in rep.tensors)
+        out.print(f"tensors: {exact} exact (B's values are A's moved, bit for bit), "
+                  f"{rep.requantised} requantised (byte for byte the format's reference "
+                  f"quantiser on A's moved values), {len(rep.differs)} differ"
+                  + (f" ({', '.join(rep.differs[:4])})" if rep.differs else ""))
+        if rep.requantised and rep.forward is None:
+            out.print("the requantised tensors change the function by their rounding: the "
+                      "errors above are reported, not held to the tolerance")
+    verdict = ("PASS", "green") if rep.passed else ("FAIL", "red")
+    if rep.forward is not None:
+        out.print(Text.assemble(verdict, ": decided by the tensors"))
+        return
+    source = "" if tol_given else f", the default for {dtype}"
+    out.print(Text.assemble(verdict, f": max {rep.max_rel_err:.2e} (tol {rep.tol:.0e}{source})"))
 
 
 # ---------------------------------------------------------------------------- estimation
