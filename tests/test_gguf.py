@@ -385,3 +385,43 @@ def test_transport_reads_a_gguf_model_and_optim_refuses_it(smol, tmp_path):
     with pytest.raises(GaugefixError, match="is quantised; an optimizer state belongs"):
         transport_optim(state, tmp_path / "o.pt", SignedPerm.identity(576), record={},
                         model=smol)
+
+
+def test_an_importance_matrix_moves_with_the_columns(smol, tmp_path):
+    """llama-imatrix's GGUF output: the squared-activation sums of the tensors that read the
+    residual stream move with the gauge's permutation, the others' stay, counts and metadata
+    are copied, and the record says which gauge moved it."""
+    from gaugefix import jobs
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "imatrix.gguf"
+    w = gguf.GGUFWriter(src, "imatrix")
+    w.add_type("imatrix")
+    w.add_key_value("imatrix.chunk_count", 4, gguf.GGUFValueType.UINT32)
+    sums = {"blk.0.attn_q.weight": rng.random((1, 576), dtype=np.float32),
+            "blk.0.ffn_down.weight": rng.random((1, 1536), dtype=np.float32),
+            "token_embd.weight": rng.random((1, 576), dtype=np.float32)}
+    for name, v in sums.items():
+        w.add_tensor(name + ".in_sum2", v)
+        w.add_tensor(name + ".counts", np.full((1, 1), 4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    g = SignedPerm.random(576, 8)
+    out = tmp_path / "moved.gguf"
+    res = jobs.transport("imatrix", src, out, g, model=smol)
+    assert res["moved"] == 2 and res["entries"] == 3
+    r = gguf.GGUFReader(out)
+    got = {t.name: np.asarray(t.data) for t in r.tensors}
+    assert np.array_equal(got["blk.0.attn_q.weight.in_sum2"],
+                          g.apply(sums["blk.0.attn_q.weight"], 1, False))
+    assert np.array_equal(got["token_embd.weight.in_sum2"],
+                          g.apply(sums["token_embd.weight"], 1, False))
+    assert np.array_equal(got["blk.0.ffn_down.weight.in_sum2"], sums["blk.0.ffn_down.weight"])
+    assert np.array_equal(got["blk.0.attn_q.weight.counts"], np.full((1, 1), 4, np.float32))
+    assert r.fields["imatrix.chunk_count"].contents() == 4
+    rec = json.loads(str(r.fields["gaugefix.record"].contents()))
+    assert rec["direction"] == "A->B" and rec["perm"] == g.perm.tolist()
+    with pytest.raises(GaugefixError, match="imatrix: pass --model"):
+        jobs.transport("imatrix", src, tmp_path / "x.gguf", g)

@@ -49,7 +49,7 @@ def test_an_option_goes_with_the_kinds_that_declare_it(cli, tmp_path):
     _cli_error(cli, tmp_path, ["transport", "sae", tmp_path / "sae", "--gauge",
                                tmp_path / "g.json", "-o", tmp_path / "out", "--model",
                                tmp_path / "sae", "--family", "llama"],
-               "--model goes with the lora and optim kinds, not sae",
+               "--model goes with the lora, optim and imatrix kinds, not sae",
                "--family goes with the lora kind, not sae")
     _cli_error(cli, tmp_path, ["transport", "sae", tmp_path / "sae", "--gauge",
                                tmp_path / "g.json", "--gauge", tmp_path / "g.json", "-o",

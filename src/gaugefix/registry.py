@@ -126,6 +126,9 @@ TRANSPORT_KINDS: dict[str, TransportKind] = _kinds(
     TransportKind("crosscoder", _T + "crosscoder:transport_crosscoder",
                   "crosscoder (ckkissane, dictionary_learning); one gauge per slot",
                   per_slot=True),
+    TransportKind("imatrix", _T + "imatrix:transport_imatrix",
+                  "llama.cpp importance matrix (llama-imatrix GGUF) of a GGUF model",
+                  options=("model",)),
     TransportKind("clt", _T + "clt:transport_clt",
                   "circuit-tracer cross-layer transcoder or per-layer transcoder set"),
 )
@@ -150,7 +153,7 @@ def _check_declared(entry: TransportKind | MergeMethod, options: Iterable[str],
     if wrong:
         where = {o: [k.name for k in table.values() if o in k.options] for o in wrong}
         raise GaugefixError("; ".join(
-            f"--{o} goes with the {' and '.join(where[o]) or 'no'} {what}"
+            f"--{o} goes with the {_listed(where[o]) or 'no'} {what}"
             f"{'s' if len(where[o]) != 1 else ''}, not {entry.name}" for o in wrong))
 
 
@@ -194,7 +197,13 @@ OPTION_HELP: dict[tuple[str, str], str] = {
     ("lora", "model"): "the base checkpoint (for its family)",
     ("lora", "family"): "the base model's family",
     ("optim", "model"): "the checkpoint a bare optimizer.pt belongs to",
+    ("imatrix", "model"): "the GGUF file the importance matrix was computed for",
 }
+
+
+def _listed(names: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def option_help(option: str) -> str:

@@ -1,0 +1,84 @@
+"""llama.cpp importance matrices (``llama-imatrix``'s GGUF output) moved with their columns.
+
+An importance matrix holds, per weight tensor, the sum of the squared activations entering
+each of its input columns (``<tensor>.in_sum2``, shape [matrices, columns]) and how many
+calls were summed (``<tensor>.counts``). Requantising a checkpoint in another chart with an
+importance matrix computed in the first needs the matrix moved too: the columns of a tensor
+whose input is the residual stream (q/k/v/gate/up, the head, the embedding) move with the
+gauge's permutation (squares: no sign), every other tensor's stay. Which tensor reads the
+residual comes from the model's plan (``--model``: the GGUF file the matrix was computed
+for, whose tensor names the matrix uses). The file is rewritten with gguf-py's writer, every
+metadata field copied.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import GaugefixError
+from ..group import SignedPerm
+from ..io import atomic_file
+
+IN_SUM2 = ".in_sum2"
+
+
+def transport_imatrix(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
+                      record: dict[str, Any], overwrite: bool = False,
+                      model: Any = None) -> dict[str, Any]:
+    import gguf
+
+    from ..model import open_model
+    from ..quant.gguf_file import RECORD_KEY, is_gguf
+
+    src, dst = Path(src), Path(dst)
+    if model is None:
+        raise GaugefixError("imatrix: pass --model, the GGUF file the importance matrix was "
+                            "computed for (its tensor names say which columns are residual)")
+    if not is_gguf(src):
+        raise GaugefixError(f"imatrix: {src} is not a GGUF importance matrix (llama-imatrix "
+                            "writes one with --output-format gguf, its default; a legacy .dat "
+                            "converts with llama-imatrix --in-file X.dat -o X.gguf)")
+    m = open_model(model)
+    if m.gguf is None:
+        raise GaugefixError(f"imatrix: --model {model} is not a GGUF file; the matrix is keyed "
+                            "by the GGUF tensor names of the model it was computed for")
+    m.family.check_gauge(gauge, m.hidden_size)
+    reader = gguf.GGUFReader(src)
+    plan, names = m.plan, m.gguf.names
+    unknown = [t.name for t in reader.tensors if t.name.endswith(IN_SUM2)
+               and t.name.removesuffix(IN_SUM2) not in names]
+    if unknown:
+        raise GaugefixError(f"imatrix: {len(unknown)} entries name no tensor of {m.name} "
+                            f"({', '.join(unknown[:4])}): computed for another model")
+    moved = 0
+    with atomic_file(dst, overwrite=overwrite, inputs=(src,)) as tmp:
+        arch = reader.fields.get("general.architecture")
+        writer = gguf.GGUFWriter(tmp, str(arch.contents()) if arch is not None else "imatrix")
+        for f in reader.fields.values():
+            if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") \
+                    or f.name == RECORD_KEY:
+                continue
+            vtype = f.types[0]
+            sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+        writer.add_string(RECORD_KEY, json.dumps(record))
+        for t in reader.tensors:
+            data = np.asarray(t.data)
+            if t.name.endswith(IN_SUM2):
+                op = plan[names[t.name.removesuffix(IN_SUM2)]]
+                inner = len(m.shapes[names[t.name.removesuffix(IN_SUM2)]]) - 1
+                if any(a % (inner + 1) == inner for a in op.axes):  # columns are residual
+                    data = gauge.tiled(op.blocks).apply(data, data.ndim - 1, False)
+                    moved += 1
+            writer.add_tensor(t.name, np.ascontiguousarray(data), raw_dtype=t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return {"kind": "imatrix", "entries": sum(t.name.endswith(IN_SUM2)
+                                             for t in reader.tensors),
+            "moved": moved, "record": record}
