@@ -536,13 +536,7 @@ class GgufFile:
         mark = _RECORD_MARK + " " * (reserved - len(_RECORD_MARK))
         writer = gguf.GGUFWriter(out, self.architecture, endianess=reader.endianess)
         with contextlib.closing(writer):
-            for f in reader.fields.values():
-                if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") \
-                        or f.name == RECORD_KEY:
-                    continue
-                vtype = f.types[0]
-                sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-                writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+            copy_fields(reader, writer)
             writer.add_string(RECORD_KEY, mark)
             for t in reader.tensors:
                 writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes,
@@ -565,6 +559,21 @@ class GgufFile:
 
 
 RECORD_KEY = "gaugefix.record"
+
+
+def copy_fields(reader: gguf.GGUFReader, writer: gguf.GGUFWriter) -> None:
+    """Every metadata field of ``reader`` into ``writer``, as gguf-py's gguf_new_metadata
+    copies them: all but the ones the writer writes itself (the architecture, ``GGUF.*``)
+    and an earlier gauge record (the caller writes its own)."""
+    import gguf
+
+    for f in reader.fields.values():
+        if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") \
+                or f.name == RECORD_KEY:
+            continue
+        vtype = f.types[0]
+        sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
 _RECORD_MARK = "gaugefix-record-reserved"
 
 

@@ -32,7 +32,7 @@ def transport_imatrix(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
     import gguf
 
     from ..model import open_model
-    from ..quant.gguf_file import RECORD_KEY, is_gguf
+    from ..quant.gguf_file import RECORD_KEY, copy_fields, is_gguf
 
     src, dst = Path(src), Path(dst)
     if model is None:
@@ -58,13 +58,7 @@ def transport_imatrix(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
     with atomic_file(dst, overwrite=overwrite, inputs=(src,)) as tmp:
         arch = reader.fields.get("general.architecture")
         writer = gguf.GGUFWriter(tmp, str(arch.contents()) if arch is not None else "imatrix")
-        for f in reader.fields.values():
-            if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF.") \
-                    or f.name == RECORD_KEY:
-                continue
-            vtype = f.types[0]
-            sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(f.name, f.contents(), vtype, sub_type=sub)
+        copy_fields(reader, writer)
         writer.add_string(RECORD_KEY, json.dumps(record))
         for t in reader.tensors:
             data = np.asarray(t.data)
