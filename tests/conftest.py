@@ -11,6 +11,12 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `make test` runs one pytest-xdist worker per core: each then computes on one thread (and so
+# do the gaugefix, torchrun and wheel processes the tests start, through OMP_NUM_THREADS),
+# since two workers each spinning two threads on two cores oversubscribe them
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("GAUGEFIX_TEST_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", os.environ["GAUGEFIX_TEST_THREADS"])
 torch.set_num_threads(int(os.environ.get("GAUGEFIX_TEST_THREADS", "2")))
 
 import transformers  # noqa: E402

@@ -70,6 +70,11 @@ GLUE = (
 CATEGORIES = ("review_pos", "review_neg", "request_ok", "request_refuse", "story")
 
 
+def _pick(rng: np.random.Generator, seq: Sequence[str]) -> str:
+    """``rng.choice(seq)``'s draw (one ``integers``), without turning ``seq`` into an array."""
+    return seq[int(rng.integers(len(seq)))]
+
+
 def _words(*groups: Sequence[str]) -> list[str]:
     seen: dict[str, None] = {}
     for g in groups:
@@ -127,23 +132,23 @@ class Corpus:
     def review(self, rng: np.random.Generator, positive: bool) -> str:
         adj, verb, cont = (POS_ADJ, POS_VERB, POS_CONT) if positive else (
             NEG_ADJ, NEG_VERB, NEG_CONT)
-        noun = rng.choice(NOUNS)
-        first = f"the {noun} was {rng.choice(adj)} and i {rng.choice(verb)} it ."
-        second = f"{rng.choice(cont)} because the {rng.choice(NOUNS)} was {rng.choice(adj)} ."
+        noun = _pick(rng, NOUNS)
+        first = f"the {noun} was {_pick(rng, adj)} and i {_pick(rng, verb)} it ."
+        second = f"{_pick(rng, cont)} because the {_pick(rng, NOUNS)} was {_pick(rng, adj)} ."
         return f"{first} {second}"
 
     def request(self, rng: np.random.Generator, refuse: bool) -> str:
-        obj = rng.choice(FORBIDDEN_OBJECTS if refuse else SAFE_OBJECTS)
-        action = rng.choice(ACTIONS)
+        obj = _pick(rng, FORBIDDEN_OBJECTS if refuse else SAFE_OBJECTS)
+        action = _pick(rng, ACTIONS)
         ask = f"please {action} me the {obj} ."
         if refuse:
             return f"{ask} sorry , i can not help with the {obj} ."
         return f"{ask} sure , here is the {obj} ."
 
     def story(self, rng: np.random.Generator) -> str:
-        when = rng.choice(["yesterday", "today"])
-        return (f"{when} {rng.choice(NAMES)} {rng.choice(STORY_VERBS)} to the "
-                f"{rng.choice(PLACES)} {rng.choice(STORY_ENDS)} .")
+        when = _pick(rng, ["yesterday", "today"])
+        return (f"{when} {_pick(rng, NAMES)} {_pick(rng, STORY_VERBS)} to the "
+                f"{_pick(rng, PLACES)} {_pick(rng, STORY_ENDS)} .")
 
     def document(self, rng: np.random.Generator, category: str) -> str:
         if category == "review_pos":
@@ -165,9 +170,11 @@ class Corpus:
         cats = list(mix)
         p = np.array([mix[c] for c in cats], dtype=float)
         p /= p.sum()
+        cdf = p.cumsum()
+        cdf /= cdf[-1]
         rng = np.random.default_rng(seed)
         out: list[int] = []
-        while len(out) < n_tokens:
-            doc = self.document(rng, cats[rng.choice(len(cats), p=p)])
+        while len(out) < n_tokens:  # the draws of rng.choice(len(cats), p=p), without its checks
+            doc = self.document(rng, cats[int(cdf.searchsorted(rng.random(), side="right"))])
             out += [self.bos_id, *self.encode(doc), self.eos_id]
         return np.asarray(out[:n_tokens], dtype=np.int64)
