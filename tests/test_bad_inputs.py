@@ -490,6 +490,24 @@ CASES: list[Case] = [
 ]
 
 
+def _record(w: Path, **meta_changes) -> None:
+    """A fingerprint record of A in recs/, its metadata changed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from gaugefix.canonical import write_record
+
+    (w / "recs").mkdir()
+    tmp = w.parent / f"{w.name}-record.safetensors"
+    write_record(w / "A", tmp, overwrite=True)
+    with safe_open(str(tmp), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta = json.loads(f.metadata()["gaugefix"])
+    tmp.unlink()
+    meta.update(meta_changes)
+    save_file(tensors, str(w / "recs" / "a.safetensors"), metadata={"gaugefix": json.dumps(meta)})
+
+
 def _forge_stats(path: Path, key: str, value: str | None) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -825,6 +843,30 @@ HOSTILE_CASES: list[Case] = [
     ("apply:int8-embedding", lambda w: (
         with_dtype(w / "A", "model.embed_tokens.weight", torch.int8),
         ["apply", "A", "out", "--random", 1])[1], "integer tensor model.embed_tokens.weight"),
+    # ------------------------------------------------------------------ fingerprint records
+    ("identify:against-missing", _set(_noop, ["identify", "A", "--against", "nodir"]),
+     "--against nodir: not a directory of fingerprint records"),
+    ("identify:against-empty", lambda w: ((w / "recs").mkdir(),
+                                          ["identify", "A", "--against", "recs"])[1],
+     "no *.safetensors fingerprint records"),
+    ("identify:against-not-records", lambda w: (
+        (w / "recs").mkdir(), shutil.copy(w / "A" / "model.safetensors", w / "recs"),
+        write(w / "recs" / "cut.safetensors", b"\x08\x00\x00"),
+        ["identify", "A", "--against", "recs"])[3], "2 of the files in recs are not"),
+    ("identify:against-forged-version", lambda w: (
+        _record(w, version=99), ["identify", "A", "--against", "recs"])[1],
+     "fingerprint record version 99"),
+    ("identify:against-forged-rows", lambda w: (
+        _record(w, hidden_size=7), ["identify", "A", "--against", "recs"])[1],
+     "a malformed fingerprint record"),
+    ("identify:against-and-b", _set(_noop, ["identify", "A", "B", "--against", "A"]),
+     "either MODEL_B or --against"),
+    ("identify:neither", _set(_noop, ["identify", "A"]), "either MODEL_B or --against"),
+    ("fingerprint:record-exists", _set(_noop, ["fingerprint", "A", "--record", "g.json"]),
+     "output g.json already exists"),
+    ("fingerprint:record-inside-input", _set(_noop, ["fingerprint", "A", "--record",
+                                                     "A/model.safetensors"]),
+     "lies inside the input A"),
     ("canonicalize:int8", lambda w: (
         with_dtype(w / "A", "model.layers.0.self_attn.o_proj.weight", torch.int8),
         ["canonicalize", "A", "out"])[1], "(int8) lies on a signed residual axis"),

@@ -454,17 +454,11 @@ def identify(a: ModelLike, b: ModelLike, *, alpha: float = DEFAULT_ALPHA) -> Ide
 
     alpha = _check_alpha(alpha)
     ca, cb = open_model(a).check(), open_model(b).check()
-    if ca.family.name != cb.family.name:
-        return Identity("unrelated", f"different families: {ca.family.name} and "
-                        f"{cb.family.name}", None, {})
-    if ca.hidden_size != cb.hidden_size:
-        return Identity("unrelated", f"different widths: d={ca.hidden_size} and "
-                        f"d={cb.hidden_size}", None, {})
-    sa, sb = ca.shapes, cb.shapes
-    if sa != sb:
-        diff = sorted(set(sa) ^ set(sb)) or sorted(k for k in sa if sa[k] != sb[k])
-        return Identity("unrelated", f"different architectures: {len(diff)} tensors differ in "
-                        f"name or shape (e.g. {diff[0]})", None, {})
+    if (differ := _shape_difference(ca, cb)) is not None:
+        from .sketch import Sketch, relate_sketches
+
+        rel, why = relate_sketches(Sketch.of(ca), Sketch.of(cb))
+        return verdict_across(rel, why, alpha, {"differ": differ})
     fa = fingerprint(ca, discrete_only=True)
     fb = fingerprint(cb, discrete_only=True)
     if fa.sha256 == fb.sha256:
@@ -504,6 +498,128 @@ def identify(a: ModelLike, b: ModelLike, *, alpha: float = DEFAULT_ALPHA) -> Ide
         return Identity("derived", f"{held_out} ≤ α = {alpha:g})", result.gauge, evidence)
     return Identity("unrelated", f"{held_out} > α = {alpha:g}: no better than a random "
                     "gauge)", None, evidence)
+
+
+def write_record(model: ModelLike, output: str | Path, *, discrete_only: bool = False,
+                 overwrite: bool = False) -> Fingerprint:
+    """Write ``model``'s fingerprint record (:class:`gaugefix.sketch.Sketch` with the
+    fingerprint and canonical gauge): what ``identify --against`` tests a suspect against,
+    without the model's weights. Atomic; returns the fingerprint."""
+    from .io import atomic_file
+    from .sketch import Sketch
+
+    m = open_model(model).check()
+    fp = fingerprint(m, discrete_only=discrete_only)
+    sketch = Sketch.of(m)
+    sketch.fingerprint, sketch.sha256 = fp.fingerprint, fp.sha256
+    sketch.chart_gauge = fp.chart.gauge
+    inputs = [m.path] if m.path is not None else []
+    with atomic_file(output, overwrite=overwrite, inputs=inputs) as tmp:
+        sketch.save(tmp)
+    return fp
+
+
+@dataclass
+class AgainstOne:
+    """One reference's verdict for the suspect (A: the reference, B: the suspect)."""
+
+    reference: str
+    path: Path
+    identity: Identity
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference, "record": str(self.path),
+                "seconds": round(self.seconds, 3), **self.identity.to_dict()}
+
+
+def record_files(folder: str | Path) -> list[Path]:
+    """The fingerprint records of ``folder`` (its ``*.safetensors`` files), or one error."""
+    p = Path(folder)
+    if not p.is_dir():
+        raise GaugefixError(f"--against {p}: not a directory of fingerprint records")
+    files = sorted(f for f in p.iterdir() if f.suffix == ".safetensors" and f.is_file())
+    if not files:
+        raise GaugefixError(f"--against {p}: no *.safetensors fingerprint records in it "
+                            "(write them with `gaugefix fingerprint MODEL --record FILE`)")
+    return files
+
+
+def identify_against(suspect: ModelLike, folder: str | Path, *, alpha: float = DEFAULT_ALPHA
+                     ) -> list[AgainstOne]:
+    """The suspect against every fingerprint record of ``folder``: ``same`` where its
+    fingerprint is the record's, else the test of :func:`gaugefix.sketch.relate_sketches`
+    on the suspect's sketch and the record's. Every record is read before any test runs:
+    a folder with files that are not records is one error naming them all."""
+    import time
+
+    from .sketch import Sketch, relate_sketches
+
+    alpha = _check_alpha(alpha)
+    records, bad = [], []
+    for f in record_files(folder):
+        try:
+            records.append((f, Sketch.load(f)))
+        except GaugefixError as exc:
+            bad.append(str(exc))
+    if bad:
+        raise GaugefixError(f"{len(bad)} of the files in {folder} are not fingerprint "
+                            f"records: {'; '.join(bad)}")
+    m = open_model(suspect).check()
+    fp = fingerprint(m, discrete_only=True)
+    mine = Sketch.of(m)
+    out = []
+    for path, ref in records:
+        t0 = time.perf_counter()
+        if ref.sha256 == fp.sha256 and ref.chart_gauge is not None:
+            ident = Identity("same", "the suspect's fingerprint is the record's: every tensor "
+                             "is bit-identical in the canonical chart", ref.chart_gauge.then(
+                                 fp.chart.gauge.inverse()), {"fingerprint": fp.fingerprint})
+        else:
+            rel, why = relate_sketches(ref, mine)
+            differ = None if (ref.family, ref.hidden_size) == (mine.family, mine.hidden_size) \
+                else f"{ref.family} d={ref.hidden_size} and {mine.family} d={mine.hidden_size}"
+            ident = verdict_across(rel, why, alpha, {"differ": differ} if differ else {})
+        out.append(AgainstOne(ref.name, path, ident, time.perf_counter() - t0))
+    order = {"same": 0, "derived": 1, "unrelated": 2}
+    out.sort(key=lambda r: (order[r.identity.verdict],
+                            r.identity.evidence.get("log10_p_value", 0.0), r.reference))
+    return out
+
+
+def _shape_difference(a: Model, b: Model) -> str | None:
+    """How two models' shapes differ (None: one family, width and tensor set)."""
+    if a.family.name != b.family.name:
+        return f"different families: {a.family.name} and {b.family.name}"
+    if a.hidden_size != b.hidden_size:
+        return f"different widths: d={a.hidden_size} and d={b.hidden_size}"
+    sa, sb = a.shapes, b.shapes
+    if sa != sb:
+        diff = sorted(set(sa) ^ set(sb)) or sorted(k for k in sa if sa[k] != sb[k])
+        return f"{len(diff)} tensors differ in name or shape (e.g. {diff[0]})"
+    return None
+
+
+def verdict_across(rel: Any, why: str, alpha: float, evidence: dict[str, Any]) -> Identity:
+    """The verdict of :func:`gaugefix.sketch.relate_sketches` (``rel``: a CrossRelation, or
+    None and ``why``): derived when its p-value is at most ``alpha``."""
+    differ = evidence.get("differ")
+    lead = f"{differ}; " if differ else ""
+    if rel is None:
+        return Identity("unrelated", f"{lead}{why}", None, evidence)
+    evidence.update(rel.evidence(alpha))
+    c = rel.coordinates
+    evidence["coordinate_map"] = {"b": c.b.tolist(), "a": c.a.tolist(),
+                                  "sign": c.sign.astype(int).tolist()}
+    held_out = (f"coordinates matched on {c.shared_tokens:,} shared sampled tokens, "
+                f"{rel.tensors} held-out layer tensors agree with mean cosine "
+                f"{rel.mean_cosine:.3g} (p = {_p(rel)}")
+    if rel.p_value <= alpha:
+        found = rel.describe()
+        return Identity("derived", f"{found + ': ' if found else ''}{held_out} ≤ α = "
+                        f"{alpha:g})", rel.gauge(), evidence)
+    return Identity("unrelated", f"{lead}{held_out} > α = {alpha:g}: no better than a random "
+                    "map)", None, evidence)
 
 
 def _p(rel: Any) -> str:

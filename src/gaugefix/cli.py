@@ -389,16 +389,23 @@ def canonicalize(
     written(f"canonical chart written to {output}")
 
 
-@command(inputs=("model",))
+@command(inputs=("model",), outputs=("record",))
 def fingerprint(
     model: Annotated[str, typer.Argument(help="checkpoint directory or hub id")],
     discrete_only: DiscreteOnly = False,
+    record: Annotated[Path | None, typer.Option(
+        help="also write the fingerprint record (a small safetensors file) that `identify "
+        "--against` tests suspects against")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing record")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """A gauge-invariant identifier: equal for re-gauged copies, changed by any weight."""
     from . import jobs
 
-    fp = jobs.fingerprint(model, discrete_only=discrete_only)
+    fp = jobs.fingerprint(model, discrete_only=discrete_only, record=record,
+                          overwrite=overwrite)
+    if record is not None:
+        written(f"fingerprint record written to {record}")
     if as_json:
         _print_json(fp.to_dict())
         return
@@ -407,10 +414,13 @@ def fingerprint(
         _note_line(line)
 
 
-@command(inputs=("model_a", "model_b"))
+@command(inputs=("model_a", "model_b", "against"))
 def identify(
-    model_a: Annotated[str, typer.Argument(help="checkpoint A")],
-    model_b: Annotated[str, typer.Argument(help="checkpoint B")],
+    model_a: Annotated[str, typer.Argument(help="checkpoint A (with --against: the suspect)")],
+    model_b: Annotated[str | None, typer.Argument(help="checkpoint B")] = None,
+    against: Annotated[Path | None, typer.Option(
+        help="a folder of fingerprint records (`fingerprint --record`): test MODEL_A "
+        "against each")] = None,
     alpha: Annotated[float | None, typer.Option(
         "--alpha", help="derived when the held-out test's p-value is at most this (the "
         "false-positive rate per unrelated pair); default 1e-6")] = None,
@@ -419,6 +429,17 @@ def identify(
     """Same function up to gauge, derived (e.g. fine-tuned), or unrelated: from weights alone."""
     from . import jobs
 
+    if (model_b is None) == (against is None):
+        raise GaugefixError("identify takes either MODEL_B or --against DIR (one of them)")
+    if against is not None:
+        results = jobs.identify_against(model_a, against, alpha=alpha)
+        if as_json:
+            _print_json({"suspect": model_a, "results": [r.to_dict() for r in results]})
+            return
+        for r in results:
+            out.print(f"{r.identity.verdict:9} {r.reference}: {r.identity.reason} "
+                      f"[{r.seconds:.2f} s]")
+        return
     r = jobs.identify(model_a, model_b, alpha=alpha)
     if as_json:
         _print_json(r.to_dict())

@@ -33,7 +33,7 @@ from .model import Model, ModelLike, check_pair, open_model
 if TYPE_CHECKING:
     from .apply import ApplyReport
     from .audit import AuditReport, Claim
-    from .canonical import CanonicalChart, Fingerprint, Identity
+    from .canonical import AgainstOne, CanonicalChart, Fingerprint, Identity
     from .diagnosis import GaugeGroupReport
     from .estimate import StatsOptions, TrajectoryResult
     from .match import MatchResult
@@ -445,10 +445,15 @@ def canonicalize(model: ModelLike, output: str | Path, *, discrete_only: bool = 
                discrete_only=discrete_only)
 
 
-def fingerprint(model: ModelLike, *, discrete_only: bool = False) -> Fingerprint:
-    """A gauge-invariant identifier (``gaugefix fingerprint``)."""
+def fingerprint(model: ModelLike, *, discrete_only: bool = False,
+                record: str | Path | None = None, overwrite: bool = False) -> Fingerprint:
+    """A gauge-invariant identifier (``gaugefix fingerprint``); with ``record``, also write
+    the fingerprint record that ``identify --against`` reads."""
     from .canonical import fingerprint as run
+    from .canonical import write_record
 
+    if record is not None:
+        return write_record(model, record, discrete_only=discrete_only, overwrite=overwrite)
     return run(model, discrete_only=discrete_only)
 
 
@@ -459,6 +464,16 @@ def identify(a: ModelLike, b: ModelLike, *, alpha: float | None = None) -> Ident
     from .relation import DEFAULT_ALPHA
 
     return run(a, b, alpha=DEFAULT_ALPHA if alpha is None else alpha)
+
+
+def identify_against(suspect: ModelLike, folder: str | Path, *, alpha: float | None = None
+                     ) -> list[AgainstOne]:
+    """The suspect against a folder of fingerprint records (``gaugefix identify SUSPECT
+    --against DIR``), most related first."""
+    from .canonical import identify_against as run
+    from .relation import DEFAULT_ALPHA
+
+    return run(suspect, folder, alpha=DEFAULT_ALPHA if alpha is None else alpha)
 
 
 # ---------------------------------------------------------------------------- transport
