@@ -22,6 +22,19 @@ similarity, never a witness; gaugefix's verdict comes with the gauge and a bit-e
         [--families llama,...] [--corpora grammar,...] [--seeds 0,1,...]
 
 (every lineage is trained once and cached; the whole grid trains 54 of them.)
+
+**Real-model tier** (``--real DIR``): real pretrained weights, offline — SmolLM2-135M and
+Gemma 3 270M from the registry's GGUF packages — and a zoo of their derivatives made here
+(``identity_zoo.py``: re-gauged, requantised to other GGUF types, briefly fine-tuned at three
+learning rates, residual coordinates removed, vocabulary cut / extended / reordered, layers
+dropped / repeated, a combination) against unrelated models (independent initialisations of
+each config, narrower and shallower ones, the other family). Every pair gets gaugefix's
+verdict at the default α with its p-value and what it found, and AWM's (``awm.py``, arXiv
+2510.06738, reimplemented) on the same pair, each timed; then every zoo model's fingerprint
+record is written and each model is tested ``--against`` the folder of records (seconds per
+reference).
+
+    python benchmarks/bench_identify.py --real /work/zoo-cache [--json real.json]
 """
 
 from __future__ import annotations
@@ -85,8 +98,78 @@ def _stats(r) -> dict:
             "distance": e.get("median_relative_distance", 0.0)}
 
 
+def real_tier(root: Path, out_json: Path | None) -> None:
+    """The real-model tier (see the module docstring)."""
+    from awm import awm_score
+    from identity_zoo import models, pairs
+
+    from gaugefix import jobs
+
+    rows = []
+    print(f"{'pair':28s} {'truth':9s} {'gaugefix':9s} {'log10 p':>9s} {'s':>6s}   "
+          f"{'AWM':>7s} {'AWM says':9s} {'s':>6s}   found")
+    for pair in pairs(root):
+        t = time.perf_counter()
+        r = jobs.identify(pair.a, pair.b)
+        seconds = time.perf_counter() - t
+        awm = awm_score(pair.a, pair.b)
+        related = r.verdict in ("same", "derived")
+        found = r.reason.split(":")[0] if r.verdict != "unrelated" else ""
+        lp = r.evidence.get("log10_p_value")
+        rows.append({"pair": pair.name, "what": pair.what, "related": pair.related,
+                     "verdict": r.verdict, "reason": r.reason, "log10_p": lp,
+                     "seconds": seconds, "awm": awm, "correct": related == pair.related})
+        print(f"{pair.name:28s} {'related' if pair.related else 'unrelated':9s} "
+              f"{r.verdict:9s} {'' if lp is None else f'{lp:9.1f}':>9s} {seconds:6.1f}   "
+              f"{awm['score']:7.3f} {awm['decision']:9s} {awm['seconds']:6.1f}   "
+              f"{found[:60]}", flush=True)
+    ok = sum(r["correct"] for r in rows)
+    awm_ok = sum((r["awm"]["decision"] == "related") == r["related"] for r in rows)
+    print(f"\ngaugefix: {ok} of {len(rows)} pairs called right at α = {DEFAULT_ALPHA:g}; "
+          f"AWM: {awm_ok} of {len(rows)} by its own rule")
+    related_lp = [r["log10_p"] for r in rows if r["related"] and r["log10_p"] is not None]
+    unrelated_lp = [r["log10_p"] for r in rows if not r["related"] and r["log10_p"] is not None]
+    if related_lp and unrelated_lp:
+        print(f"log10 p: related {min(related_lp):.0f}…{max(related_lp):.1f}, unrelated "
+              f"{min(unrelated_lp):.2f}…{max(unrelated_lp):.2f}")
+    against = against_timing(root, models(root))
+    print(f"--against: {against['references']} records ({against['record_mb']:.1f} MB each on "
+          f"average); {against['seconds_per_reference']:.2f} s per reference "
+          f"(suspect sketched and fingerprinted once: {against['suspect_seconds']:.1f} s)")
+    if out_json:
+        out_json.write_text(json.dumps({"pairs": rows, "against": against}, indent=1,
+                                       default=str))
+
+
+def against_timing(root: Path, zoo: dict[str, Path]) -> dict:
+    """A fingerprint record of every zoo model, then each model against the folder."""
+    from gaugefix import jobs
+
+    records = root / "records"
+    records.mkdir(exist_ok=True)
+    for name, path in zoo.items():
+        rec = records / f"{name}.safetensors"
+        if not rec.exists():
+            jobs.fingerprint(path, discrete_only=True, record=rec)
+    sizes = [f.stat().st_size for f in records.glob("*.safetensors")]
+    per_ref, suspect, verdicts = [], [], {}
+    for name, path in zoo.items():
+        t = time.perf_counter()
+        res = jobs.identify_against(path, records)
+        total = time.perf_counter() - t
+        tests = sum(r.seconds for r in res)
+        per_ref.append(tests / len(res))
+        suspect.append(total - tests)
+        verdicts[name] = {Path(r.path).stem: r.identity.verdict for r in res}
+    return {"references": len(sizes), "record_mb": float(np.mean(sizes)) / 1e6,
+            "seconds_per_reference": float(np.mean(per_ref)),
+            "suspect_seconds": float(np.mean(suspect)), "verdicts": verdicts}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--real", type=Path, default=None,
+                    help="run the real-model tier, its zoo built (once) in this folder")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "gaugefix" /
                     "bench-lineages")
     ap.add_argument("--json", type=Path, default=None)
@@ -94,6 +177,9 @@ def main() -> None:
     ap.add_argument("--corpora", default=",".join(CORPORA))
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     args = ap.parse_args()
+    if args.real is not None:
+        real_tier(args.real, args.json)
+        return
     families, corpora = args.families.split(","), args.corpora.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     from transformers.utils import logging as hf_logging

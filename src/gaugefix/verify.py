@@ -83,6 +83,10 @@ DEFAULT_TOL = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2, "bfloat16": 1
 MAX_PROBE_TOKENS = 1 << 20
 
 
+COMPARE_ELEMENTS = 1 << 22  # float64 elements compared at a time
+LOGITS_BYTES = 256 << 20  # float32 logits of one forward pass, per model (sets its batch)
+
+
 class _MaxRel:
     """max|actual - expected| / max|expected| accumulated over batches."""
 
@@ -90,9 +94,15 @@ class _MaxRel:
         self.diff = self.scale = 0.0
 
     def add(self, actual: torch.Tensor, expected: torch.Tensor) -> None:
-        a, e = actual.double(), expected.double()
-        self.diff = max(self.diff, float((a - e).abs().max()))
-        self.scale = max(self.scale, float(e.abs().max()))
+        """In float64, a block of rows at a time: never a float64 copy of a whole batch of
+        logits (a 262k-token vocabulary's are 1 GB in float32)."""
+        a = actual.reshape(-1, actual.shape[-1])
+        e = expected.reshape(-1, expected.shape[-1])
+        step = max(1, COMPARE_ELEMENTS // max(1, a.shape[1]))
+        for r0 in range(0, a.shape[0], step):
+            xa, xe = a[r0:r0 + step].double(), e[r0:r0 + step].double()
+            self.diff = max(self.diff, float((xa - xe).abs_().max()))
+            self.scale = max(self.scale, float(xe.abs_().max()))
 
     @property
     def value(self) -> float:
@@ -103,8 +113,12 @@ class _MaxRel:
 def compare_models(model_a: torch.nn.Module, model_b: torch.nn.Module, gauge: SignedPerm,
                    input_ids: torch.Tensor, tol: float | None = None, *,
                    batch_size: int = 8) -> VerifyReport:
-    """Logits and every hidden state of B against A's moved by ``gauge``, ``batch_size``
-    sequences per forward pass (the errors are maxima over all of them)."""
+    """Logits and every hidden state of B against A's moved by ``gauge``, at most
+    ``batch_size`` sequences per forward pass, fewer where their logits would exceed
+    :data:`LOGITS_BYTES` (the errors are maxima over all of them)."""
+    vocab = int(getattr(model_a.config, "vocab_size", 0) or 0)
+    per_seq = 4 * input_ids.shape[1] * max(1, vocab)
+    batch_size = max(1, min(batch_size, LOGITS_BYTES // per_seq))
     logits: _MaxRel = _MaxRel()
     hidden: list[_MaxRel] = []
     for start in range(0, input_ids.shape[0], batch_size):
