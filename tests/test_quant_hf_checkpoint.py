@@ -59,8 +59,9 @@ EXACT = {
 }
 
 
-def build(root: Path, fmt: str, seed: int = 0) -> Path:
-    """A two-layer Llama (d=128) with every decoder Linear quantised in ``fmt``."""
+def build(root: Path, fmt: str, seed: int = 0, float_copy: Path | None = None) -> Path:
+    """A two-layer Llama (d=128) with every decoder Linear quantised in ``fmt``
+    (``float_copy``: also the float checkpoint it was quantised from)."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -72,15 +73,22 @@ def build(root: Path, fmt: str, seed: int = 0) -> Path:
     model = LlamaForCausalLM(cfg)
     gen = torch.Generator().manual_seed(seed + 1)
     sd: dict[str, torch.Tensor] = {}
+    flt: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
         if key.endswith("norm.weight"):  # distinct gains: the canonical chart is unique
             t = 1 + 0.5 * torch.rand(t.shape, generator=gen)
+        flt[key] = t
         module = key.rsplit(".", 1)[0]
         if key.endswith(".weight") and module.split("layers.")[-1].split(".", 1)[-1] in LINEARS:
             for role, v in quantise(t.float()).items():
                 sd[f"{module}.{role}"] = v.contiguous()
         else:
             sd[key] = t.contiguous()
+    if float_copy is not None:
+        float_copy.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in flt.items()},
+                  str(float_copy / "model.safetensors"), metadata={"format": "pt"})
+        (float_copy / "config.json").write_text(json.dumps(cfg.to_dict()))
     path = root / fmt
     path.mkdir(parents=True)
     save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -275,3 +283,32 @@ def test_canonicalize_and_cli_verify(ckpts, tmp_path, cli):
     g.save(tmp_path / "g.json")
     res = cli("verify", src, tmp_path / "b", "--gauge", tmp_path / "g.json", "--tokens", 8)
     assert "transformers cannot run awq here" in res.output and "PASS" in res.output
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "ct-int-group", "fp8-block"])
+def test_identify_names_the_quantisation_against_the_float_original(tmp_path, fmt):
+    """A quantised checkpoint against the float checkpoint it was quantised from (in another
+    chart): derived, the same network up to that quantisation; against the float weights
+    with noise far above the rounding: derived by the test, not "up to quantisation"."""
+    src = tmp_path / "float"
+    q = build(tmp_path, fmt, seed=4, float_copy=src)
+    g = SignedPerm.random(D, 8)
+    moved = tmp_path / "float-moved"
+    jobs.apply(src, moved, g)
+    ident = jobs.identify(moved, q)
+    assert ident.verdict == "derived", ident.reason
+    assert f"up to {fmt}" in ident.reason and ident.evidence["quantisation"]["within"]
+    assert ident.gauge == g.inverse()
+    noisy = tmp_path / "noisy"
+    m = open_model(src)
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    state = {k: m.tensor(k) + (0.3 * m.tensor(k).std() * torch.randn(
+        m.shapes[k], generator=gen) if k.endswith("proj.weight") else 0) for k in m.shapes}
+    noisy.mkdir()
+    save_file(state, str(noisy / "model.safetensors"), metadata={"format": "pt"})
+    (noisy / "config.json").write_text((src / "config.json").read_text())
+    other = jobs.identify(noisy, q)
+    assert not other.evidence["quantisation"]["within"], other.reason
+    assert "up to" not in other.reason

@@ -402,28 +402,52 @@ ROUNDING_FACTOR = 2.0
 FLOAT_MATCH = 1e-6
 
 
+def _float_match(a: Model, b: Model, key: str) -> float:
+    """How far a float tensor may differ and still be "the same": :data:`FLOAT_MATCH`, or
+    the rounding of the coarser of the two stored dtypes (a GPTQ file keeps its unquantised
+    tensors in float16 where the original may be bfloat16)."""
+    import torch
+
+    eps = FLOAT_MATCH
+    for m in (a, b):
+        dt = m.slice(key, (slice(0, 1),)).dtype
+        if dt.is_floating_point:
+            eps = max(eps, torch.finfo(dt).eps)
+    return eps
+
+
 def _up_to_quantisation(a: Model, b: Model, gauge: SignedPerm, dist: dict[str, float]
                         ) -> dict[str, Any] | None:
     """Whether B differs from A (moved by ``gauge``) by no more than the quantisation of the
     quantised one of them: None when neither is quantised."""
-    from .quant.gguf_file import rounding_noise_parts
+    from functools import partial
+
+    from .quant import gguf_file, hf
     from .relation import moved_rows
 
-    types = {}  # key -> the GGML type of whichever side quantised it
+    types: dict[str, str] = {}  # key -> the type of whichever side quantised it
+    noise_of: dict[str, Any] = {}  # key -> rows -> (expected squared error, squared norm)
     for m in (a, b):
         if m.gguf is not None:
-            types.update((k, t) for k, t in m.gguf.types.items() if t in m.gguf.quantised)
+            for k, t in m.gguf.types.items():
+                if t in m.gguf.quantised:
+                    types[k] = t
+                    noise_of[k] = partial(gguf_file.rounding_noise_parts, tname=t)
+        elif (q := m.hf_quant) is not None:
+            for k in q.groups:
+                types[k] = q.name
+                noise_of[k] = partial(hf.rounding_noise_parts, q.scheme)
     if not types:
         return None
     ratios = {}
     within = True
     for key, d in dist.items():
         if key not in types:
-            within &= d <= FLOAT_MATCH
+            within &= d <= _float_match(a, b, key)
             continue
         noise = norm = 0.0  # g(A) a block of rows at a time, in float64
         for rows in moved_rows(a.plan[key], a.tensor(key), gauge, a.hidden_size):
-            n, m = rounding_noise_parts(rows, types[key])
+            n, m = noise_of[key](rows)
             noise, norm = noise + n, norm + m
         bound = math.sqrt(noise / norm) if norm > 0 else 0.0
         ratios[key] = d / bound if bound > 0 else (0.0 if d == 0 else float("inf"))

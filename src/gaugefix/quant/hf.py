@@ -211,6 +211,26 @@ CAPABILITIES: dict[str, dict[str, str]] = {
 _SUPPORTED_METHODS = ("gptq", "awq", "compressed-tensors", "fp8")
 
 
+def rounding_noise_parts(scheme: QuantScheme, rows: np.ndarray) -> tuple[float, float]:
+    """The squared error quantising ``rows`` ([r, in]: a Linear's weight rows, grouped along
+    the input axis) in ``scheme`` is expected to cost (a uniform grid over each group's range,
+    or the e4m3 spacing at each value), and their squared norm: two sums that add over blocks
+    of rows (as :func:`gaugefix.quant.gguf_file.rounding_noise_parts` for GGUF types)."""
+    x = np.asarray(rows, dtype=np.float64)
+    norm = float((x * x).sum())
+    if scheme.layout.startswith("fp8"):  # 3 mantissa bits: spacing 2^(e-3) at 2^e <= |x|
+        mag = np.abs(x[x != 0])
+        spacing = np.exp2(np.floor(np.log2(mag)) - 3)
+        return float((spacing ** 2 / 12).sum()), norm
+    n = x.shape[-1]
+    group = scheme.group_size if scheme.group_size and n % scheme.group_size == 0 else n
+    g = x.reshape(-1, n // group, group)
+    levels = 2 ** scheme.bits - 1
+    span = 2 * np.abs(g).max(-1) if scheme.symmetric else g.max(-1) - g.min(-1)
+    step = span / levels
+    return float((step ** 2 / 12 * group).sum()), norm
+
+
 def capability_markdown() -> str:
     """The README table: one row per layout, one column per move."""
     ops = ("reader-permutation", "reader-sign", "writer-permutation", "writer-sign",
