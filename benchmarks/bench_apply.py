@@ -34,6 +34,21 @@ from safetensors.torch import save_file
 EXE = str(Path(sys.executable).with_name("gaugefix"))
 
 
+def shard_groups(shapes: dict[str, tuple[int, ...]], item: int, limit: float
+                 ) -> list[list[str]]:
+    """Tensor names in shards of at most ``limit`` bytes, in order (as save_pretrained)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for k, s in shapes.items():
+        n = item * int(torch.Size(s).numel())
+        if groups[-1] and size + n > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += n
+    return groups
+
+
 def generate(path: Path, *, hidden: int, layers: int, vocab: int, shard_gb: float | None,
              dtype: torch.dtype = torch.bfloat16) -> tuple[float, int]:
     """A random-weight checkpoint laid out as save_pretrained lays it out; returns (GB, largest
@@ -50,16 +65,7 @@ def generate(path: Path, *, hidden: int, layers: int, vocab: int, shard_gb: floa
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
     item = torch.empty((), dtype=dtype).element_size()
-    limit = float("inf") if shard_gb is None else shard_gb * 1e9
-    groups: list[list[str]] = [[]]
-    size = 0
-    for k, s in shapes.items():
-        n = item * int(torch.Size(s).numel())
-        if groups[-1] and size + n > limit:
-            groups.append([])
-            size = 0
-        groups[-1].append(k)
-        size += n
+    groups = shard_groups(shapes, item, float("inf") if shard_gb is None else shard_gb * 1e9)
     gen = torch.Generator().manual_seed(0)
     weight_map = {}
     for i, keys in enumerate(groups, start=1):

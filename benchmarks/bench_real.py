@@ -15,7 +15,7 @@ process, on the same token windows, alternating, best of ``--repeat``:
 Then each command's peak RSS as a child process (``gaugefix stats``, ``gaugefix verify``),
 beside a child that only loads both models, and the float32 size of the two models.
 
-    python benchmarks/bench_real.py [--tokens 1024] [--repeat 2] [--dir DIR] [--json out.json]
+    python benchmarks/bench_real.py [--tokens 1280] [--repeat 2] [--dir DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import importlib.metadata
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from bench_apply import EXE, run
+from bench_estimate import best_of
 
 TORCH_THREADS = torch.get_num_threads()
 
@@ -53,15 +53,6 @@ def smollm2_checkpoint(root: Path) -> Path:
     return out
 
 
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 @torch.no_grad()
 def bare_body(models, windows: torch.Tensor, batch_size: int) -> None:
     for batch in windows.split(batch_size):
@@ -78,7 +69,7 @@ def bare_full(models, ids: torch.Tensor, batch_size: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--tokens", type=int, default=1280)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--dir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
@@ -96,7 +87,7 @@ def main() -> None:
     b_dir = root / "smollm2-regauged"
     if not b_dir.exists():
         jobs.apply(a_dir, b_dir, g)
-    g.save(root / "g.json")
+    g.save(root / "g.json", overwrite=True)
     ma, mb = open_model(a_dir).check(), open_model(b_dir).check()
     a, b = ma.load("float32"), mb.load("float32")
     opts = StatsOptions(n_tokens=args.tokens)
@@ -104,8 +95,8 @@ def main() -> None:
     windows = my_windows(ids, opts.seq_len, None)
     out: dict = {"tokens": len(ids), "threads": TORCH_THREADS}
 
-    t_bare = best(lambda: bare_body((a, b), windows, opts.batch_size), args.repeat)
-    t_stats = best(lambda: collect_stats(a, b, ids, seq_len=opts.seq_len,
+    t_bare = best_of(lambda: bare_body((a, b), windows, opts.batch_size), args.repeat)
+    t_stats = best_of(lambda: collect_stats(a, b, ids, seq_len=opts.seq_len,
                                          batch_size=opts.batch_size), args.repeat)
     out["stats"] = {"bare_s": t_bare, "stats_s": t_stats, "ratio": t_stats / t_bare}
     print(f"stats  {len(ids)} tokens: bare forward ×2 {t_bare:.1f} s, collect_stats "
@@ -113,8 +104,8 @@ def main() -> None:
 
     probe = probe_tokens(ma.vocab_size, 256, 128)
     batch = max(1, min(8, LOGITS_BYTES // (4 * probe.shape[1] * ma.vocab_size)))
-    t_bare = best(lambda: bare_full((a, b), probe, batch), args.repeat)
-    t_verify = best(lambda: compare_models(a, b, g, probe), args.repeat)
+    t_bare = best_of(lambda: bare_full((a, b), probe, batch), args.repeat)
+    t_verify = best_of(lambda: compare_models(a, b, g, probe), args.repeat)
     out["verify"] = {"bare_s": t_bare, "verify_s": t_verify, "ratio": t_verify / t_bare}
     print(f"verify {probe.numel()} tokens: bare forward ×2 {t_bare:.1f} s, compare_models "
           f"{t_verify:.1f} s: {t_verify / t_bare:.2f}×", flush=True)
@@ -129,11 +120,24 @@ def main() -> None:
     def audit() -> None:
         jobs.audit(claim, [ma, mb], source=ma, gauges=2, opts=opts)
 
-    t_audit = best(audit, 1)
-    out["audit"] = {"bare_s": out["stats"]["bare_s"], "audit_s": t_audit,
-                    "ratio": t_audit / out["stats"]["bare_s"]}
-    print(f"audit  {len(ids)} tokens: {t_audit:.1f} s: {t_audit / out['stats']['bare_s']:.2f}× "
-          "the statistics' bare forward passes", flush=True)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(a_dir)
+    texts = [*json.loads(claim.read_text())["concept"].values()]
+    prompts = [torch.tensor([tok(t)["input_ids"]]) for group in texts for t in group]
+
+    @torch.no_grad()
+    def bare_prompts() -> None:  # the concept is derived on the source and on each model
+        for m in (a, a, b):
+            for p in prompts:
+                m.model(input_ids=p)
+
+    t_prompts = best_of(bare_prompts, args.repeat)
+    t_audit = best_of(audit, args.repeat)
+    bare = out["stats"]["bare_s"] + t_prompts
+    out["audit"] = {"bare_s": bare, "audit_s": t_audit, "ratio": t_audit / bare}
+    print(f"audit  {len(ids)} tokens: bare forward passes (statistics ×2, prompts ×3) "
+          f"{bare:.1f} s, audit {t_audit:.1f} s: {t_audit / bare:.2f}×", flush=True)
 
     f32 = sum(p.numel() * 4 for m in (a, b) for p in m.state_dict().values())
     loader = (f"from gaugefix.model import open_model; [open_model(p).load('float32') "

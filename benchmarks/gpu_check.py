@@ -138,6 +138,8 @@ def generate(path: Path, shape: dict[str, Any], *, device: str, dtype: str, seed
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
+    from bench_apply import shard_groups
+
     t0 = time.perf_counter()
     config = llama_config(shape, dtype)
     path.mkdir(parents=True)
@@ -148,15 +150,7 @@ def generate(path: Path, shape: dict[str, Any], *, device: str, dtype: str, seed
               if not (shape["tied"] and k == "lm_head.weight")}
     dt = getattr(torch, dtype)
     item = torch.empty((), dtype=dt).element_size()
-    groups: list[list[str]] = [[]]
-    size = 0
-    for k, s in shapes.items():
-        n = item * int(torch.Size(s).numel())
-        if groups[-1] and size + n > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(k)
-        size += n
+    groups = shard_groups(shapes, item, shard_bytes)
     gen = torch.Generator(device=device).manual_seed(seed)
     weight_map: dict[str, str] = {}
     draw_to_host_s = write_s = 0.0
