@@ -275,7 +275,7 @@ def write_gauged_weights(ckpt: Checkpoint, out_dir: Path, gauge: SignedPerm,
         shutil.copy2(ckpt.index_file, out_dir / ckpt.index_file.name)
     hashes = Hashes(identities, identities)  # one stream over the shards, in order
     shards: Iterable[Path] = ckpt.shards
-    if no_bar(progress) is None:  # tqdm is 15% of this command's start-up: only if it may show
+    if no_bar(progress) is None:  # tqdm is 15% of this command's start-up: only if it shows
         from tqdm.auto import tqdm
 
         shards = tqdm(ckpt.shards, desc="applying gauge", unit="shard", disable=None)
