@@ -372,13 +372,14 @@ def copy_files(src_dir: Path, dst_dir: Path, exclude: set[str] | frozenset[str])
             shutil.copy2(item, Path(dst_dir) / item.name)
 
 
-def sha256_files(paths: list[Path]) -> str:
-    """Content hash of a checkpoint's weight files (in the given order)."""
-    h = hashlib.sha256()
+def blake3_files(paths: list[Path]) -> str:
+    """A checkpoint's identity: BLAKE3 of its weight files' bytes, concatenated in the given
+    order (what ``cat FILES | b3sum`` prints), hashed on every core."""
+    from blake3 import blake3
+
+    h = blake3(max_threads=blake3.AUTO)
     for p in paths:
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 23):
-                h.update(chunk)
+        h.update_mmap(p)
     return h.hexdigest()
 
 

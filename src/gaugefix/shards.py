@@ -6,7 +6,7 @@ tensor is copied as the bytes it is; a moved tensor goes through the single prim
 (:meth:`SignedPerm.apply`, on numpy views of its bits: no torch needed) in blocks of at most
 :data:`BLOCK_BYTES` of output (whole slices before its residual axis, or a range of the
 residual axis gathered from the whole slice), and is written where it was. Every byte read
-and written can be fed to a running hash of each file, so a checkpoint's identity (sha256 of
+and written can be fed to a running hash of each file, so a checkpoint's identity (BLAKE3 of
 its weight files) costs no second read; the hashing runs on other threads, overlapping the
 I/O. Blocks are small so that many are in flight on few threads and each stays in the cache
 while it is written and hashed.
@@ -147,12 +147,15 @@ def with_metadata(layout: Layout, metadata: Mapping[str, str]) -> bytes:
 
 
 class Hashes:
-    """sha256 of the input and of the output stream, each on its own worker thread (hashlib
-    releases the GIL, so both run beside the I/O), in submission order."""
+    """BLAKE3 of the input and of the output stream (a checkpoint's identity, as
+    :func:`gaugefix.io.blake3_files` computes it from the files), each on its own worker
+    thread (blake3 releases the GIL, so both run beside the moves), in submission order."""
 
     def __init__(self, src: bool, dst: bool) -> None:
-        self.src = hashlib.sha256() if src else None
-        self.dst = hashlib.sha256() if dst else None
+        from blake3 import blake3
+
+        self.src = blake3() if src else None
+        self.dst = blake3() if dst else None
         self._pools = [concurrent.futures.ThreadPoolExecutor(max_workers=1)
                        for h in (self.src, self.dst) if h is not None]
 
