@@ -293,10 +293,12 @@ def plan_blocks(layout: Layout, moves: Mapping[str, Move | None], where: str = "
     return blocks
 
 
-def _move(block: Block, src: memoryview, dst: memoryview) -> None:
-    """One block through the primitive, from the mapped input into an output buffer."""
+def move_block(block: Block, data: memoryview, dst: memoryview) -> None:
+    """One moved block through the primitive, from ``data`` (the whole input file, mapped)
+    into ``dst`` (its ``block.n`` bytes of output): what every stream runs per block."""
     move, e = block.move, block.entry
     assert move is not None and e is not None
+    src = data[block.source:block.source + math.prod(block.shape) * itemsize(e.dtype)]
     if move.whole is not None:  # a tensor with several residual axes, in torch
         import torch
 
@@ -543,23 +545,22 @@ def _pump(data: memoryview, mm: mmap.mmap | None, blocks: list[Block], sink: Sin
         taken.append((sink.take(b, src, out), b.release, buf))
         finish(block=len(taken) > depth)
 
-    def run(b: Block, whole: memoryview, out: memoryview) -> None:  # on a worker
+    def run(b: Block, out: memoryview) -> None:  # on a worker
         if b.move is not None:
-            _move(b, whole, out)
+            move_block(b, data, out)
         sink.work(b, out)
 
     try:
         for b in blocks:
             src = data[b.offset:b.offset + b.n]  # what the input has where the block goes
-            out, whole, buf = src, src, None
+            out, buf = src, None
             if b.move is not None:
                 if b.n <= BLOCK_BYTES:
                     buf = spare.pop() if spare else bytearray(BLOCK_BYTES)
                     out = memoryview(buf)[:b.n]
                 else:
                     out = memoryview(bytearray(b.n))
-                whole = data[b.source:b.source + math.prod(b.shape) * itemsize(b.entry.dtype)]
-            fut = pool.submit(run, b, whole, out)
+            fut = pool.submit(run, b, out)
             flight.append((fut, b, src, out, buf))
             while len(flight) > depth or (flight and flight[0][0].done()):
                 settle()
@@ -589,8 +590,7 @@ def _pump_tensors(data: memoryview, mm: mmap.mmap | None, blocks: list[Block], s
             if buf is None or len(buf) < b.n:
                 buf = local.buf = bytearray(max(BLOCK_BYTES, b.n))
             out = memoryview(buf)[:b.n]
-            size = math.prod(b.shape) * itemsize(b.entry.dtype)  # type: ignore[union-attr]
-            _move(b, data[b.source:b.source + size], out)
+            move_block(b, data, out)
             sink.work(b, out)
 
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=movers)
