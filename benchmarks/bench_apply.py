@@ -5,7 +5,11 @@ save_pretrained, and as one file), then times, with the page cache warm and the 
 alternated, `cp -r` and the `gaugefix apply` command (with and without --gauge-out, which
 adds both identities), each as a child process whose peak RSS is read from wait4; then once
 each with the page cache emptied (when run as root). Targets (issue 9): throughput ≥ 0.5× cp;
-peak RSS ≤ 2× the largest tensor + 0.6 GB.
+peak RSS ≤ 2× the largest tensor + 0.6 GB. Also, on one thread and in this process, the
+gather itself against a copy of the same bytes: every moved block of the checkpoint through
+the primitive as apply moves it (``shards.move_block``, into a buffer of one block) against
+``np.copyto`` of the block's input bytes into the same buffer, in GB/s of output, by where
+the residual axis is (last: a gather of single elements; not last: of whole rows).
 
     python benchmarks/bench_apply.py [--hidden 2048] [--layers 24] [--vocab 32000]
                                      [--shard-gb 1.0] [--dir /path/with/space] [--repeat 5]
@@ -26,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -123,6 +129,62 @@ def run(cmd: list[str], anon: bool = False) -> tuple[float, int]:
     return seconds, int(fields[2] if anon else fields[0]) * 1024
 
 
+def _best(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def gather_vs_copy(src: Path, repeat: int) -> dict:
+    """GB/s of the gather (``shards.move_block``, one thread) and of ``np.copyto`` of the
+    same bytes into the same buffer, over every block apply moves in ``src`` (page cache
+    warm; each block's best of ``repeat``), by whether the residual axis is the last."""
+    import mmap
+
+    import numpy as np
+
+    from gaugefix import open_model
+    from gaugefix.apply import plan_checkpoint
+    from gaugefix.group import SignedPerm
+    from gaugefix.shards import BLOCK_BYTES, gauge_moves, move_block, plan_blocks, read_layout
+
+    m = open_model(src)
+    assert m.checkpoint is not None
+    gauge = SignedPerm.random(m.hidden_size, 0, kind="signed")
+    plan = plan_checkpoint(m.checkpoint, gauge)
+    buf = np.empty(BLOCK_BYTES, np.uint8)
+    seconds: dict[tuple[str, str], float] = {}
+    size: dict[str, int] = {}
+    for shard in m.checkpoint.shards:
+        layout = read_layout(shard)
+        with open(shard, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            data = memoryview(mm)
+            for b in plan_blocks(layout, gauge_moves(plan, gauge, layout)):
+                if b.move is None or b.move.whole is not None:
+                    continue
+                axis = "residual axis last" if b.shape[2] == 1 else "residual axis not last"
+                size[axis] = size.get(axis, 0) + b.n
+                out, raw = buf[:b.n], np.frombuffer(data[b.offset:b.offset + b.n], np.uint8)
+                runs = {"gather": partial(move_block, b, data, out.data),
+                        "copy": partial(np.copyto, out, raw)}
+                for name, fn in runs.items():
+                    seconds[axis, name] = seconds.get((axis, name), 0.0) + _best(fn, repeat)
+                del out, raw, runs, fn  # views of the mapping: it closes when they are gone
+            del data
+    size["all moved blocks"] = sum(size.values())
+    for name in ("gather", "copy"):
+        seconds["all moved blocks", name] = sum(v for (a, k), v in seconds.items() if k == name)
+    rows = {}
+    for axis, n in size.items():
+        gather, copy = n / seconds[axis, "gather"] / 1e9, n / seconds[axis, "copy"] / 1e9
+        rows[axis] = {"GB": round(n / 1e9, 2), "gather_GB/s": round(gather, 2),
+                      "copy_GB/s": round(copy, 2), "gather_vs_copy": round(gather / copy, 2)}
+    return rows
+
+
 def drop_caches() -> bool:
     """Empty the page cache (root on Linux), so that a run reads from the disk."""
     try:
@@ -196,6 +258,7 @@ def main() -> None:
     ap.add_argument("--before", default=None, help="another build's gaugefix, timed alongside")
     ap.add_argument("--dir", default=None, help="where to generate (needs ~4× the checkpoint)")
     args = ap.parse_args()
+    load = os.getloadavg()[:1]
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp)
         results = {}
@@ -205,9 +268,17 @@ def main() -> None:
                                    vocab=args.vocab, shard_gb=shard)
             results[label] = bench(src, root, gb, largest, args.repeat, args.cold,
                                    args.before)
+            if label == "sharded":  # the same blocks either way
+                results["gather (one thread)"] = gather_vs_copy(src, args.repeat)
             shutil.rmtree(src)
+    load = (*load, *os.getloadavg()[:1])  # the machine's, before and after: it is shared
     print(json.dumps({"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
-                      **results}, indent=2))
+                      "load_average": load, **results}, indent=2))
+    print(f"\nload average (1 min) before and after: {load[0]:.2f}, {load[1]:.2f}")
+    print("\ngather against np.copyto of the same bytes, one thread:")
+    for axis, row in results.pop("gather (one thread)").items():
+        print(f"  {axis:40s} {row['GB']:5.2f} GB  gather {row['gather_GB/s']:5.2f} GB/s  "
+              f"copy {row['copy_GB/s']:5.2f} GB/s  ratio {row['gather_vs_copy']:4.2f}")
     for label, r in results.items():
         print(f"\n{label}: {r['checkpoint_GB']} GB, largest tensor {r['largest_tensor_GB']} GB, "
               f"RSS target {r['rss_target_GB']} GB")

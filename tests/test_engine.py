@@ -6,6 +6,7 @@ private names."""
 from __future__ import annotations
 
 import ast
+import errno
 import hashlib
 from pathlib import Path
 
@@ -74,6 +75,29 @@ def test_a_sink_gets_every_byte_in_file_order(block, tmp_path, monkeypatch):
         assert torch.equal(f.get_tensor("w"), g.apply(t["w"], 1))
         assert torch.equal(f.get_tensor("e"), g.apply(t["e"], 0))
         assert torch.equal(f.get_tensor("ids"), t["ids"])
+
+
+@pytest.mark.parametrize("kernel", ["copies", "refuses", "has no copy_file_range"])
+def test_untouched_bytes_are_the_input_s_however_they_are_copied(kernel, tmp_path, monkeypatch):
+    """Untouched bytes are copied in the kernel (copy_file_range), or written from the mapped
+    input where the system cannot (another file system, no such call): the same bytes."""
+    monkeypatch.setattr(shards, "BLOCK_BYTES", 4096)
+    src, t = _file(tmp_path)
+    if kernel == "refuses":
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        monkeypatch.setattr(shards, "_copy_file_range", refuse)
+    elif kernel != "copies":
+        monkeypatch.setattr(shards, "_copy_file_range", None)
+    shards.rewrite(src, tmp_path / "same.safetensors", {})
+    assert (tmp_path / "same.safetensors").read_bytes() == src.read_bytes()
+    g = SignedPerm.random(64, seed=4)
+    shards.rewrite(src, tmp_path / "y.safetensors", {"w": shards.Move(g, 1)},
+                   metadata={"format": "pt", "longer": "x" * 100})  # every byte shifted
+    with safe_open(str(tmp_path / "y.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("w"), g.apply(t["w"], 1))
+        for k in ("e", "ids", "empty"):
+            assert torch.equal(f.get_tensor(k), t[k]), k
 
 
 def test_digest_sink_hashes_each_moved_tensor(tmp_path, monkeypatch):

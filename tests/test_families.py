@@ -58,7 +58,7 @@ def test_apply_random_then_verify_from_the_cli(family, tiny_ckpt, tmp_path, cli)
     assert len(report["hidden_rel_err"]) == layers + 1  # embeddings + layers, all moved
 
     doc = json.loads(g_path.read_text())
-    assert doc["source"]["sha256"] != doc["target"]["sha256"]
+    assert doc["source"]["blake3"] != doc["target"]["blake3"]
     gauge = SignedPerm.load(g_path)
     if family in LAYERNORM_FAMILIES:
         assert gauge.global_sign is not None  # --random draws from S_d x {±1}

@@ -106,10 +106,10 @@ class ApplyReport:
     ops: dict[str, int] = field(default_factory=dict)
     shards: int = 0
     bytes_written: int = 0
-    # identities (sha256 of the weight files, as checkpoint_identity computes them), taken
-    # while the files stream through when asked for
-    source_sha256: str | None = None
-    sha256: str | None = None
+    # identities (BLAKE3 of the weight files, as Model.identity computes them), taken while
+    # the files stream through when asked for
+    source_blake3: str | None = None
+    blake3: str | None = None
     # a quantised input (GGUF, HF quantised formats): the tensors that could not move
     # exactly and were requantised, with the error that added (TensorMove.to_dict() rows)
     requantised: list[dict[str, Any]] = field(default_factory=list)
@@ -180,7 +180,7 @@ def _gauge_gguf(m: Model, out: Path, gauge: SignedPerm, *, overwrite: bool,
                 identities: bool, record: Mapping[str, Any] | None) -> ApplyReport:
     """A GGUF file in chart B: one GGUF file, moved exactly where its layout allows and
     requantised (recorded in its ``gaugefix.record`` field) where it does not."""
-    from .io import atomic_file, sha256_files
+    from .io import atomic_file, blake3_files
 
     assert m.gguf is not None
     m.family.check_gauge(gauge, m.hidden_size)
@@ -193,8 +193,8 @@ def _gauge_gguf(m: Model, out: Path, gauge: SignedPerm, *, overwrite: bool,
         moved = m.gguf.write(tmp, plan, gauge, record)
         report.bytes_written = tmp.stat().st_size
         if identities:
-            report.source_sha256 = m.identity()["sha256"]
-            report.sha256 = sha256_files([tmp])
+            report.source_blake3 = m.identity()["blake3"]
+            report.blake3 = blake3_files([tmp])
     report.requantised = [r.to_dict() for r in moved if r.how == "requantised"]
     return report
 
@@ -208,7 +208,7 @@ def _gauge_hf_quant(m: Model, out: Path, gauge: SignedPerm, *, overwrite: bool,
     ``quantization_config`` updated where a move needs it (GPTQ ``desc_act``)."""
     import json
 
-    from .io import sha256_files
+    from .io import blake3_files
     from .quant.hf_checkpoint import write
 
     ckpt, q = m.checkpoint, m.hf_quant
@@ -233,8 +233,8 @@ def _gauge_hf_quant(m: Model, out: Path, gauge: SignedPerm, *, overwrite: bool,
             config["quantization_config"] = {**config["quantization_config"], **change}
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if identities:
-            report.source_sha256 = m.identity()["sha256"]
-            report.sha256 = sha256_files([tmp / s.name for s in ckpt.shards])
+            report.source_blake3 = m.identity()["blake3"]
+            report.blake3 = blake3_files([tmp / s.name for s in ckpt.shards])
     report.requantised = [r.to_dict() for r in moved if r.how == "requantised"]
     return report
 
@@ -275,7 +275,7 @@ def write_gauged_weights(ckpt: Checkpoint, out_dir: Path, gauge: SignedPerm,
         shutil.copy2(ckpt.index_file, out_dir / ckpt.index_file.name)
     hashes = Hashes(identities, identities)  # one stream over the shards, in order
     shards: Iterable[Path] = ckpt.shards
-    if no_bar(progress) is None:  # tqdm is 15% of this command's start-up: only if it may show
+    if no_bar(progress) is None:  # tqdm is 15% of this command's start-up: only if it shows
         from tqdm.auto import tqdm
 
         shards = tqdm(ckpt.shards, desc="applying gauge", unit="shard", disable=None)
@@ -292,13 +292,13 @@ def write_gauged_weights(ckpt: Checkpoint, out_dir: Path, gauge: SignedPerm,
                             for k, t in load_shard(shard).items()}, dst)
                 hashes.feed(shard.read_bytes(), dst.read_bytes())
                 report.bytes_written += dst.stat().st_size
-        report.source_sha256, report.sha256 = hashes.hexdigests()
+        report.source_blake3, report.blake3 = hashes.hexdigests()
     finally:
         hashes.close()
     return report
 
 
-def checkpoint_identity(model: ModelLike, sha256: str | None = None) -> dict[str, str]:
-    """Name and content hash of a checkpoint's weights (sha256 of its weight files in shard
-    order), for gauge-file metadata; ``sha256`` when already computed on the way."""
-    return open_model(model).identity(sha256)
+def checkpoint_identity(model: ModelLike, blake3: str | None = None) -> dict[str, str]:
+    """Name and content hash of a checkpoint's weights (BLAKE3 of its weight files in shard
+    order), for gauge-file metadata; ``blake3`` when already computed on the way."""
+    return open_model(model).identity(blake3)

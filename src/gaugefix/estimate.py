@@ -525,35 +525,33 @@ def compose_gauges(gauges: Sequence[SignedPerm]) -> SignedPerm:
     return total
 
 
-def _same_chart(a: Any, b: Any) -> bool | None:
-    """Whether two recorded chart identities name the same checkpoint (None: unknown)."""
-    if not isinstance(a, dict) or not isinstance(b, dict):
-        return None
-    if a.get("sha256") and b.get("sha256"):
-        return a["sha256"] == b["sha256"]
-    if a.get("name") and b.get("name"):
-        return a["name"] == b["name"]
-    return None
-
-
 def compose_documents(paths: Sequence[str | Path], *, force: bool = False
                       ) -> tuple[SignedPerm, dict[str, Any]]:
     """Compose gauge files G1, G2, ... (G1 first). Where two consecutive files record their
     charts (``target`` of one, ``source`` of the next) and these differ, the gauges do not
-    chain: an error, or with ``force`` a warning."""
+    chain: an error, or with ``force`` a warning. Charts are compared by every content hash
+    both files record (BLAKE3; sha256 in files of format 1), else by name, with a warning
+    where each records a hash the other does not."""
     import warnings
 
     from .errors import GaugefixWarning
+    from .gaugefile import hashes_of, same_chart
     from .group import read_gauge_document
 
     if not paths:
         raise GaugefixError("nothing to compose")
     docs = [read_gauge_document(p) for p in paths]
     for k in range(len(docs) - 1):
-        if _same_chart(docs[k].get("target"), docs[k + 1].get("source")) is False:
-            msg = (f"{paths[k]} maps into {docs[k]['target'].get('name')!r} but "
-                   f"{paths[k + 1]} starts from {docs[k + 1]['source'].get('name')!r}: the "
-                   "gauges do not chain")
+        target, source = docs[k].get("target"), docs[k + 1].get("source")
+        same, by = same_chart(target, source)
+        if by == "name" and hashes_of(target) and hashes_of(source):  # none in common
+            warnings.warn(f"{paths[k]} records its target's {', '.join(hashes_of(target))}, "
+                          f"{paths[k + 1]} its source's {', '.join(hashes_of(source))}: no "
+                          "content hash in common, so the charts are compared by name only",
+                          GaugefixWarning, stacklevel=2)
+        if same is False:
+            msg = (f"{paths[k]} maps into {target.get('name')!r} but {paths[k + 1]} starts "
+                   f"from {source.get('name')!r} (compared by {by}): the gauges do not chain")
             if not force:
                 raise GaugefixError(msg + " (pass --force to compose them anyway)")
             warnings.warn(msg, GaugefixWarning, stacklevel=2)

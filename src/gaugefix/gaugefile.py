@@ -1,7 +1,12 @@
 """The gauge file: a ``SignedPerm`` as JSON, and reading and writing it.
 
-    {"format": "gaugefix.gauge/1", "convention": "x_B[i] = sign[i] * x_A[perm[i]]",
+    {"format": "gaugefix.gauge/2", "convention": "x_B[i] = sign[i] * x_A[perm[i]]",
      "d": 4, "perm": [2, 0, 3, 1], "sign": [1, -1, 1, 1], ...metadata}
+
+Format 2 names a checkpoint (the ``source`` and ``target`` metadata) by the BLAKE3 of its
+weight files (``blake3``); format 1, whose files are still read, by their sha256
+(``sha256``). The gauge itself is written the same way in both. :func:`same_chart` compares
+two such identities by whichever hashes both record.
 
 ``from_json`` checks only the document's shape: the format tag and convention, the fields'
 presence and JSON types, their lengths against ``d``, and what JSON allows but an int64 array
@@ -26,7 +31,10 @@ from .io import atomic_write_text, read_json
 if TYPE_CHECKING:  # the class comes from its caller: group imports this module, not back
     from .group import SignedPerm
 
-GAUGE_FORMAT = "gaugefix.gauge/1"
+GAUGE_FORMAT = "gaugefix.gauge/2"
+FORMATS = ("gaugefix.gauge/1", GAUGE_FORMAT)  # what is read
+# the content hashes a chart's identity may record: format 2's, then format 1's
+IDENTITY_HASHES = ("blake3", "sha256")
 CONVENTION = "x_B[i] = sign[i] * x_A[perm[i]]"
 
 _INT64 = range(-(2**63), 2**63)
@@ -57,10 +65,10 @@ def from_json(cls: type[SignedPerm], doc: Any, source: str = "gauge") -> SignedP
     """The gauge (a ``cls``) in a parsed gauge document; errors name ``source``."""
     if not isinstance(doc, dict):
         raise GaugefixError(f"{source}: a gauge file must hold a JSON object")
-    if doc.get("format") != GAUGE_FORMAT:
+    if doc.get("format") not in FORMATS:
         raise GaugefixError(
             f"{source}: not a gauge file (format is {doc.get('format')!r}, "
-            f"expected {GAUGE_FORMAT!r})"
+            f"expected one of {', '.join(map(repr, FORMATS))})"
         )
     if doc.get("convention") != CONVENTION:
         raise GaugefixError(
@@ -97,6 +105,24 @@ def from_json(cls: type[SignedPerm], doc: Any, source: str = "gauge") -> SignedP
             isinstance(c, int | float) and not isinstance(c, bool) for c in conf)):
         raise GaugefixError(f"{source}: confidence must be a list of d={d} numbers")
     return gauge
+
+
+def hashes_of(identity: Any) -> list[str]:
+    """The content hashes a recorded chart identity holds (of :data:`IDENTITY_HASHES`)."""
+    return [k for k in IDENTITY_HASHES if isinstance(identity, dict) and identity.get(k)]
+
+
+def same_chart(a: Any, b: Any) -> tuple[bool | None, str]:
+    """Whether two recorded chart identities (a gauge file's ``source`` or ``target``) name
+    the same checkpoint, and by what: every content hash both record (``"blake3"``,
+    ``"sha256"``, ``"blake3+sha256"``), else their names (``"name"``); ``None`` (and
+    ``""``) where they do not say."""
+    common = [k for k in hashes_of(a) if k in hashes_of(b)]
+    if common:
+        return all(a[k] == b[k] for k in common), "+".join(common)
+    if isinstance(a, dict) and isinstance(b, dict) and a.get("name") and b.get("name"):
+        return a["name"] == b["name"], "name"
+    return None, ""
 
 
 def read(cls: type[SignedPerm], path: str | os.PathLike[str]

@@ -375,8 +375,8 @@ def apply(model: ModelLike, output: str | Path, gauge: SignedPerm | str | Path |
                                identities=gauge_out is not None)
         meta = None
         if gauge_out is not None:
-            meta = {"source": m.identity(rep.source_sha256),
-                    "target": {"name": str(output), "sha256": rep.sha256}, "method": method}
+            meta = {"source": m.identity(rep.source_blake3),
+                    "target": {"name": str(output), "blake3": rep.blake3}, "method": method}
             if m.quantised:  # what moved exactly, what had to be requantised (and its cost)
                 meta["quantised"] = {"exact": rep.n_tensors - len(rep.requantised),
                                      "requantised": rep.requantised}

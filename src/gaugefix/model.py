@@ -321,18 +321,19 @@ class Model:
         return self
 
     # ------------------------------------------------------------------ identity
-    def identity(self, sha256: str | None = None) -> dict[str, str]:
-        """Name and content hash of the weights (sha256 of the weight files in shard order),
-        computed once; ``sha256`` when the caller already hashed them on the way."""
+    def identity(self, blake3: str | None = None) -> dict[str, str]:
+        """Name and content hash of the weights (BLAKE3 of the weight files in shard order,
+        :func:`gaugefix.io.blake3_files`), computed once; ``blake3`` when the caller already
+        hashed them on the way."""
         if self.in_memory:
             return {"name": self.name}
-        if sha256 is not None:
-            self._identity = {"name": self.name, "sha256": sha256}
+        if blake3 is not None:
+            self._identity = {"name": self.name, "blake3": blake3}
         if self._identity is None:
-            from .io import sha256_files
+            from .io import blake3_files
 
             files = [self.gguf.path] if self.gguf is not None else self.checkpoint.shards
-            self._identity = {"name": self.name, "sha256": sha256_files(files)}
+            self._identity = {"name": self.name, "blake3": blake3_files(files)}
         return self._identity
 
     # ------------------------------------------------------------------ the module

@@ -2,20 +2,22 @@
 
 A gauge changes no tensor's name, dtype or shape, so a shard keeps its header, and every
 tensor its place in the file. The rewrite reads the input once, in file order: an untouched
-tensor is written as the bytes it is; a moved tensor goes through the single primitive
+tensor is copied as the bytes it is; a moved tensor goes through the single primitive
 (:meth:`SignedPerm.apply`, on numpy views of its bits: no torch needed) in blocks of at most
 :data:`BLOCK_BYTES` of output (whole slices before its residual axis, or a range of the
 residual axis gathered from the whole slice), and is written where it was. Every byte read
-and written can be fed to a running hash of each file, so a checkpoint's identity (sha256 of
+and written can be fed to a running hash of each file, so a checkpoint's identity (BLAKE3 of
 its weight files) costs no second read; the hashing runs on other threads, overlapping the
-I/O. Blocks are small (4 MiB) so that many are in flight on few threads and each stays in the
-cache while it is hashed.
+I/O. Blocks are small so that many are in flight on few threads and each stays in the cache
+while it is written and hashed.
 
-Both files are mapped, not read or written: the gather reads the input's page cache and
-writes into the output's directly (a ``write`` from a buffer cost a third more time, all of
-it in the kernel's copy), untouched bytes are one memcpy. The output's blocks are reserved
-before (a write through a mapping to a disk with no room would kill the process). Pages
-already hashed are unmapped as the rewrite goes (they stay in the page cache), so the
+The input is mapped, not read: the gather reads its page cache directly. A moved block is
+gathered into a buffer and written from there with ``pwrite`` (gathering straight into a
+mapped output made the kernel zero every page before the gather overwrote it: a third of
+the time); untouched bytes never pass through this process (``os.copy_file_range``: a
+reflink where the filesystem shares blocks, else a copy between page caches). The output's
+blocks are reserved first, so a full disk is found before anything is written. Pages of the
+input already hashed are unmapped as the rewrite goes (they stay in the page cache), so the
 resident set does not grow with the file.
 
 One engine does the streaming, :func:`stream`: it hands each block, moved or not, in file
@@ -33,6 +35,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -53,7 +56,11 @@ from .group import SignedPerm
 if TYPE_CHECKING:
     import torch
 
-BLOCK_BYTES = 4 << 20
+# a block's output: small enough to stay in the cache between its gather and its write (and
+# hashing), large enough that the per-block Python is noise (apply of bench_apply's
+# checkpoint: 1 MiB took 2-12% less CPU than 4 MiB in the best runs, ~30% less in the
+# median ones; 512 KiB more than 1 MiB)
+BLOCK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -144,12 +151,15 @@ def with_metadata(layout: Layout, metadata: Mapping[str, str]) -> bytes:
 
 
 class Hashes:
-    """sha256 of the input and of the output stream, each on its own worker thread (hashlib
-    releases the GIL, so both run beside the I/O), in submission order."""
+    """BLAKE3 of the input and of the output stream (a checkpoint's identity, as
+    :func:`gaugefix.io.blake3_files` computes it from the files), each on its own worker
+    thread (blake3 releases the GIL, so both run beside the moves), in submission order."""
 
     def __init__(self, src: bool, dst: bool) -> None:
-        self.src = hashlib.sha256() if src else None
-        self.dst = hashlib.sha256() if dst else None
+        from blake3 import blake3
+
+        self.src = blake3() if src else None
+        self.dst = blake3() if dst else None
         self._pools = [concurrent.futures.ThreadPoolExecutor(max_workers=1)
                        for h in (self.src, self.dst) if h is not None]
 
@@ -287,10 +297,12 @@ def plan_blocks(layout: Layout, moves: Mapping[str, Move | None], where: str = "
     return blocks
 
 
-def _move(block: Block, src: memoryview, dst: memoryview) -> None:
-    """One block through the primitive, from the mapped input into an output buffer."""
+def move_block(block: Block, data: memoryview, dst: memoryview) -> None:
+    """One moved block through the primitive, from ``data`` (the whole input file, mapped)
+    into ``dst`` (its ``block.n`` bytes of output): what every stream runs per block."""
     move, e = block.move, block.entry
     assert move is not None and e is not None
+    src = data[block.source:block.source + math.prod(block.shape) * itemsize(e.dtype)]
     if move.whole is not None:  # a tensor with several residual axes, in torch
         import torch
 
@@ -312,10 +324,36 @@ _DONTNEED = getattr(mmap, "MADV_DONTNEED", None)  # not on every system
 
 
 _fallocate = getattr(os, "posix_fallocate", None)  # not on every system
+_copy_file_range = getattr(os, "copy_file_range", None)  # Linux only
+# what copy_file_range says where it cannot copy between these two files (another
+# filesystem on an old kernel, a filesystem without it): the bytes are written instead
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 
 
-def _copy(src: memoryview, dst: memoryview) -> None:
-    np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src, np.uint8))  # GIL released
+def _pwrite(fd: int, data: memoryview, at: int) -> None:
+    """All of ``data`` at file offset ``at`` (``pwrite`` releases the GIL)."""
+    while data:
+        k = os.pwrite(fd, data, at)
+        data, at = data[k:], at + k
+
+
+def _copy_range(src: int, dst: int, src_at: int, dst_at: int, data: memoryview) -> None:
+    """The ``len(data)`` bytes of file ``src`` at ``src_at`` into file ``dst`` at ``dst_at``,
+    in the kernel (``os.copy_file_range``), never through this process; where the system
+    cannot, written from ``data`` (the same bytes, mapped)."""
+    done = 0
+    if _copy_file_range is not None:
+        try:
+            while done < len(data):
+                k = _copy_file_range(src, dst, len(data) - done, src_at + done, dst_at + done)
+                if not k:
+                    raise GaugefixError(f"input ends early (at byte {src_at + done})")
+                done += k
+            return
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+    _pwrite(dst, data[done:], dst_at + done)
 
 
 def _by_tensor(blocks: list[Block]) -> list[list[Block]]:
@@ -330,36 +368,32 @@ def _by_tensor(blocks: list[Block]) -> list[list[Block]]:
 
 class Sink:
     """Where the blocks of :func:`stream` go. The engine calls ``open`` once with the file's
-    layout, then per block, in file order, ``target`` (where the block's output bytes
-    should be written: a moved block is gathered straight into it, an untouched one copied;
-    ``None``: the engine's own buffer, or the input's bytes themselves for an untouched
-    block), and once the bytes are there, ``take`` (in file order), whose returned futures
-    say when the sink is done with the bytes (hashing on other threads, say); then
-    ``release`` of each input range every block before which has been taken, and ``close``
-    at the end (``ok``: every block was taken), also after a failure.
+    layout and the input file, then per block ``work`` on the worker thread that moved it,
+    right after the move (while its bytes are in the cache; blocks side by side, in no
+    order), and once that is done, ``take`` on the calling thread in file order, whose
+    returned futures say when the sink is done with the bytes (hashing on other threads,
+    say); then ``release`` of each input range every block before which has been taken,
+    and ``close`` at the end (``ok``: every block was taken), also after a failure.
 
-    A sink whose ``per_tensor`` is true (and has no target) is handed whole tensors
-    instead: each on one worker thread, its blocks moved one after another into that
-    thread's buffer, each handed to ``work`` right after its move (while its bytes are in
-    the cache); ``take`` is not called. Tensors run side by side, so a long one holds up no
-    other."""
+    A sink whose ``per_tensor`` is true is handed whole tensors instead: each on one worker
+    thread, its blocks moved one after another into that thread's buffer, each handed to
+    ``work`` right after its move; ``take`` is not called. Tensors run side by side, so a
+    long one holds up no other."""
 
     per_tensor = False
 
     def work(self, block: Block, out: memoryview) -> None:
-        """On a worker thread, after the block's move (only for a ``per_tensor`` sink)."""
+        """On a worker thread, after the block's move: ``out`` is its output (the input's
+        bytes themselves for an untouched block), valid until the block is taken."""
 
-    def open(self, layout: Layout) -> None:
-        """The stream starts (the input's header is ``layout.header``)."""
-
-    def target(self, block: Block) -> memoryview | None:
-        return None
+    def open(self, layout: Layout, source: BinaryIO) -> None:
+        """The stream of ``source`` starts (its header is ``layout.header``)."""
 
     def take(self, block: Block, src: memoryview, out: memoryview
              ) -> Sequence[concurrent.futures.Future[Any]]:
         """``src``: the input's bytes at the block's place; ``out``: the block's output
-        (``src`` itself for an untouched block without a target). Valid until the returned
-        futures are done."""
+        (``src`` itself for an untouched block). Valid until the returned futures are
+        done."""
         return ()
 
     def release(self, begin: int, end: int) -> None:
@@ -370,13 +404,12 @@ class Sink:
 
 
 class WriteSink(Sink):
-    """Blocks written to ``dst``, a mapped file (a moved block is gathered straight into its
-    pages: no buffer, no ``write``, which cost a third more time; untouched bytes are one
-    memcpy), under the input's header or one with other ``metadata``; ``hashes`` sees every
-    byte of the input and of the output, on its own threads. The output's blocks are
-    reserved before (a write through a mapping to a disk with no room would kill the
-    process); pages already hashed are unmapped as the stream goes (they stay in the page
-    cache), so the resident set does not grow with the file. ``written``: its size."""
+    """Blocks written to ``dst`` where they were, under the input's header or one with other
+    ``metadata``: a moved block with ``pwrite`` by the thread that moved it (from its buffer,
+    still in the cache), untouched bytes copied in the kernel (:func:`_copy_range`);
+    ``hashes`` sees every byte of the input and of the output, on its own threads. The
+    output's blocks are reserved first, so a full disk is an error before any block is
+    written. ``written``: its size."""
 
     def __init__(self, dst: Path, *, hashes: Hashes | None = None,
                  metadata: Mapping[str, str] | None = None) -> None:
@@ -384,44 +417,36 @@ class WriteSink(Sink):
         self.hashes = hashes or Hashes(False, False)
         self.metadata = metadata
         self.written = 0
-        self._stack = contextlib.ExitStack()
 
-    def open(self, layout: Layout) -> None:
+    def open(self, layout: Layout, source: BinaryIO) -> None:
         header = layout.header if self.metadata is None else with_metadata(layout, self.metadata)
         self.shift = len(header) - len(layout.header)
         self.size = layout.size + self.shift
+        self._src = source.fileno()
+        self._fo = open(self.dst, "w+b", buffering=0)  # noqa: SIM115 - closed in close()
         try:
-            fo = self._stack.enter_context(open(self.dst, "w+b", buffering=0))  # noqa: SIM115
-            _allocate(fo, self.size, self.dst)
-            fo.write(header)
+            _allocate(self._fo, self.size, self.dst)
+            _pwrite(self._fo.fileno(), memoryview(header), 0)
             for fut in self.hashes.feed(layout.header, header):
                 fut.result()
-            self._fo = fo
-            self.out, self.mm = self._stack.enter_context(_mapped(fo, write=True))
-            if self.mm is None:  # pragma: no cover - a header is never empty
-                raise GaugefixError(f"internal error: {self.dst} is empty")
         except BaseException:
-            self._stack.close()
+            self._fo.close()
             raise
 
-    def target(self, block: Block) -> memoryview:
-        return self.out[block.offset + self.shift:block.offset + self.shift + block.n]
+    def work(self, block: Block, out: memoryview) -> None:
+        at = block.offset + self.shift
+        if block.move is None:
+            _copy_range(self._src, self._fo.fileno(), block.offset, at, out)
+        else:
+            _pwrite(self._fo.fileno(), out, at)
 
     def take(self, block: Block, src: memoryview, out: memoryview
              ) -> list[concurrent.futures.Future[Any]]:
         return self.hashes.feed(src, out)
 
-    def release(self, begin: int, end: int) -> None:
-        if _DONTNEED is None:
-            return
-        lo = -(-(begin + self.shift) // _PAGE) * _PAGE
-        hi = (end + self.shift) // _PAGE * _PAGE
-        if hi > lo:
-            self.mm.madvise(_DONTNEED, lo, hi - lo)
-
     def close(self, ok: bool) -> None:
         size = os.fstat(self._fo.fileno()).st_size if ok else 0
-        self._stack.close()
+        self._fo.close()
         if ok:
             if size != self.size:
                 raise GaugefixError(f"internal error: {self.dst} has {size} bytes, expected "
@@ -442,7 +467,7 @@ class DigestSink(Sink):
         self.digests: dict[str, str] = {}
         self._h: dict[str, Any] = {}
 
-    def open(self, layout: Layout) -> None:
+    def open(self, layout: Layout, source: BinaryIO) -> None:
         self._h = {e.name: hashlib.sha256(self.prefix(e)) for e in layout.entries}
 
     def work(self, block: Block, out: memoryview) -> None:
@@ -455,32 +480,26 @@ class DigestSink(Sink):
         self._h = {}
 
 
-def _done() -> concurrent.futures.Future[Any]:
-    fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-    fut.set_result(None)
-    return fut
-
-
 def stream(path: Path, moves: Mapping[str, Move | None], sink: Sink, *,
            layout: Layout | None = None, depth: int = 8, movers: int | None = None) -> Layout:
     """The one streaming engine: every byte of the safetensors file ``path`` after its
     header, in blocks of at most :data:`BLOCK_BYTES` in file order, each tensor named in
     ``moves`` moved through the primitive, handed to ``sink`` (see :class:`Sink`).
 
-    The input is mapped, not read. Blocks are moved (and untouched ones copied into a
-    sink's target) on ``movers`` threads; the calling thread takes them in file order as
-    they finish and hands them to the sink, keeping at most ``depth`` blocks in flight and
-    ``depth`` more in the sink's hands; once the sink is done with the bytes, the pages of
-    the input it is done with are unmapped (they stay in the page cache). numpy's gather
-    and copy and sha256 release the GIL, so the stages overlap. Any failure stops every
-    stage and is raised here. Returns the file's layout."""
+    The input is mapped, not read. Blocks are moved, each into a buffer of the engine's, and
+    handed to the sink's ``work`` on ``movers`` threads; the calling thread takes them in
+    file order as they finish and hands them to the sink, keeping at most ``depth`` blocks
+    in flight and ``depth`` more in the sink's hands; once the sink is done with the bytes,
+    the pages of the input it is done with are unmapped (they stay in the page cache).
+    numpy's gather, writes and hashing release the GIL, so the stages overlap. Any failure
+    stops every stage and is raised here. Returns the file's layout."""
     layout = layout or read_layout(path)
     blocks = plan_blocks(layout, moves, str(path))
     with open(path, "rb", buffering=0) as f:
         if os.fstat(f.fileno()).st_size != layout.size:
             raise GaugefixError(f"{path}: changed while being read")
         with _mapped(f) as (data, mm):
-            sink.open(layout)
+            sink.open(layout, f)
             ok = False
             try:
                 _pump(data, mm, blocks, sink, depth, movers)
@@ -530,23 +549,22 @@ def _pump(data: memoryview, mm: mmap.mmap | None, blocks: list[Block], sink: Sin
         taken.append((sink.take(b, src, out), b.release, buf))
         finish(block=len(taken) > depth)
 
+    def run(b: Block, out: memoryview) -> None:  # on a worker
+        if b.move is not None:
+            move_block(b, data, out)
+        sink.work(b, out)
+
     try:
         for b in blocks:
             src = data[b.offset:b.offset + b.n]  # what the input has where the block goes
-            out = sink.target(b)
-            buf = None
-            if b.move is None:
-                fut = _done() if out is None else pool.submit(_copy, src, out)
-                out = src if out is None else out
-            else:
-                if out is None:
-                    if b.n <= BLOCK_BYTES:
-                        buf = spare.pop() if spare else bytearray(BLOCK_BYTES)
-                        out = memoryview(buf)[:b.n]
-                    else:
-                        out = memoryview(bytearray(b.n))
-                whole = data[b.source:b.source + math.prod(b.shape) * itemsize(b.entry.dtype)]
-                fut = pool.submit(_move, b, whole, out)
+            out, buf = src, None
+            if b.move is not None:
+                if b.n <= BLOCK_BYTES:
+                    buf = spare.pop() if spare else bytearray(BLOCK_BYTES)
+                    out = memoryview(buf)[:b.n]
+                else:
+                    out = memoryview(bytearray(b.n))
+            fut = pool.submit(run, b, out)
             flight.append((fut, b, src, out, buf))
             while len(flight) > depth or (flight and flight[0][0].done()):
                 settle()
@@ -576,8 +594,7 @@ def _pump_tensors(data: memoryview, mm: mmap.mmap | None, blocks: list[Block], s
             if buf is None or len(buf) < b.n:
                 buf = local.buf = bytearray(max(BLOCK_BYTES, b.n))
             out = memoryview(buf)[:b.n]
-            size = math.prod(b.shape) * itemsize(b.entry.dtype)  # type: ignore[union-attr]
-            _move(b, data[b.source:b.source + size], out)
+            move_block(b, data, out)
             sink.work(b, out)
 
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=movers)
@@ -610,16 +627,14 @@ def _pump_tensors(data: memoryview, mm: mmap.mmap | None, blocks: list[Block], s
 
 
 @contextlib.contextmanager
-def _mapped(f: BinaryIO, write: bool = False
-            ) -> Iterator[tuple[memoryview, mmap.mmap | None]]:
-    """The whole file, mapped (read-only unless ``write``; an empty file: empty bytes)."""
-    size = os.fstat(f.fileno()).st_size
-    if size == 0:
-        yield memoryview(bytearray() if write else b""), None
+def _mapped(f: BinaryIO) -> Iterator[tuple[memoryview, mmap.mmap | None]]:
+    """The whole file, mapped read-only (an empty file: empty bytes)."""
+    if os.fstat(f.fileno()).st_size == 0:
+        yield memoryview(b""), None
         return
     # no MADV_WILLNEED: on a warm cache it costs seconds per GB here (the kernel's own
     # readahead on faults serves a cold one)
-    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE if write else mmap.ACCESS_READ)
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         yield memoryview(mm), mm
     finally:
@@ -630,9 +645,9 @@ def _mapped(f: BinaryIO, write: bool = False
 
 
 def _allocate(f: BinaryIO, size: int, where: Path) -> None:
-    """Give the output file its size with its blocks reserved: a write through a mapping
-    to a block the disk has no room for would kill the process (SIGBUS), so a full disk is
-    found here, as an error."""
+    """Give the output file its size with its blocks reserved, so that a full disk is found
+    here, as an error, before any block is written (and writes into reserved blocks cost
+    the file system less)."""
     f.truncate(size)
     if size and _fallocate is not None:
         try:

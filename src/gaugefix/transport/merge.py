@@ -241,7 +241,7 @@ class MergeSink(Sink):
         self.options = dict(options or {})
         self.extra: dict[str, Any] = {}
 
-    def open(self, layout: Layout) -> None:
+    def open(self, layout: Layout, source: BinaryIO) -> None:
         self._f: BinaryIO = open(self.dst, "wb")  # noqa: SIM115 - closed in close()
         self._f.write(layout.header)
 
