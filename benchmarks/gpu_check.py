@@ -100,7 +100,7 @@ STATS_TOL_SAME = 1e-6  # torchrun vs one process on the same device (README's bo
 ENV_PROBE = """
 import json, os, platform, sys
 from importlib.metadata import version
-import torch, lap, gguf, pydantic, gaugefix.cli
+import torch, lap, blake3, gguf, pydantic, gaugefix.cli
 c = torch.cuda.is_available()
 print(json.dumps({
     "python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -109,7 +109,7 @@ print(json.dumps({
     else [],
     "nccl": str(torch.cuda.nccl.version()) if c else None,
     **{n: version(n) for n in ("transformers", "accelerate", "safetensors", "numpy", "scipy",
-                               "lapx", "gguf", "pydantic", "typer")},
+                               "lapx", "blake3", "gguf", "pydantic", "typer")},
     "gaugefix_from": os.path.dirname(gaugefix.__file__), "cpus": os.cpu_count(),
     "platform": platform.platform()}))
 """

@@ -46,7 +46,7 @@ if [ "$dry" != 1 ]; then
 fi
 # the project itself: its source tree (nothing to build; `python -m gaugefix` is the CLI)
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-"$PY" -c "import lap, gguf, pydantic, gaugefix.cli; print('imports ok:', gaugefix.__file__)" \
+"$PY" -c "import lap, blake3, gguf, pydantic, gaugefix.cli; print('imports ok:', gaugefix.__file__)" \
     || echo "imports FAILED (the checks will say where)" >&2
 end=$(date +%s.%N)
 install_s=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')

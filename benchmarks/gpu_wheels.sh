@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The wheels gaugefix needs on the GPU machine and its image lacks (python 3.12, x86-64, no
-# network there): lapx, gguf, pydantic and what pydantic needs (pydantic-core,
+# network there): lapx, blake3, gguf, pydantic and what pydantic needs (pydantic-core,
 # annotated-types, typing-inspection, and typing-extensions ≥ 4.16, newer than some images
 # carry). Everything else gaugefix imports is in that image (torch, transformers, safetensors,
 # huggingface-hub, numpy, scipy, typer, rich, tqdm, matplotlib, pyyaml, requests, accelerate).
@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WHEELS=(
     lapx==0.11.1
+    blake3==1.0.11
     gguf==0.19.0
     pydantic==2.14.4
     pydantic-core==2.50.5
