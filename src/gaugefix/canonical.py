@@ -26,6 +26,7 @@ untrained or gain-free model: O(d)) has no canonical chart at all.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,9 @@ def canonical_chart(model: ModelLike, *, discrete_only: bool = False) -> Canonic
     are symmetries too; ``discrete_only`` then gives the chart that is canonical for the
     signed-permutation gauges alone (and says so in :meth:`CanonicalChart.describe`)."""
     m = open_model(model).check()
+    for flag in {discrete_only, False}:  # a chart computed without refusing serves both
+        if ("chart", flag) in m.memo:  # a copy: callers fill in what they requantised
+            return dataclasses.replace(m.memo["chart", flag])
     fam, d, name = m.family, m.hidden_size, m.name
     try:
         keys = sorted(m.shapes)
@@ -171,7 +175,9 @@ def canonical_chart(model: ModelLike, *, discrete_only: bool = False) -> Canonic
                 f"gain-free {fam.name} model): rotations of the whole residual stream (O({d})) "
                 "preserve its function, so the canonical chart is not defined (--discrete-only: "
                 "the chart canonical for signed permutations alone)")
-        return _chart(m, fam, d, signed, gain_bits, rotatable, plan)
+        chart = _chart(m, fam, d, signed, gain_bits, rotatable, plan)
+        m.memo["chart", discrete_only] = dataclasses.replace(chart)
+        return chart
     finally:
         m.close()
 
@@ -349,6 +355,9 @@ def fingerprint(model: ModelLike, *, discrete_only: bool = False) -> Fingerprint
     import json
 
     m = open_model(model)
+    for flag in {discrete_only, False}:  # a chart computed without refusing serves both
+        if ("fingerprint", flag) in m.memo:
+            return m.memo["fingerprint", flag]
     chart = canonical_chart(m, discrete_only=discrete_only)
     digests, chart.requantised = _tensor_digests(m, chart.gauge)
     shapes = {k: (str(s)) for k, s in m.shapes.items()}
@@ -366,8 +375,10 @@ def fingerprint(model: ModelLike, *, discrete_only: bool = False) -> Fingerprint
                 fuzzy[key] = [round(float(v), 6) for v in torch.quantile(g, q)]
     finally:
         m.close()
-    return Fingerprint(f"{FINGERPRINT_VERSION}:{full[:32]}", full, chart.family, m.hidden_size,
-                       chart, digests, fuzzy)
+    fp = Fingerprint(f"{FINGERPRINT_VERSION}:{full[:32]}", full, chart.family, m.hidden_size,
+                     chart, digests, fuzzy)
+    m.memo["fingerprint", discrete_only] = fp
+    return fp
 
 
 # ---------------------------------------------------------------------------- identity

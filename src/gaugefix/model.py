@@ -65,6 +65,9 @@ class Model:
         self._module = module
         self._loaded: dict[tuple[str, str, str | None], torch.nn.Module] = {}
         self._identity: dict[str, str] | None = None
+        # what is computed from the weights at most once per opened model (its fingerprint):
+        # an opened model's weights are taken not to change while it is open
+        self.memo: dict[Any, Any] = {}
         self._handles: dict[Path, Any] = {}
         self._stack = contextlib.ExitStack()
         self._checked = False

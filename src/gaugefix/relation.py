@@ -51,7 +51,7 @@ DEFAULT_ALPHA = 1e-6
 BLOCK_BYTES = 32 << 20  # float32 bytes of one row block of one side
 
 
-def _rows(t: torch.Tensor, axis: int, d: int) -> torch.Tensor:
+def residual_rows(t: torch.Tensor, axis: int, d: int) -> torch.Tensor:
     """``t`` as [n, d], its residual axis last (a view for 2-D tensors)."""
     return torch.movedim(t, axis, -1).reshape(-1, d)
 
@@ -73,7 +73,7 @@ class Gram:
 
 
 def cross_gram(ta: torch.Tensor, tb: torch.Tensor, axis: int, d: int) -> Gram:
-    ra, rb = _rows(ta, axis, d), _rows(tb, axis, d)
+    ra, rb = residual_rows(ta, axis, d), residual_rows(tb, axis, d)
     cross = torch.zeros(d, d, dtype=torch.float64)
     sq_a = torch.zeros(d, dtype=torch.float64)
     sq_b = torch.zeros(d, dtype=torch.float64)
@@ -92,8 +92,8 @@ def relative_distance(op: Op, ta: torch.Tensor, tb: torch.Tensor, gauge: SignedP
                       d: int) -> float:
     """‖B − g(A)‖ / max(‖A‖, ‖B‖), accumulated over row blocks in float64."""
     if op.one_stream:
-        ra = _rows(ta, op.residual_axis, d)
-        rb = _rows(tb, op.residual_axis, d)
+        ra = residual_rows(ta, op.residual_axis, d)
+        rb = residual_rows(tb, op.residual_axis, d)
         perm = torch.from_numpy(np.array(gauge.perm, dtype=np.int64))
         sign = torch.from_numpy(np.array(gauge.sign if op.signed else np.ones(d), dtype=np.float64))
     else:  # a residual map, several streams or untouched: small, moved whole
@@ -155,7 +155,7 @@ def group_name(key: str) -> str:
 
 
 @dataclass
-class _Null:
+class NullSum:
     """A fold's (or group's) statistic under a gauge, and its null's variance and bound."""
 
     stat: float = 0.0
@@ -164,7 +164,7 @@ class _Null:
     tensors: int = 0
     cosine: float = 0.0  # the sum of the test tensors' cosines (the uncentred statistic)
 
-    def add(self, other: _Null) -> None:
+    def add(self, other: NullSum) -> None:
         self.stat += other.stat
         self.var += other.var
         self.bound += other.bound
@@ -172,7 +172,7 @@ class _Null:
         self.cosine += other.cosine
 
 
-def _test(n: np.ndarray, gauge: SignedPerm, signed: bool, tensors: int) -> _Null:
+def null_sum(n: np.ndarray, gauge: SignedPerm, signed: bool, tensors: int) -> NullSum:
     d = n.shape[0]
     matched = n[np.arange(d), gauge.perm]
     if signed:
@@ -186,10 +186,10 @@ def _test(n: np.ndarray, gauge: SignedPerm, signed: bool, tensors: int) -> _Null
         var = float((centred * centred).sum()) / max(1, d - 1)
         bound = 0.0
         cosine = float(gauge.sign[0]) * float(matched.sum())
-    return _Null(stat, var, bound, tensors, cosine)
+    return NullSum(stat, var, bound, tensors, cosine)
 
 
-def _log10_p(null: _Null, signed: bool) -> tuple[float, float]:
+def log10_p(null: NullSum, signed: bool) -> tuple[float, float]:
     """(log10 p, z): Hoeffding's bound (B_d) or the normal tail (S_d×{±1}); one-sided."""
     z = null.stat / math.sqrt(null.var) if null.var > 0 else 0.0
     if null.var <= 0:
@@ -269,21 +269,21 @@ def relate(a: Model, b: Model) -> Relation | None:
         at = (group_name(key), fold[key])
         parts[at] = parts.get(at, 0.0) + g.cross / (g.norm_a * g.norm_b)
         sizes[at] = sizes.get(at, 0) + 1
-    groups: dict[str, _Null] = {}
+    groups: dict[str, NullSum] = {}
     for (name, f), n in parts.items():
-        groups.setdefault(name, _Null()).add(_test(n, gauges[1 - f], signed, sizes[name, f]))
-    total = _Null()
+        groups.setdefault(name, NullSum()).add(null_sum(n, gauges[1 - f], signed, sizes[name, f]))
+    total = NullSum()
     for f in (0, 1):
         n = sum((m for (_, ff), m in parts.items() if ff == f), np.zeros((d, d)))
-        total.add(_test(n, gauges[1 - f], signed, sum(k for (_, ff), k in sizes.items()
+        total.add(null_sum(n, gauges[1 - f], signed, sum(k for (_, ff), k in sizes.items()
                                                        if ff == f)))
-    log_p, z = _log10_p(total, signed)
+    log_p, z = log10_p(total, signed)
     out = Relation(_matcher(grams, d, signed), 10 ** log_p, log_p, z,
                    total.cosine / total.tensors, tensors=total.tensors)
     out.fold_gauges_agree = float(np.mean((gauges[0].perm == gauges[1].perm) &
                                           (gauges[0].sign == gauges[1].sign)))
     for name, null in sorted(groups.items()):
-        lp, gz = _log10_p(null, signed)
+        lp, gz = log10_p(null, signed)
         out.groups[name] = {"tensors": null.tensors, "mean_cosine": round(null.cosine /
                             null.tensors, 6), "z": round(gz, 3), "p_value": 10 ** lp,
                             "log10_p_value": round(lp, 3)}

@@ -48,7 +48,7 @@ import torch
 
 from .errors import GaugefixError
 from .group import SignedPerm
-from .relation import _log10_p, _Null, _rows, _test
+from .relation import NullSum, log10_p, null_sum, residual_rows
 
 SKETCH_TOKENS = 8192  # token-keyed rows sampled
 SKETCH_BYTES = 64 << 20  # float32 bytes of the sampled layer rows, all tensors together
@@ -114,7 +114,7 @@ class Sketch:
             if m is None:
                 if len(shape) == 2 and shape[1 - op.residual_axis % 2] == vocab:
                     role = "unembed" if _UNEMBED.search(key) else "embed"
-                    rows = _rows(model.tensor(key), op.residual_axis, d)
+                    rows = residual_rows(model.tensor(key), op.residual_axis, d)
                     tokens.setdefault(role, rows[ids].float().numpy())
                 continue
             kind = key[:m.start()] + "*" + key[m.end():]
@@ -131,7 +131,7 @@ class Sketch:
             stride = 1 << max(0, math.ceil(math.log2(max(1.0, n_rows / per_tensor))))
             rows_of[kind] = (n_rows, stride)
             layers[kind] = {
-                layer: _rows(model.tensor(key), model.plan[key].residual_axis, d)[::stride]
+                layer: residual_rows(model.tensor(key), model.plan[key].residual_axis, d)[::stride]
                 .float().numpy().copy() for layer, key in sorted(by_layer.items())}
         return cls(model.name, model.family.name, d, model.n_layers, vocab,
                    model.family.allows_signs, keyed_by, keys, tokens,
@@ -271,7 +271,7 @@ def _common_kinds(a: Sketch, b: Sketch) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _null_of(n: np.ndarray, cmap: CoordinateMap, signed: bool, tensors: int) -> _Null:
+def _null_of(n: np.ndarray, cmap: CoordinateMap, signed: bool, tensors: int) -> NullSum:
     """The statistic of ``n`` ([d_B, d_A]) under the coordinate map and its null: a random
     injective (signed) map of the narrower side into the wider one (zero rows pad it)."""
     db, da = n.shape
@@ -287,7 +287,7 @@ def _null_of(n: np.ndarray, cmap: CoordinateMap, signed: bool, tensors: int) -> 
     perm[k:] = np.setdiff1d(np.arange(w), cols)  # padding rows: the columns left over
     sign = np.ones(w, dtype=np.int64)
     sign[rows] = cmap.sign
-    return _test(sq, SignedPerm(perm, sign), signed, tensors)
+    return null_sum(sq, SignedPerm(perm, sign), signed, tensors)
 
 
 @dataclass
@@ -432,8 +432,8 @@ def relate_sketches(a: Sketch, b: Sketch) -> tuple[CrossRelation | None, str]:
                   for k, s in kinds.items()}
         folds.append((rows_a, rows_b))
     maps = [_layer_map(*folds[f], cmap) for f in (0, 1)]
-    total = _Null()
-    per_layer: dict[int, _Null] = {}
+    total = NullSum()
+    per_layer: dict[int, NullSum] = {}
     for f in (0, 1):
         rows_a, rows_b = folds[1 - f]  # tested on the other fold's rows
         fold_n = np.zeros((b.hidden_size, a.hidden_size))
@@ -451,17 +451,17 @@ def relate_sketches(a: Sketch, b: Sketch) -> tuple[CrossRelation | None, str]:
                 n_j += (xb.astype(np.float64).T @ xa.astype(np.float64)) / (na * nb)
                 k_j += 1
             if k_j:
-                per_layer.setdefault(j, _Null()).add(_null_of(n_j, cmap, signed, k_j))
+                per_layer.setdefault(j, NullSum()).add(_null_of(n_j, cmap, signed, k_j))
                 fold_n += n_j
                 count += k_j
         if count:
             total.add(_null_of(fold_n, cmap, signed, count))
     if total.tensors == 0:
         return None, "the common layer tensors are zero in one model: nothing to test on"
-    log_p, z = _log10_p(total, signed)
+    log_p, z = log10_p(total, signed)
     layers = []
     for j in sorted(per_layer):
-        lp, _ = _log10_p(per_layer[j], signed)
+        lp, _ = log10_p(per_layer[j], signed)
         layers.append(LayerMatch(j, [maps[0].get(j, -1), maps[1].get(j, -1)], 10 ** lp, lp))
     shared = int(np.intersect1d(a.token_hashes, b.token_hashes, assume_unique=True).size)
     return CrossRelation(cmap, 10 ** log_p, log_p, z, total.cosine / total.tensors,
