@@ -234,3 +234,16 @@ def test_against_refuses_what_is_not_a_record(base, tmp_path, cli):
     assert res.exit_code == 2 and "either MODEL_B or --against" in res.stderr
     res = cli("fingerprint", a, "--record", folder / "a.safetensors", ok=False)
     assert res.exit_code == 2  # an existing record is not replaced without --overwrite
+
+
+def test_a_position_table_as_long_as_the_vocabulary_is_not_taken_for_tokens():
+    """GPT-2 with 128 tokens and 128 positions: the sketch's token rows are the token
+    embedding's (wte), never the position table's (wpe), which has the same shape."""
+    from gaugefix.sketch import Sketch
+
+    module = build_tiny("gpt2", seed=0)
+    assert module.config.vocab_size == module.config.n_positions
+    sk = Sketch.of(open_model(module).check())
+    ids = [int(k[1:]) for k in sk.keys]  # keyed by id: no tokenizer
+    wte = module.transformer.wte.weight.detach()
+    assert np.array_equal(sk.tokens["embed"], wte[ids].numpy())

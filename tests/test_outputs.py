@@ -55,16 +55,29 @@ def _wait_for_temporary(proc: subprocess.Popen, parent: Path, timeout: float = 1
     return False
 
 
+def _frozen_while_writing(proc: subprocess.Popen, parent: Path) -> bool:
+    """Stop ``proc`` (SIGSTOP) as soon as its temporary output appears, so that what is sent
+    next lands while it is writing however fast the write is; False if it finished first."""
+    if not _wait_for_temporary(proc, parent):
+        return False
+    proc.send_signal(signal.SIGSTOP)
+    if proc.poll() is not None or not _temporaries(parent):
+        proc.send_signal(signal.SIGCONT)
+        return False
+    return True
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
 def test_a_signal_while_writing_leaves_nothing(big, tmp_path, sig):
     signum = getattr(signal, sig)
     for attempt in range(3):  # the write may finish before the signal lands: try again
         out = tmp_path / f"out{attempt}"
         proc = _start("apply", big, out, "--random", 1, "--gauge-out", tmp_path / "g.json")
-        if not _wait_for_temporary(proc, tmp_path):
+        if not _frozen_while_writing(proc, tmp_path):
             proc.communicate()
             continue
-        proc.send_signal(signum)
+        proc.send_signal(signum)  # pending until the process runs again, mid-write
+        proc.send_signal(signal.SIGCONT)
         _, stderr = proc.communicate(timeout=120)
         if proc.returncode == 0:
             continue
@@ -81,7 +94,7 @@ def test_a_signal_while_writing_leaves_nothing(big, tmp_path, sig):
 def test_a_killed_run_is_cleaned_up_by_the_next(big, tmp_path, cli):
     out = tmp_path / "out"
     proc = _start("apply", big, out, "--random", 1)
-    assert _wait_for_temporary(proc, tmp_path), "apply finished before it could be killed"
+    assert _frozen_while_writing(proc, tmp_path), "apply finished before it could be killed"
     proc.kill()
     proc.communicate()
     left = _temporaries(tmp_path)

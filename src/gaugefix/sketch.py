@@ -59,6 +59,7 @@ RECORD_KIND = "gaugefix.fingerprint-record"
 
 _FIRST_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
 _UNEMBED = re.compile(r"(^|\.)(lm_head|output|embed_out)\.")
+_POSITIONS = re.compile(r"(^|\.)(wpe|embed_positions|position_embeddings)\.")
 
 
 def _token_hash(key: str) -> int:
@@ -112,7 +113,8 @@ class Sketch:
             shape = model.shapes[key]
             m = _FIRST_INDEX.search(key)
             if m is None:
-                if len(shape) == 2 and shape[1 - op.residual_axis % 2] == vocab:
+                if (len(shape) == 2 and shape[1 - op.residual_axis % 2] == vocab
+                        and not _POSITIONS.search(key)):  # a table of positions, not tokens
                     role = "unembed" if _UNEMBED.search(key) else "embed"
                     rows = residual_rows(model.tensor(key), op.residual_axis, d)
                     tokens.setdefault(role, rows[ids].float().numpy())
