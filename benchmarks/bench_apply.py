@@ -129,7 +129,8 @@ def run(cmd: list[str], anon: bool = False) -> tuple[float, int]:
     return seconds, int(fields[2] if anon else fields[0]) * 1024
 
 
-def _best(fn: Callable[[], object], repeat: int) -> float:
+def best_of(fn: Callable[[], object], repeat: int) -> float:
+    """The best of ``repeat`` timed calls of ``fn`` (seconds)."""
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
@@ -171,7 +172,7 @@ def gather_vs_copy(src: Path, repeat: int) -> dict:
                 runs = {"gather": partial(move_block, b, data, out.data),
                         "copy": partial(np.copyto, out, raw)}
                 for name, fn in runs.items():
-                    seconds[axis, name] = seconds.get((axis, name), 0.0) + _best(fn, repeat)
+                    seconds[axis, name] = seconds.get((axis, name), 0.0) + best_of(fn, repeat)
                 del out, raw, runs, fn  # views of the mapping: it closes when they are gone
             del data
     size["all moved blocks"] = sum(size.values())

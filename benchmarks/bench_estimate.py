@@ -13,11 +13,11 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
+from bench_apply import best_of
 from gaugefix.apply import gauge_model
 from gaugefix.group import SignedPerm
 from gaugefix.match import solve_assignment
@@ -31,15 +31,6 @@ def correlation_like(d: int, seed: int = 0) -> np.ndarray:
     c = rng.normal(0, 0.08, size=(d, d))
     c[g.perm, np.arange(d)] = g.sign * rng.uniform(0.3, 1.0, size=d)
     return np.abs(c)
-
-
-def best_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def bench_solvers(sizes: list[int]) -> None:

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench_apply import EXE, run
-from bench_estimate import best_of
+from bench_apply import EXE, best_of, run
 
 TORCH_THREADS = torch.get_num_threads()
 
