@@ -101,3 +101,5 @@ def test_second_run_reuses_the_cached_models(demo_results):
     assert cache_files() == before  # nothing retrained or rewritten
     again = json.loads((out / "results.json").read_text())
     assert again["ceiling"] == r["ceiling"] and again["trajectories"] == r["trajectories"]
+    # the gauge-group models come from the cache: the same functions, the same errors
+    assert again["gauge_groups"] == r["gauge_groups"]

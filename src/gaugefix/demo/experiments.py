@@ -17,10 +17,16 @@ import torch
 from ..apply import gauge_model
 from ..arch import detect_family
 from ..audit import Claim, audit_models, derive_claim
-from ..estimate import StatsOptions, compose_gauges, estimate_gauge, match_weights
+from ..estimate import (
+    StatsOptions,
+    compose_gauges,
+    estimate_gauge,
+    match_weights,
+    source_stats,
+)
 from ..group import SignedPerm
 from ..model import Model, open_model
-from ..stats import ResidualTap, residuals
+from ..stats import CrossStats, ResidualTap, residuals
 from ..testing import (
     corpus_model,
     eval_loss,
@@ -54,9 +60,10 @@ METHODS = ("signmarg", "signed", "perm")
 
 
 # ---------------------------------------------------------------------------- 1. groups
-def gauge_groups(corpus: Corpus, families: list[str], train_steps: int, seed: int
-                 ) -> list[dict[str, Any]]:
-    """Function error under three candidate symmetries, at init and after training."""
+def gauge_groups(corpus: Corpus, families: list[str], train_steps: int, seed: int,
+                 cache: Path | None = None) -> list[dict[str, Any]]:
+    """Function error under three candidate symmetries, at init and after training. The
+    trained models are saved under ``cache/groups`` and reused by a later run."""
     rows = []
     ids = torch.from_numpy(corpus.stream(512, seed + 5)).view(4, 128)
     for fam_name in families:
@@ -64,7 +71,8 @@ def gauge_groups(corpus: Corpus, families: list[str], train_steps: int, seed: in
         d = model.config.hidden_size
         for stage in ("init", "trained"):
             if stage == "trained":
-                train(model, corpus.stream(50_000, seed), steps=train_steps, lr=3e-3, seed=seed)
+                model = _trained(model, corpus, train_steps, seed, None if cache is None else
+                                 cache / "groups" / f"{fam_name}-d{d}-t{train_steps}-s{seed}")
             signed = SignedPerm.random(d, seed + 1, positive_fraction=0.5)
             glob = SignedPerm(signed.perm, -np.ones(d, dtype=np.int64))
             q = random_orthogonal(d, seed + 2)
@@ -76,6 +84,23 @@ def gauge_groups(corpus: Corpus, families: list[str], train_steps: int, seed: in
                 "orthogonal": function_error(model, rotate_dense(model, q), ids),
             })
     return rows
+
+
+def _trained(model: torch.nn.Module, corpus: Corpus, steps: int, seed: int,
+             where: Path | None) -> torch.nn.Module:
+    """``model`` trained on the corpus, or the copy a previous run saved at ``where`` (saved
+    whole or not at all: written beside it, then renamed)."""
+    if where is not None and (where / "config.json").exists():
+        return type(model).from_pretrained(where, dtype=torch.float32).eval()
+    train(model, corpus.stream(50_000, seed), steps=steps, lr=3e-3, seed=seed)
+    if where is not None:
+        import shutil
+
+        tmp = where.with_name(where.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tmp.rename(where)
+    return model
 
 
 # ---------------------------------------------------------------------------- 2. ceiling
@@ -109,6 +134,9 @@ class Matcher:
         self.opts = StatsOptions(tokens=probe, n_tokens=len(probe))
         self.models: dict[Path, Model] = {}  # each opened once, its module loaded once
         self.cache: dict[tuple[Path, Path, str, str], Any] = {}
+        # a pair's statistics, shared by every method (pooled ones apart): the last step
+        # matches each pair with every method, from one forward pass of each model
+        self.stats: dict[tuple[Path, Path, bool], CrossStats] = {}
 
     def model(self, path: Path) -> torch.nn.Module:
         return self.opened(path).load()
@@ -121,8 +149,15 @@ class Matcher:
     def match(self, a: Path, b: Path, method: str = "signmarg", source: str = "both") -> Any:
         key = (a, b, method, source)
         if key not in self.cache:
+            stats = None
+            if source != "weights":
+                pair = (a, b, source == "pooled")
+                if pair not in self.stats:
+                    self.stats[pair] = source_stats(self.opened(a), self.opened(b), source,
+                                                    self.opts)
+                stats = self.stats[pair]
             self.cache[key] = estimate_gauge(self.opened(a), self.opened(b), method=method,
-                                             source=source, opts=self.opts)
+                                             source=source, opts=self.opts, stats=stats)
         return self.cache[key]
 
     def chain(self, path: list[Path], method: str = "signmarg", source: str = "both"

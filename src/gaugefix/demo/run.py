@@ -122,7 +122,7 @@ def run_demo(out_dir: Path, cfg: DemoConfig, console: Console | None = None) -> 
     llama, llama_m = lineages["llama"], matchers["llama"]
 
     results["gauge_groups"] = step("gauge groups", ex.gauge_groups, corpus, cfg.families,
-                                   cfg.family_train_steps, cfg.seed)
+                                   cfg.family_train_steps, cfg.seed, cache)
     base = llama_m.model(llama.base)
     results["ceiling"] = step("ceiling", ex.ceiling, base, probe, cfg.fractions, cfg.seed)
     results["trajectories"] = {fam: step(f"trajectories: {fam}", ex.trajectories, lin,
