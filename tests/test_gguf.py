@@ -425,3 +425,42 @@ def test_an_importance_matrix_moves_with_the_columns(smol, tmp_path):
     assert rec["direction"] == "A->B" and rec["perm"] == g.perm.tolist()
     with pytest.raises(GaugefixError, match="imatrix: pass --model"):
         jobs.transport("imatrix", src, tmp_path / "x.gguf", g)
+
+
+def test_a_parsed_file_is_reused_only_while_its_header_is_unchanged(tmp_path):
+    """A GGUF file opened again is not parsed again (gguf-py parses every field in Python);
+    a header changed in place (same size), or a file replaced, is parsed anew; tensor data
+    changed in place are seen, as a new open would see them."""
+    from gaugefix.quant.gguf_file import GgufFile
+
+    def write(path: Path, name: str, values: np.ndarray) -> None:
+        w = gguf.GGUFWriter(path, "llama")
+        w.add_string("general.name", name)
+        w.add_tensor("t", values)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    def name(f: GgufFile) -> str:
+        return str(f.reader.fields["general.name"].contents())
+
+    path = tmp_path / "m.gguf"
+    write(path, "first", np.arange(8, dtype=np.float32))
+    a, b = GgufFile.open(path), GgufFile.open(path)
+    assert b.reader is a.reader and name(b) == "first"
+    raw = path.read_bytes()
+    path.write_bytes(raw.replace(b"first", b"other"))  # in place: same inode, same size
+    c = GgufFile.open(path)
+    assert c.reader is not a.reader and name(c) == "other"
+    tensor_at = int(c.reader.tensors[0].data_offset)  # from the start of the file
+    with open(path, "r+b") as f:  # tensor data, in place: the header is unchanged
+        f.seek(tensor_at)
+        f.write(np.full(8, 7, dtype=np.float32).tobytes())
+    d = GgufFile.open(path)
+    assert d.reader is c.reader and (np.asarray(d.reader.tensors[0].data) == 7).all()
+    tmp = tmp_path / "new.gguf"
+    write(tmp, "third", np.arange(8, dtype=np.float32))
+    tmp.replace(path)  # another file under the same name
+    e = GgufFile.open(path)
+    assert e.reader is not d.reader and name(e) == "third"

@@ -33,7 +33,9 @@ scale's sign bit, an E2M1 nibble) is flipped by the layout's table.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
 import json
 import math
 from collections.abc import Iterator, Mapping
@@ -351,6 +353,40 @@ def _reader_reused(reader: gguf.GGUFReader) -> Iterator[None]:
         gguf_module.GGUFReader, gguf_module.get_tensor_name_map = saved  # type: ignore[misc]
 
 
+# What parsing a GGUF file gives (gguf-py's reader, transformers' config, the name map), for
+# the last few files opened: gguf-py parses every metadata field in Python (a 49k-token
+# vocabulary: 3 s), and a file is often opened several times in one process (identify, then
+# canonicalize; a job per command of a script). Keyed by the file itself (device, inode,
+# size: a cached reader maps the file, so its inode cannot be freed and reused while cached)
+# and used again only while the bytes it parsed, everything before the tensor data, are
+# unchanged (a hash of them, read again from the file); tensor data are read through the
+# reader's shared mapping, which shows the file as it is. Read only, shared by every GgufFile
+# of that file.
+_PARSED: collections.OrderedDict[tuple[int, ...], dict[str, Any]] = collections.OrderedDict()
+_PARSED_FILES = 4
+
+
+def _head_digest(data: Any) -> bytes:
+    return hashlib.blake2b(data, digest_size=32).digest()
+
+
+def _parsed(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    key = (st.st_dev, st.st_ino, st.st_size)
+    entry = _PARSED.get(key)
+    if entry is not None and "reader" in entry:
+        with open(path, "rb") as f:
+            head = f.read(int(entry["reader"].data_offset))
+        if _head_digest(head) != entry["digest"]:
+            entry = None
+    if entry is None:
+        entry = _PARSED[key] = {}
+        while len(_PARSED) > _PARSED_FILES:
+            _PARSED.popitem(last=False)
+    _PARSED.move_to_end(key)
+    return entry
+
+
 @dataclass
 class GgufFile:
     """One GGUF model file: its config (transformers' reading), its tensors under the family
@@ -358,18 +394,26 @@ class GgufFile:
 
     path: Path
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    _shared: dict[str, Any] = field(default_factory=dict, repr=False)  # see _PARSED
 
     @classmethod
     def open(cls, path: Path) -> GgufFile:
         from ..io import note_input
 
         note_input(path)
-        out = cls(path)
+        out = cls(path, _shared=_parsed(path))
         out.reader  # noqa: B018 - parse now: a bad file is refused when opened
         return out
 
-    @cached_property
+    @property
     def reader(self) -> gguf.GGUFReader:
+        if "reader" not in self._shared:
+            reader = self._read()
+            self._shared["digest"] = _head_digest(reader.data[:reader.data_offset])
+            self._shared["reader"] = reader
+        return self._shared["reader"]
+
+    def _read(self) -> gguf.GGUFReader:
         import gguf
 
         try:
@@ -378,8 +422,15 @@ class GgufFile:
             first = str(exc).strip().split("\n", 1)[0]
             raise GaugefixError(f"{self.path}: not a readable GGUF file ({first})") from None
 
-    @cached_property
+    @property
     def config(self) -> dict[str, Any]:
+        """transformers' config for the file (as ``from_pretrained(gguf_file=...)`` builds
+        it; a copy)."""
+        if "config" not in self._shared:
+            self._shared["config"] = self._config()
+        return dict(self._shared["config"])
+
+    def _config(self) -> dict[str, Any]:
         """transformers' config for the file (as ``from_pretrained(gguf_file=...)`` builds
         it)."""
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -405,8 +456,13 @@ class GgufFile:
 
         return TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)(config=self.config)
 
-    @cached_property
+    @property
     def names(self) -> dict[str, str]:
+        if "names" not in self._shared:
+            self._shared["names"] = self._names()
+        return self._shared["names"]
+
+    def _names(self) -> dict[str, str]:
         """GGUF tensor name -> Hugging Face key, through gguf-py's own name table
         (``get_tensor_name_map``: every name a converter writes for the architecture) over the
         keys of the module transformers builds for the config (on the meta device: no
