@@ -29,6 +29,28 @@ from gaugefix.tiny import build_tiny  # noqa: E402
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
 
+# Seconds the heaviest test files take on one worker (one thread, a 2-core machine, measured
+# 2026-12-03 from the suite's junit report: 928 s in all). `make test` hands whole files to
+# the workers (--dist loadfile) in collection order (--no-loadscope-reorder: pytest-xdist
+# would otherwise order files by their number of tests, and the 5 tests of the demo, 131 s,
+# started last); these go first, longest first, so that the run does not end with one worker
+# on a long file and the other idle. Stale figures cost time, never a result.
+FILE_SECONDS = {
+    "test_gguf.py": 199, "test_scale.py": 131, "test_demo.py": 131, "test_estimation.py": 86,
+    "test_families.py": 61, "test_mergekit.py": 54, "test_bad_inputs.py": 43,
+    "test_coverage.py": 33, "test_wheel.py": 25, "test_evidence.py": 24,
+    "test_transport.py": 23, "test_canonical.py": 22, "test_hub_offline.py": 19,
+    "test_outputs.py": 19, "test_transport_training.py": 12,
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.path.name, i)
+    # a stable sort: each file's tests keep their order
+    items.sort(key=lambda it: (-FILE_SECONDS.get(it.path.name, 0), first[it.path.name]))
+
 FAMILIES = sorted(families())  # from the table: a family added there is tested here
 # from the architecture map; test_families checks the map's groups against the real models
 LAYERNORM_FAMILIES = [f for f in FAMILIES if not get_family(f).allows_signs]

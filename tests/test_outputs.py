@@ -285,3 +285,22 @@ def test_permissions_are_real_once_root_is_dropped(tmp_path_factory):
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_signal_right_after_a_temporary_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """A signal can land between any two bytecodes: one just after the temporary directory
+    of an output is made (the moment the signal test above freezes the process) finds it
+    already registered, and the transaction removes it."""
+    made = []
+    mkdir = Path.mkdir
+
+    def interrupted(self: Path, *args: object, **kwargs: object) -> None:
+        mkdir(self, *args, **kwargs)
+        made.append(self)
+        raise KeyboardInterrupt  # what the CLI's handler raises for SIGINT, SIGTERM, SIGHUP
+
+    monkeypatch.setattr(Path, "mkdir", interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / "out"):
+        pass
+    monkeypatch.undo()
+    assert made and _temporaries(tmp_path) == [] and not (tmp_path / "out").exists()

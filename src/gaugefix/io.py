@@ -204,9 +204,11 @@ class Transaction:
     def reserve(self, path: Path, overwrite: bool, *, is_dir: bool) -> _Output:
         self.check(path, overwrite)
         out = _Output(path, _sibling(path, TMP_MARK), overwrite)
+        # registered before it exists: a signal between the two would otherwise leave a
+        # temporary no abort knows of (removing one that was never made is a no-op)
+        self.outputs.append(out)
         if is_dir:
             out.tmp.mkdir()
-        self.outputs.append(out)
         return out
 
     def discard(self, out: _Output) -> None:
