@@ -81,12 +81,20 @@ def generate(path: Path, *, hidden: int, layers: int, vocab: int, shard_gb: floa
         save_file(tensors, str(path / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(keys, name))
         del tensors
-    total = sum(item * int(torch.Size(s).numel()) for s in shapes.values())
-    if len(groups) > 1:
-        (path / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    total = write_index(path, shapes, item, weight_map)
     largest = max(item * int(torch.Size(s).numel()) for s in shapes.values())
     return total / 1e9, largest
+
+
+def write_index(path: Path, shapes: dict[str, tuple[int, ...]], item: int,
+                weight_map: dict[str, str]) -> int:
+    """The shard index save_pretrained writes beside more than one shard; returns the
+    checkpoint's bytes."""
+    total = sum(item * int(torch.Size(s).numel()) for s in shapes.values())
+    if len(set(weight_map.values())) > 1:
+        (path / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
 
 
 # A small launcher forks the command and reports its child's peak RSS (maxrss: measured from

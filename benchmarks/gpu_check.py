@@ -138,7 +138,7 @@ def generate(path: Path, shape: dict[str, Any], *, device: str, dtype: str, seed
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
-    from bench_apply import shard_groups
+    from bench_apply import shard_groups, write_index
 
     t0 = time.perf_counter()
     config = llama_config(shape, dtype)
@@ -172,10 +172,7 @@ def generate(path: Path, shape: dict[str, Any], *, device: str, dtype: str, seed
         write_s += time.perf_counter() - t
         weight_map.update(dict.fromkeys(keys, name))
         del tensors
-    total = sum(item * int(torch.Size(s).numel()) for s in shapes.values())
-    if len(groups) > 1:
-        (path / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    total = write_index(path, shapes, item, weight_map)
     return {"bytes": total, "GB": round(total / 1e9, 3), "shards": len(groups),
             "parameters": total // item, "draw_to_host_s": round(draw_to_host_s, 2),
             "write_s": round(write_s, 2), "seconds": round(time.perf_counter() - t0, 2)}
