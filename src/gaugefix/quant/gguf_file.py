@@ -38,7 +38,7 @@ import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from pathlib import Path
@@ -405,34 +405,34 @@ class GgufFile:
         out.reader  # noqa: B018 - parse now: a bad file is refused when opened
         return out
 
+    def _once(self, name: str, make: Callable[[], Any]) -> Any:
+        """What parsing gave ``name``, made once per file (see :data:`_PARSED`)."""
+        if name not in self._shared:
+            self._shared[name] = make()
+        return self._shared[name]
+
     @property
     def reader(self) -> gguf.GGUFReader:
-        if "reader" not in self._shared:
-            reader = self._read()
-            self._shared["digest"] = _head_digest(reader.data[:reader.data_offset])
-            self._shared["reader"] = reader
-        return self._shared["reader"]
+        return self._once("reader", self._read)
 
     def _read(self) -> gguf.GGUFReader:
         import gguf
 
         try:
-            return gguf.GGUFReader(self.path)
+            reader = gguf.GGUFReader(self.path)
         except (ValueError, OSError, KeyError, IndexError, AssertionError) as exc:
             first = str(exc).strip().split("\n", 1)[0]
             raise GaugefixError(f"{self.path}: not a readable GGUF file ({first})") from None
+        self._shared["digest"] = _head_digest(reader.data[:reader.data_offset])
+        return reader
 
     @property
     def config(self) -> dict[str, Any]:
         """transformers' config for the file (as ``from_pretrained(gguf_file=...)`` builds
         it; a copy)."""
-        if "config" not in self._shared:
-            self._shared["config"] = self._config()
-        return dict(self._shared["config"])
+        return dict(self._once("config", self._config))
 
     def _config(self) -> dict[str, Any]:
-        """transformers' config for the file (as ``from_pretrained(gguf_file=...)`` builds
-        it)."""
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
         try:
@@ -458,9 +458,7 @@ class GgufFile:
 
     @property
     def names(self) -> dict[str, str]:
-        if "names" not in self._shared:
-            self._shared["names"] = self._names()
-        return self._shared["names"]
+        return self._once("names", self._names)
 
     def _names(self) -> dict[str, str]:
         """GGUF tensor name -> Hugging Face key, through gguf-py's own name table
