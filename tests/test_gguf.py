@@ -464,3 +464,47 @@ def test_a_parsed_file_is_reused_only_while_its_header_is_unchanged(tmp_path):
     tmp.replace(path)  # another file under the same name
     e = GgufFile.open(path)
     assert e.reader is not d.reader and name(e) == "third"
+
+
+def test_the_reader_reads_what_gguf_py_reads_over_a_plain_read_only_view(tmp_path):
+    """gaugefix opens GGUF files with gguf-py's reader over a plain ndarray view of its memory
+    map (np.memmap runs Python hooks on every slice): every field, part and tensor is what
+    gguf-py's own reader gives, nothing is writable, and a bad file is refused as gguf-py
+    refuses it."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "v.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_string("general.name", "vocab")
+    w.add_token_list([f"tok{i}" for i in range(3000)])
+    w.add_token_scores(rng.random(3000, dtype=np.float32).tolist())
+    w.add_uint32("llama.block_count", 2)
+    q = quants.quantize(rng.standard_normal((4, 64), dtype=np.float32), GGMLQuantizationType.Q8_0)
+    w.add_tensor("blk.0.attn_q.weight", q, raw_dtype=GGMLQuantizationType.Q8_0)
+    w.add_tensor("output_norm.weight", rng.standard_normal(64, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours, theirs = gguf_file.open_reader(path), gguf.GGUFReader(path)
+    assert type(ours.data) is np.ndarray and isinstance(theirs.data, np.memmap)
+    assert not ours.data.flags.writeable
+    assert list(ours.fields) == list(theirs.fields)
+    for key, f in theirs.fields.items():
+        g = ours.fields[key]
+        assert (g.offset, g.data, g.types) == (f.offset, f.data, f.types), key
+        assert len(g.parts) == len(f.parts), key
+        assert all(np.array_equal(u, v) and u.dtype == v.dtype
+                   for u, v in zip(g.parts, f.parts, strict=True)), key
+    assert ours.fields["tokenizer.ggml.tokens"].contents()[2999] == "tok2999"
+    assert [(t.name, t.tensor_type, t.shape.tolist(), t.data_offset) for t in ours.tensors] == [
+        (t.name, t.tensor_type, t.shape.tolist(), t.data_offset) for t in theirs.tensors]
+    for t, u in zip(ours.tensors, theirs.tensors, strict=True):
+        assert not t.data.flags.writeable
+        assert np.array_equal(quants.dequantize(t.data, t.tensor_type),
+                              quants.dequantize(u.data, u.tensor_type))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + path.read_bytes()[4:60])
+    with pytest.raises(Exception) as theirs_exc:
+        gguf.GGUFReader(bad)
+    with pytest.raises(type(theirs_exc.value)):
+        gguf_file.open_reader(bad)

@@ -32,7 +32,7 @@ def transport_imatrix(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
     import gguf
 
     from ..model import open_model
-    from ..quant.gguf_file import RECORD_KEY, copy_fields, is_gguf
+    from ..quant.gguf_file import RECORD_KEY, copy_fields, is_gguf, open_reader
 
     src, dst = Path(src), Path(dst)
     if model is None:
@@ -47,7 +47,7 @@ def transport_imatrix(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
         raise GaugefixError(f"imatrix: --model {model} is not a GGUF file; the matrix is keyed "
                             "by the GGUF tensor names of the model it was computed for")
     m.family.check_gauge(gauge, m.hidden_size)
-    reader = gguf.GGUFReader(src)
+    reader = open_reader(src)
     plan, names = m.plan, m.gguf.names
     unknown = [t.name for t in reader.tensors if t.name.endswith(IN_SUM2)
                and t.name.removesuffix(IN_SUM2) not in names]

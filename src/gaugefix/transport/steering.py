@@ -118,9 +118,11 @@ def read_control_vector(path: str | Path) -> tuple[dict[int, np.ndarray], dict[s
     """A repeng/llama.cpp control vector: ``{layer: direction}`` and its metadata."""
     import gguf
 
+    from ..quant.gguf_file import open_reader
+
     note_input(path)
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = open_reader(path)
     except (ValueError, OSError, IndexError, KeyError, EOFError, struct.error) as exc:
         raise GaugefixError(f"{path}: not a GGUF file ({exc})") from None
 
