@@ -30,17 +30,17 @@ transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
 
 # Seconds the heaviest test files take on one worker (one thread, a 2-core machine, measured
-# 2026-12-03 from the suite's junit report: 928 s in all). `make test` hands whole files to
+# 2026-12-03 from the suite's junit report: 647 s in all). `make test` hands whole files to
 # the workers (--dist loadfile) in collection order (--no-loadscope-reorder: pytest-xdist
-# would otherwise order files by their number of tests, and the 5 tests of the demo, 131 s,
+# would otherwise order files by their number of tests, and the 5 tests of the demo, 101 s,
 # started last); these go first, longest first, so that the run does not end with one worker
 # on a long file and the other idle. Stale figures cost time, never a result.
 FILE_SECONDS = {
-    "test_gguf.py": 199, "test_scale.py": 131, "test_demo.py": 131, "test_estimation.py": 86,
-    "test_families.py": 61, "test_mergekit.py": 54, "test_bad_inputs.py": 43,
-    "test_coverage.py": 33, "test_wheel.py": 25, "test_evidence.py": 24,
-    "test_transport.py": 23, "test_canonical.py": 22, "test_hub_offline.py": 19,
-    "test_outputs.py": 19, "test_transport_training.py": 12,
+    "test_demo.py": 101, "test_gguf.py": 99, "test_scale.py": 96, "test_estimation.py": 64,
+    "test_families.py": 42, "test_mergekit.py": 40, "test_coverage.py": 29,
+    "test_bad_inputs.py": 25, "test_transport_training.py": 24, "test_evidence.py": 20,
+    "test_hub_offline.py": 19, "test_wheel.py": 19, "test_canonical.py": 17,
+    "test_outputs.py": 14, "test_quant_hf_checkpoint.py": 6,
 }
 
 
