@@ -585,6 +585,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated checks to run")
     a = ap.parse_args()
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path.cwd()
+    out_dir.mkdir(parents=True, exist_ok=True)  # the device makes $OUT; one set by hand may not
     plan = PLAN["dry" if a.dry_run else "gpu"]
     if a.workdir.exists():
         shutil.rmtree(a.workdir)
