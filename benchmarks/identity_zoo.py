@@ -447,10 +447,12 @@ def build_requant(cache: Path, qtype: str) -> Path:
         return out
     import gguf
 
+    from gaugefix.quant.gguf_file import open_reader
+
     src = smollm2_gguf()
     target = gguf.GGMLQuantizationType[qtype]
     file_type = gguf.LlamaFileType[f"MOSTLY_{qtype}"]
-    reader = gguf.GGUFReader(src)
+    reader = open_reader(src)
     arch = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
     types: dict[str, int] = {}
     with _published(out) as tmp:
