@@ -241,21 +241,45 @@ def test_ctrl_c_while_starting_prints_one_line(tiny_ckpt, delay):
 
 
 DROP = """
-import os, sys
-import gaugefix.cli, gaugefix.jobs, gaugefix.diagnosis, gaugefix.apply, gaugefix.shards
-import torch, safetensors.torch, numpy, json, typer, rich
-os.setgid(65534)
-os.setuid(65534)
+import ctypes, os, sys
+import gaugefix.cli
+# Keep uid 0 (so the interpreter's own files, wherever its venv lives, stay readable: a venv
+# under root's 0700 home is unreadable to any other uid, and imports happen lazily), but give
+# up the capabilities that let root ignore file modes (DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER):
+# files owned by another user are then checked against their 'other' bits, as for anyone.
+class Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+libc = ctypes.CDLL(None, use_errno=True)
+head, data = Header(0x20080522, 0), (Data * 2)()
+assert libc.capget(ctypes.byref(head), data) == 0, ctypes.get_errno()
+for cap in (1, 2, 3):
+    data[0].effective &= ~(1 << cap)
+    data[0].permitted &= ~(1 << cap)
+assert libc.capset(ctypes.byref(head), data) == 0, ctypes.get_errno()
 sys.argv = ["gaugefix", *sys.argv[1:]]
 gaugefix.cli.main()
 """
+NOBODY = 65534
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
-                    reason="drops root privileges to make permissions real")
+def _caps_effective() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0
+                    or not Path("/proc/self/status").exists() or not _caps_effective() & 0b110,
+                    reason="gives up root's power over file modes to make permissions real")
 def test_permissions_are_real_once_root_is_dropped(tmp_path_factory):
     """As root every file is readable and writable, so these probes test nothing; the command
-    drops to an unprivileged user first (after its imports)."""
+    gives up the capabilities that override file modes first, and the files it must not read
+    or write belong to another user."""
+    import shutil
     import tempfile
 
     from gaugefix.tiny import build_tiny
@@ -266,8 +290,10 @@ def test_permissions_are_real_once_root_is_dropped(tmp_path_factory):
         build_tiny("llama", seed=0).save_pretrained(root / "A")
         for p in (root / "A", *(root / "A").iterdir()):
             p.chmod(0o755 if p.is_dir() else 0o644)
-        (root / "locked").mkdir(mode=0o755)  # root's: not writable by the dropped user
-        (root / "A" / "config.json").chmod(0o600)  # unreadable by the dropped user
+        (root / "locked").mkdir(mode=0o755)  # another user's: not writable by the command
+        os.chown(root / "locked", NOBODY, NOBODY)
+        os.chown(root / "A" / "config.json", NOBODY, NOBODY)
+        (root / "A" / "config.json").chmod(0o600)  # another user's: unreadable
         res = subprocess.run([sys.executable, "-c", DROP, "inspect", str(root / "A")],
                              capture_output=True, text=True, timeout=300)
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
@@ -282,8 +308,6 @@ def test_permissions_are_real_once_root_is_dropped(tmp_path_factory):
         assert "cannot write into" in lines[0], lines
         assert list((root / "locked").iterdir()) == []
     finally:
-        import shutil
-
         shutil.rmtree(root, ignore_errors=True)
 
 

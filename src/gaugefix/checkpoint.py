@@ -34,8 +34,10 @@ def resolve_model_dir(model: str | Path) -> Path:
         note_input(p)
         return p
     if p.exists():
+        from .quant.gguf_check import regular_file
         from .quant.gguf_file import is_gguf
 
+        regular_file(p, "model file")  # a FIFO or a device: refused, never opened
         if is_gguf(p):  # a caller that reads checkpoint directories only
             raise GaugefixError(f"{model} is a GGUF file; a Hugging Face checkpoint directory "
                                 "is needed here")

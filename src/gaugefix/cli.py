@@ -553,6 +553,10 @@ def _print_verify(rep: Any, dtype: str, *, tol_given: bool) -> None:
     if rep.forward is not None:
         out.print(Text.assemble(verdict, ": decided by the tensors"))
         return
+    if rep.nonfinite:
+        out.print(Text.assemble(verdict, ": NaN or Inf in the outputs (" + "; ".join(
+            rep.nonfinite[:3]) + (" ..." if len(rep.nonfinite) > 3 else "") + ")"))
+        return
     source = "" if tol_given else f", the default for {dtype}"
     out.print(Text.assemble(verdict, f": max {rep.max_rel_err:.2e} (tol {rep.tol:.0e}{source})"))
 

@@ -228,3 +228,63 @@ def function_error(a: torch.nn.Module, b: torch.nn.Module, ids: torch.Tensor) ->
     """max |logits_B − logits_A| / max |logits_A|."""
     la, lb = a(ids).logits.double(), b(ids).logits.double()
     return float((lb - la).abs().max() / la.abs().max())
+
+
+# ---------------------------------------------------------------------------- GGUF files
+def write_tiny_gguf(path: str | Path, model: torch.nn.Module, *,
+                    quantise: dict[str, str] | None = None) -> Path:
+    """A llama-family ``model`` written as a GGUF file as llama.cpp's converter writes one:
+    the ``llama.*`` hyper-parameters, a byte-level vocabulary of the model's size, tensor
+    names from gguf-py's name table, q/k rows in llama.cpp's order (transformers undoes it
+    when it loads the file). ``quantise``: GGML type per GGUF tensor-name suffix (e.g.
+    ``{"attn_q.weight": "Q8_0"}``), quantised with gguf-py's reference quantiser; F32 else."""
+    import gguf
+
+    cfg = model.config
+    n_layers = cfg.num_hidden_layers
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(n_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"<{i}>" for i in range(cfg.vocab_size)])
+    w.add_token_types([1] * cfg.vocab_size)
+    w.add_token_merges([])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+
+    def permute(t: np.ndarray, n_head: int) -> np.ndarray:  # llama.cpp's q/k row order
+        return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(
+            1, 2).reshape(t.shape)
+
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ValueError(f"no GGUF name for {key}")
+        t = value.detach().to(torch.float32).numpy()
+        if key.endswith("q_proj.weight"):
+            t = permute(t, heads)
+        elif key.endswith("k_proj.weight"):
+            t = permute(t, kv)
+        qtype = next((q for suffix, q in (quantise or {}).items() if name.endswith(suffix)),
+                     None)
+        if qtype is None:
+            w.add_tensor(name, np.ascontiguousarray(t))
+        else:
+            ttype = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(name, gguf.quants.quantize(t, ttype), raw_dtype=ttype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)

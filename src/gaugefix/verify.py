@@ -8,6 +8,7 @@ gauged one, so the normed state transforms by Q as well).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,10 +33,14 @@ class VerifyReport:
     # why the forward comparison did not run (a quantised format whose kernels' library is
     # not installed): the tensor verdicts above then decide ``passed`` alone
     forward: str | None = None
+    # each output in which either model gave NaN or Inf (its error is then NaN, written as
+    # null in JSON): "logits: 12 non-finite values in B"; any of them fails the check
+    nonfinite: list[str] = field(default_factory=list)
 
     @property
     def max_rel_err(self) -> float:
-        return max([self.logits_rel_err, *self.hidden_rel_err])
+        errors = [self.logits_rel_err, *self.hidden_rel_err]
+        return math.nan if any(math.isnan(e) for e in errors) else max(errors)
 
     @property
     def requantised(self) -> int:
@@ -47,7 +52,7 @@ class VerifyReport:
 
     @property
     def passed(self) -> bool:
-        if self.differs:
+        if self.differs or self.nonfinite:
             return False
         if self.forward is not None:  # no forward pass: the tensors decide
             return self.tensors is not None
@@ -57,6 +62,13 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         out = {**asdict(self), "max_rel_err": self.max_rel_err, "passed": self.passed}
+        if self.nonfinite:  # JSON has no NaN: null, and the reason beside it
+            out["logits_rel_err"] = None if math.isnan(self.logits_rel_err) else \
+                self.logits_rel_err
+            out["hidden_rel_err"] = [None if math.isnan(e) else e for e in self.hidden_rel_err]
+            out["max_rel_err"] = None
+        else:
+            out.pop("nonfinite")
         if self.forward is None:
             out.pop("forward")
         if self.tensors is None:
@@ -88,10 +100,12 @@ LOGITS_BYTES = 256 << 20  # float32 logits of one forward pass, per model (sets 
 
 
 class _MaxRel:
-    """max|actual - expected| / max|expected| accumulated over batches."""
+    """max|actual - expected| / max|expected| accumulated over batches; NaN once either side
+    held a NaN or Inf (counted per side: a running max would drop a NaN silently)."""
 
     def __init__(self) -> None:
         self.diff = self.scale = 0.0
+        self.bad = {"A": 0, "B": 0}  # non-finite values seen in each model's output
 
     def add(self, actual: torch.Tensor, expected: torch.Tensor) -> None:
         """In float64, a block of rows at a time: never a float64 copy of a whole batch of
@@ -101,12 +115,24 @@ class _MaxRel:
         step = max(1, COMPARE_ELEMENTS // max(1, a.shape[1]))
         for r0 in range(0, a.shape[0], step):
             xa, xe = a[r0:r0 + step].double(), e[r0:r0 + step].double()
+            bad_b, bad_a = int((~torch.isfinite(xa)).sum()), int((~torch.isfinite(xe)).sum())
+            if bad_a or bad_b:
+                self.bad["A"] += bad_a
+                self.bad["B"] += bad_b
+                continue
             self.diff = max(self.diff, float((xa - xe).abs_().max()))
             self.scale = max(self.scale, float(xe.abs_().max()))
 
     @property
     def value(self) -> float:
+        if self.bad["A"] or self.bad["B"]:
+            return math.nan
         return self.diff / (self.scale if self.scale > 0 else 1.0)
+
+    def why(self, name: str) -> str | None:
+        """``name: N non-finite values in A, M in B`` (None when all were finite)."""
+        said = [f"{n} in {side}" for side, n in self.bad.items() if n]
+        return f"{name}: non-finite values (NaN or Inf) {', '.join(said)}" if said else None
 
 
 @torch.no_grad()
@@ -131,7 +157,10 @@ def compare_models(model_a: torch.nn.Module, model_b: torch.nn.Module, gauge: Si
             acc.add(hb, gauge.apply(ha, -1))
         logits.add(out_b.logits, out_a.logits)
         del out_a, out_b
-    return VerifyReport(int(input_ids.numel()), logits.value, [h.value for h in hidden], tol)
+    reasons = [logits.why("logits"), *(h.why(f"hidden_states[{i}]")
+                                       for i, h in enumerate(hidden))]
+    return VerifyReport(int(input_ids.numel()), logits.value, [h.value for h in hidden], tol,
+                        nonfinite=[r for r in reasons if r is not None])
 
 
 def verify_checkpoints(model_a: ModelLike, model_b: ModelLike, gauge: SignedPerm, *,

@@ -312,8 +312,13 @@ def move_tensor(name: str, data: np.ndarray, ttype: Any, op: Op, gauge: SignedPe
 
 # ---------------------------------------------------------------------------- the file
 def is_gguf(path: Path) -> bool:
-    """Whether ``path`` is a GGUF file (its magic), whatever its name."""
+    """Whether ``path`` is a GGUF file (its magic), whatever its name; a FIFO or a device
+    is never opened to look (a named pipe would block)."""
+    import stat
+
     try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return False
         with open(path, "rb") as f:
             return f.read(4) == b"GGUF"
     except OSError:
@@ -356,9 +361,13 @@ def _reader_class() -> type[gguf.GGUFReader]:
     return Reader
 
 
-def open_reader(path: str | Path) -> gguf.GGUFReader:
-    """gguf-py's reader of ``path``, faster (see :func:`_reader_class`); its errors as
-    gguf-py raises them."""
+def open_reader(path: str | Path, what: str = "GGUF file") -> gguf.GGUFReader:
+    """gguf-py's reader of ``path``, faster (see :func:`_reader_class`), once the file's
+    structure holds (:func:`gaugefix.quant.gguf_check.check_structure`: one error line
+    otherwise); gguf-py's own errors as it raises them."""
+    from .gguf_check import check_structure
+
+    check_structure(path, what=what)
     return _reader_class()(path)
 
 
@@ -430,7 +439,16 @@ class GgufFile:
 
         note_input(path)
         out = cls(path, _shared=_parsed(path))
-        out.reader  # noqa: B018 - parse now: a bad file is refused when opened
+        reader = out.reader  # parse now: a bad file is refused when opened
+        split = reader.fields.get("split.count")
+        if split is not None and int(split.contents()) > 1:
+            no = reader.fields.get("split.no")
+            part = f"part {int(no.contents()) + 1} of {int(split.contents())}" if no else \
+                f"one of {int(split.contents())} parts"
+            raise GaugefixError(f"{path} is {part} of a split GGUF model (split.count = "
+                                f"{int(split.contents())}); gaugefix reads a whole model: join "
+                                "the parts into one file first (llama-gguf-split --merge FIRST "
+                                "OUT)")
         return out
 
     def _once(self, name: str, make: Callable[[], Any]) -> Any:
@@ -446,6 +464,8 @@ class GgufFile:
     def _read(self) -> gguf.GGUFReader:
         try:
             reader = open_reader(self.path)
+        except GaugefixError:
+            raise
         except (ValueError, OSError, KeyError, IndexError, AssertionError) as exc:
             first = str(exc).strip().split("\n", 1)[0]
             raise GaugefixError(f"{self.path}: not a readable GGUF file ({first})") from None
@@ -502,10 +522,21 @@ class GgufFile:
                                 f"{self.architecture!r}")
         n_layers = int(self.config.get("num_hidden_layers") or 0)
         table = gguf.get_tensor_name_map(arch, n_layers)
-        with torch.device("meta"):
-            module = AutoModelForCausalLM.from_config(AutoConfig.for_model(**self.config))
+        try:
+            with torch.device("meta"):
+                module = AutoModelForCausalLM.from_config(AutoConfig.for_model(**self.config))
+        except Exception as exc:  # transformers' checks raise any kind
+            # the last line says what (a validator's error wraps the ValueError below it)
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            said = lines[-1] if lines else type(exc).__name__
+            if len(lines) <= 1 and ":" not in said:
+                said = f"{type(exc).__name__}: {said}"
+            raise GaugefixError(f"{self.path}: its metadata does not describe a model "
+                                f"transformers can build for {self.architecture} ({said})"
+                                ) from None
+        params = module.state_dict(keep_vars=True)
         mapping: dict[str, str] = {}
-        for key in module.state_dict():
+        for key in params:
             name, _, suffix = self._processor.preprocess_name(key).rpartition(".")
             parts = name.split(".")
             for i in range(len(parts)):  # the name, then without its leading modules
@@ -524,7 +555,42 @@ class GgufFile:
             raise GaugefixError(f"{self.path}: {len(unmapped)} tensors have no Hugging Face "
                                 f"name under gguf-py's name table for {self.architecture} "
                                 f"({', '.join(unmapped[:4])}{' ...' if len(unmapped) > 4 else ''})")
+        self._check_against(params, out, mapping)
         return out
+
+    def _check_against(self, params: Mapping[str, Any], names: Mapping[str, str],
+                       mapping: Mapping[str, str]) -> None:
+        """The file's tensors against the module its metadata describes, every contradiction
+        in one error (as a checkpoint's config is checked against its shards): a tensor the
+        module needs and the file lacks (weights tied to a present one excepted), a shape
+        other than the module's, a type gaugefix cannot read as weights."""
+        held = {key: t for t in self.reader.tensors if (key := names.get(t.name))}
+        gguf_name = {key: name for name, key in mapping.items()}
+        groups: dict[int, list[str]] = {}
+        for key, p in params.items():
+            groups.setdefault(id(p), []).append(key)
+        missing = sorted(gguf_name.get(keys[0], keys[0]) for keys in groups.values()
+                         if not any(k in held for k in keys))
+        problems = []
+        if missing:
+            many = len(missing) > 1
+            problems.append(f"{len(missing)} tensor{'s' if many else ''} the metadata's model "
+                            f"needs {'are' if many else 'is'} missing ("
+                            f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})")
+        for key, t in held.items():
+            want = tuple(params[key].shape)
+            got = tuple(int(n) for n in reversed(t.shape))
+            if want != got:
+                problems.append(f"{t.name} has shape {list(got)} where the metadata's model has "
+                                f"{list(want)}")
+            if t.tensor_type.name not in LAYOUTS:
+                problems.append(f"{t.name} is {t.tensor_type.name}, not a float or quantised "
+                                f"type gaugefix reads as weights ({', '.join(LAYOUTS)})")
+            if len(problems) >= 6:
+                break
+        if problems:
+            raise GaugefixError(f"{self.path}: its metadata contradicts its tensors: "
+                                + "; ".join(problems))
 
     @cached_property
     def tensors(self) -> dict[str, Any]:

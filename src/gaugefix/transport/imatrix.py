@@ -32,12 +32,14 @@ def transport_imatrix(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
     import gguf
 
     from ..model import open_model
+    from ..quant.gguf_check import regular_file
     from ..quant.gguf_file import RECORD_KEY, copy_fields, is_gguf, open_reader
 
     src, dst = Path(src), Path(dst)
     if model is None:
         raise GaugefixError("imatrix: pass --model, the GGUF file the importance matrix was "
                             "computed for (its tensor names say which columns are residual)")
+    regular_file(src, "importance matrix")
     if not is_gguf(src):
         raise GaugefixError(f"imatrix: {src} is not a GGUF importance matrix (llama-imatrix "
                             "writes one with --output-format gguf, its default; a legacy .dat "
@@ -47,13 +49,23 @@ def transport_imatrix(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
         raise GaugefixError(f"imatrix: --model {model} is not a GGUF file; the matrix is keyed "
                             "by the GGUF tensor names of the model it was computed for")
     m.family.check_gauge(gauge, m.hidden_size)
-    reader = open_reader(src)
+    reader = open_reader(src, what="importance matrix")
     plan, names = m.plan, m.gguf.names
+    _check_kind(src, reader)
     unknown = [t.name for t in reader.tensors if t.name.endswith(IN_SUM2)
                and t.name.removesuffix(IN_SUM2) not in names]
     if unknown:
         raise GaugefixError(f"imatrix: {len(unknown)} entries name no tensor of {m.name} "
                             f"({', '.join(unknown[:4])}): computed for another model")
+    wrong = []
+    for t in reader.tensors:
+        if t.name.endswith(IN_SUM2):
+            columns = m.shapes[names[t.name.removesuffix(IN_SUM2)]][-1]
+            if int(t.shape[0]) != columns:
+                wrong.append(f"{t.name} has {int(t.shape[0])} columns, its tensor {columns}")
+    if wrong:
+        raise GaugefixError(f"imatrix: {src}: {len(wrong)} entries do not fit {m.name} "
+                            f"({'; '.join(wrong[:3])}): computed for another model")
     moved = 0
     with atomic_file(dst, overwrite=overwrite, inputs=(src,)) as tmp:
         arch = reader.fields.get("general.architecture")
@@ -76,3 +88,27 @@ def transport_imatrix(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
     return {"kind": "imatrix", "entries": sum(t.name.endswith(IN_SUM2)
                                              for t in reader.tensors),
             "moved": moved, "record": record}
+
+
+COUNTS = ".counts"
+
+
+def _check_kind(src: Path, reader: Any) -> None:
+    """Refuse a GGUF file that is not an importance matrix (a model file, a control vector):
+    llama-imatrix writes ``general.type = imatrix`` and only ``<tensor>.in_sum2`` /
+    ``<tensor>.counts`` pairs."""
+    import gguf
+
+    f = reader.fields.get(gguf.Keys.General.TYPE)
+    kind = str(f.contents()) if f is not None else None
+    other = [t.name for t in reader.tensors if not t.name.endswith((IN_SUM2, COUNTS))]
+    sums = [t for t in reader.tensors if t.name.endswith(IN_SUM2)]
+    if other or not sums or (kind is not None and kind != "imatrix"):
+        arch = reader.fields.get(gguf.Keys.General.ARCHITECTURE)
+        what = (f"general.type {kind!r}" if kind not in (None, "imatrix") else
+                f"{len(other)} tensors that are not .in_sum2/.counts entries "
+                f"({', '.join(other[:3])})" if other else "no .in_sum2 entries")
+        arch_text = f", architecture {arch.contents()!r}" if arch is not None else ""
+        raise GaugefixError(f"imatrix: {src} is not an importance matrix ({what}{arch_text}); "
+                            "llama-imatrix writes general.type 'imatrix' and <tensor>.in_sum2 "
+                            "/ <tensor>.counts pairs")

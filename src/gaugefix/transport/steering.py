@@ -122,7 +122,9 @@ def read_control_vector(path: str | Path) -> tuple[dict[int, np.ndarray], dict[s
 
     note_input(path)
     try:
-        reader = open_reader(path)
+        reader = open_reader(path, what="control vector")
+    except GaugefixError:
+        raise
     except (ValueError, OSError, IndexError, KeyError, EOFError, struct.error) as exc:
         raise GaugefixError(f"{path}: not a GGUF file ({exc})") from None
 
