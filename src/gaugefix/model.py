@@ -168,7 +168,20 @@ class Model:
         if not self.checkpoint.is_safetensors:
             raise GaugefixError(f"{self.name}: a quantised checkpoint is read from safetensors "
                                 "shards only")
-        return detect(self.config, list(self._stored_where))
+        return detect(self.config, {k: v[1] for k, v in self._stored_where.items()},
+                      self._stored_dtypes, self.stored_tensor)
+
+    def _stored_dtypes(self) -> dict[str, str]:
+        """Every stored tensor's safetensors dtype name (headers only)."""
+        from .io import open_safetensors
+
+        assert self.checkpoint is not None
+        out: dict[str, str] = {}
+        for shard in self.checkpoint.shards:
+            with open_safetensors(shard, "weight shard", framework="numpy") as f:
+                for k in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    out[k] = str(f.get_slice(k).get_dtype())
+        return out
 
     @property
     def hf_quant(self) -> HfQuant | None:

@@ -69,7 +69,7 @@ Decisions (the table :data:`CAPABILITIES` says the same, and the tests hold ``mo
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -290,14 +290,14 @@ def detect_scheme(config: Mapping[str, Any], tensor_names: Iterable[str] = ()
     names = list(tensor_names)
     if not qc:
         return None
+    if not isinstance(qc, Mapping):
+        raise GaugefixError(f"config.json's quantization_config is a {type(qc).__name__}; it "
+                            "must be an object (quant_method, bits, group_size, ...)")
     method = str(qc.get("quant_method", "")).lower()
     if method == "gptq":
-        bits = int(qc.get("bits", 4))
-        if bits not in (2, 4, 8):
-            raise _refuse("gptq", "quantization_config", f"{bits}-bit packing is not supported"
-                          " (2, 4 and 8 bits are)")
+        bits = _config_int(qc, "gptq", "bits", 4, allowed=(2, 4, 8))
         fmt = str(qc.get("checkpoint_format", "gptq")).lower()
-        group = int(qc.get("group_size", -1))
+        group = _config_int(qc, "gptq", "group_size", -1, lo=-1, hi=1 << 24, not_zero=True)
         return QuantScheme("gptq", bits, None if group <= 0 else group,
                            symmetric=bool(qc.get("sym", True)),
                            act_order=bool(qc.get("desc_act", False)),
@@ -307,13 +307,12 @@ def detect_scheme(config: Mapping[str, Any], tensor_names: Iterable[str] = ()
         if version != "gemm":
             raise _refuse("awq", "quantization_config", f"version {version!r} has another "
                           "packing; only the GEMM layout is supported")
-        bits = int(qc.get("bits", qc.get("w_bit", 4)))
-        if bits != 4:
-            raise _refuse("awq", "quantization_config", f"{bits}-bit AWQ is not supported")
+        bits = _config_int(qc, "awq", "bits" if "bits" in qc else "w_bit", 4, allowed=(4,))
         if not qc.get("zero_point", True):
             raise _refuse("awq", "quantization_config", "zero_point: false is not supported")
-        return QuantScheme("awq", bits, int(qc.get("group_size", qc.get("q_group_size", 128))),
-                           config=qc)
+        group = _config_int(qc, "awq", "group_size" if "group_size" in qc else "q_group_size",
+                            128, lo=1, hi=1 << 24)
+        return QuantScheme("awq", bits, group, config=qc)
     if method == "compressed-tensors":
         return _detect_ct(qc, names)
     if method == "fp8":
@@ -321,10 +320,154 @@ def detect_scheme(config: Mapping[str, Any], tensor_names: Iterable[str] = ()
         if not block:
             raise _refuse("fp8", "quantization_config", "per-tensor FP8 (no weight_block_size) "
                           "is not supported")
-        return QuantScheme("fp8-block", 8, block=(int(block[0]), int(block[1])),
+        return QuantScheme("fp8-block", 8, block=_block_size(block, "fp8", "weight_block_size"),
                            scale_role="weight_scale_inv", config=qc)
     raise GaugefixError(f"quantisation method {method or '(none)'!r} is not supported; "
                         f"supported: {', '.join(_SUPPORTED_METHODS)}")
+
+
+def _config_int(qc: Mapping[str, Any], fmt: str, key: str, default: int | None, *,
+                allowed: tuple[int, ...] | None = None, lo: int | None = None,
+                hi: int | None = None, not_zero: bool = False) -> int:
+    """``qc[key]`` as an int, or one error naming the field, its value and the rule (a
+    string, a bool, NaN, 1e400 and a fraction are not integers)."""
+    value = qc.get(key, default)
+    if value is None:
+        raise _refuse(fmt, "quantization_config", f"{key} is missing; it must be an integer")
+    ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer())
+    n = int(value) if ok else None
+    if n is not None and allowed is not None and n not in allowed:
+        raise _refuse(fmt, "quantization_config", f"{key} {value!r} is not supported "
+                      f"({', '.join(map(str, allowed))} are)")
+    if n is None or (lo is not None and n < lo) or (hi is not None and n > hi) or (
+            not_zero and n == 0):
+        rule = "an integer" + (f" from {lo} to {hi}" if lo is not None and hi is not None
+                               else "") + (", not 0" if not_zero else "")
+        raise _refuse(fmt, "quantization_config", f"{key} is {value!r}; it must be {rule}")
+    return n
+
+
+def _block_size(block: Any, fmt: str, key: str) -> tuple[int, int]:
+    """An FP8 tile: two positive integers."""
+    if not isinstance(block, list | tuple) or len(block) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 20 for v in block):
+        raise _refuse(fmt, "quantization_config", f"{key} is {block!r}; it must be two "
+                      "positive integers (rows, columns of a scale's tile)")
+    return int(block[0]), int(block[1])
+
+
+def check_group(scheme: QuantScheme, key: str, shapes: Mapping[str, tuple[int, ...]],
+                dtypes: Mapping[str, str]) -> list[str]:
+    """One quantised Linear's stored tensors (by role: shapes, safetensors dtype names)
+    against the layout's schema: dtypes, ranks and shapes that agree with each other and
+    with ``quantization_config`` (groups and tiles that divide the axes). Each problem is a
+    line naming the tensor and the rule (empty: the group holds)."""
+    problems: list[str] = []
+    ints, floats = ("I32", "I64"), ("F16", "BF16", "F32")
+    module = key.removesuffix(".weight")
+
+    def need(role: str, kinds: tuple[str, ...], shape: tuple[int | None, ...]) -> None:
+        if role not in shapes:
+            return
+        name = f"{module}.{scheme.roles[role]}"
+        got_shape, got = tuple(shapes[role]), dtypes.get(role)
+        if got is not None and got not in kinds:
+            problems.append(f"{name} is {got}; the {scheme.method} layout stores it as "
+                            f"{' or '.join(kinds)}")
+        elif len(got_shape) != len(shape) or any(
+                w is not None and g != w for g, w in zip(got_shape, shape, strict=False)):
+            want = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
+            problems.append(f"{name} has shape {list(got_shape)}; the layout and "
+                            f"quantization_config make it {want}")
+
+    def ceil(a: int, b: int) -> int:
+        return -(-a // b)
+
+    per = 32 // scheme.bits if scheme.bits <= 32 else 1
+    s = {r: tuple(v) for r, v in shapes.items()}
+    data = s.get(FORMATS[scheme.layout]["data"], ())
+    if len(data) != 2 or min(data) < 1:
+        return [f"{module}.{scheme.roles[FORMATS[scheme.layout]['data']]} has shape "
+                f"{list(data)}; the layout stores a non-empty matrix"]
+    group = scheme.group_size
+    if scheme.layout == "gptq":
+        n_out = data[1]
+        n_in = s["g_idx"][0] if len(s.get("g_idx", ())) == 1 else data[0] * per
+        n_groups = s["scales"][0] if "g_idx" in s and len(s.get("scales", ())) == 2 else \
+            ceil(n_in, group or n_in)
+        need("qweight", ("I32",), (ceil(n_in, per), n_out))
+        need("g_idx", ints, (n_in,))
+        need("scales", floats, (n_groups, n_out))
+        need("qzeros", ("I32",), (n_groups, ceil(n_out, per)))
+    elif scheme.layout == "awq":
+        n_in, n_out = data[0], data[1] * per
+        if group is not None and n_in % group:
+            problems.append(f"{module}: group_size {group} does not divide its {n_in} input "
+                            "columns (AWQ's groups are whole)")
+            return problems
+        n_groups = n_in // (group or n_in)
+        need("qweight", ("I32",), (n_in, n_out // per))
+        need("qzeros", ("I32",), (n_groups, n_out // per))
+        need("scales", floats, (n_groups, n_out))
+    elif scheme.layout == "ct-int":
+        n_out = data[0]
+        n_in = s["weight_g_idx"][0] if len(s.get("weight_g_idx", ())) == 1 else data[1] * per
+        n_groups = (s["weight_scale"][1] if "weight_g_idx" in s
+                    and len(s.get("weight_scale", ())) == 2 else 1 if group is None
+                    else None)
+        need("weight_packed", ("I32",), (n_out, None if "weight_g_idx" not in s
+                                         else ceil(n_in, per)))
+        need("weight_shape", ints, (2,))
+        need("weight_g_idx", ints, (n_in,))
+        need("weight_scale", floats, (n_out, n_groups))
+        need("weight_zero_point", ("I32",), (ceil(n_out, per), n_groups))
+    elif scheme.layout == "fp8-channel":
+        need("weight", ("F8_E4M3",), data)
+        need("weight_scale", floats, (data[0], 1))
+    elif scheme.layout == "fp8-block":
+        assert scheme.block is not None and scheme.scale_role is not None
+        need("weight", ("F8_E4M3",), data)
+        need(scheme.scale_role, floats, (ceil(data[0], scheme.block[0]),
+                                         ceil(data[1], scheme.block[1])))
+    return problems
+
+
+def check_values(scheme: QuantScheme, key: str, read: Callable[[str], torch.Tensor],
+                 roles: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]
+                 ) -> list[str]:
+    """The index tensors of one group (read with ``read(stored name)``: g_idx, weight_g_idx,
+    weight_shape; a few KB) against the layout: every column in a stored group, the grid
+    ``group_size`` makes where the kernels ignore g_idx (GPTQ without desc_act), a
+    weight_shape that the packed codes hold. Problems as lines (empty: they hold)."""
+    problems: list[str] = []
+    module = key.removesuffix(".weight")
+    if scheme.layout == "gptq" and "g_idx" in roles:
+        gidx = read(roles["g_idx"]).to(torch.int64)
+        n_groups = shapes[roles["scales"]][0]
+        try:
+            _check_gidx(scheme, gidx, gidx.shape[0], n_groups, f"{module}.g_idx")
+        except GaugefixError as exc:
+            return [str(exc).removeprefix(f"{scheme.method}: ")]
+        grid = _grid(gidx.shape[0], scheme.group_size)
+        if not scheme.act_order and not torch.equal(gidx, grid):
+            problems.append(f"{module}.g_idx is not the grid of group_size "
+                            f"{scheme.group_size or -1} and desc_act is false (the kernels "
+                            "then ignore g_idx, so the two must agree)")
+    if scheme.layout == "ct-int":
+        n_out, n_in = (int(v) for v in read(roles["weight_shape"]).tolist())
+        packed = shapes[roles["weight_packed"]]
+        if n_out != packed[0] or n_in <= 0 or -(-n_in * scheme.bits // 32) != packed[1]:
+            problems.append(f"{module}.weight_shape says [{n_out}, {n_in}], which its "
+                            f"weight_packed of shape {list(packed)} ({scheme.bits}-bit codes) "
+                            "cannot hold")
+        elif "weight_g_idx" in roles:
+            try:
+                _check_gidx(scheme, read(roles["weight_g_idx"]).to(torch.int64), n_in,
+                            shapes[roles["weight_scale"]][1], f"{module}.weight_g_idx")
+            except GaugefixError as exc:
+                problems.append(str(exc).removeprefix(f"{scheme.method}: "))
+    return problems
 
 
 def _detect_ct(qc: Mapping[str, Any], names: list[str]) -> QuantScheme:
@@ -337,8 +480,12 @@ def _detect_ct(qc: Mapping[str, Any], names: list[str]) -> QuantScheme:
         raise _refuse("compressed-tensors", "quantization_config", "config groups with "
                       "different weight schemes are not supported")
     w = schemes[0]
+    if not isinstance(w, Mapping):
+        raise _refuse("compressed-tensors", "quantization_config", "config_groups' weights "
+                      f"is a {type(w).__name__}, not an object")
     fmt = str(qc.get("format", ""))
-    wtype, bits, strategy = w.get("type", "int"), int(w.get("num_bits", 8)), w.get("strategy")
+    wtype, strategy = w.get("type", "int"), w.get("strategy")
+    bits = _config_int(w, "compressed-tensors", "num_bits", 8, lo=1, hi=32)
     if wtype == "int" and fmt == "pack-quantized" and bits in (2, 4, 8):
         if strategy not in ("channel", "group"):
             raise _refuse("compressed-tensors", "quantization_config", f"int strategy "
@@ -346,13 +493,15 @@ def _detect_ct(qc: Mapping[str, Any], names: list[str]) -> QuantScheme:
         act = w.get("actorder") in ("group", True) or any(n.endswith("weight_g_idx")
                                                           for n in names)
         return QuantScheme("ct-int", bits,
-                           int(w["group_size"]) if strategy == "group" else None,
+                           _config_int(w, "compressed-tensors", "group_size", None, lo=1,
+                                       hi=1 << 24) if strategy == "group" else None,
                            symmetric=bool(w.get("symmetric", True)), act_order=act, config=qc)
     if wtype == "float" and bits == 8 and strategy == "channel":
         return QuantScheme("fp8-channel", 8, symmetric=True, config=qc)
     if wtype == "float" and bits == 8 and strategy == "block":
         block = w.get("block_structure") or [128, 128]
-        return QuantScheme("fp8-block", 8, block=(int(block[0]), int(block[1])),
+        return QuantScheme("fp8-block", 8, block=_block_size(block, "compressed-tensors",
+                                                             "block_structure"),
                            scale_role="weight_scale", config=qc)
     raise _refuse("compressed-tensors", "quantization_config", f"{wtype} {bits}-bit "
                   f"{strategy} in format {fmt!r} is not supported (pack-quantized int "
@@ -486,6 +635,7 @@ def _decode(scheme: QuantScheme, t: dict[str, torch.Tensor]) -> _Codes:
         z = _unpack(t["qzeros"], b, 1, n_out).T + scheme.zero_offset
         gidx = (t["g_idx"].to(torch.int64) if "g_idx" in t
                 else _grid(n_in, scheme.group_size))
+        _check_gidx(scheme, gidx, n_in, t["scales"].shape[0], "g_idx")
         return _Codes(q, t["scales"].T, z, gidx, 0, mask)
     if scheme.layout == "awq":
         n_in, n_out = t["qweight"].shape[0], t["qweight"].shape[1] * (32 // b)
@@ -497,6 +647,11 @@ def _decode(scheme: QuantScheme, t: dict[str, torch.Tensor]) -> _Codes:
         return _Codes(q.T, t["scales"].T, z.T, _grid(n_in, scheme.group_size), 0, mask)
     if scheme.layout == "ct-int":
         n_out, n_in = (int(v) for v in t["weight_shape"].tolist())
+        packed = t["weight_packed"].shape
+        if n_out != packed[0] or not 0 < n_in <= packed[1] * (32 // b) or \
+                -(-n_in * b // 32) != packed[1]:
+            raise _refuse(scheme.method, "weight_shape", f"says [{n_out}, {n_in}], which its "
+                          f"weight_packed of shape {list(packed)} ({b}-bit codes) cannot hold")
         off = 1 << (b - 1)
         q = _unpack(t["weight_packed"], b, 1, n_in) - off
         s = t["weight_scale"]
@@ -505,8 +660,20 @@ def _decode(scheme: QuantScheme, t: dict[str, torch.Tensor]) -> _Codes:
             z = _unpack(t["weight_zero_point"], b, 0, n_out) - off
         gidx = (t["weight_g_idx"].to(torch.int64) if "weight_g_idx" in t
                 else _grid(n_in, scheme.group_size))
+        _check_gidx(scheme, gidx, n_in, s.shape[1], "weight_g_idx")
         return _Codes(q, s, z, gidx, -off, off - 1)
     raise AssertionError(scheme.layout)
+
+
+def _check_gidx(scheme: QuantScheme, gidx: torch.Tensor, n_in: int, n_groups: int,
+                role: str) -> None:
+    """A column -> group map: one entry per input column, each a stored group."""
+    if gidx.shape != (n_in,):
+        raise _refuse(scheme.method, role, f"has {gidx.shape[0] if gidx.ndim else 0} entries "
+                      f"for {n_in} input columns")
+    if n_in and (int(gidx.min()) < 0 or int(gidx.max()) >= n_groups):
+        raise _refuse(scheme.method, role, f"holds groups {int(gidx.min())}..{int(gidx.max())}"
+                      f"; its scales have {n_groups} (0..{n_groups - 1})")
 
 
 def _encode(scheme: QuantScheme, c: _Codes, t: dict[str, torch.Tensor], name: str

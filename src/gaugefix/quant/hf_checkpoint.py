@@ -18,7 +18,7 @@ unchanged) and does what apply, fingerprint and verify need on the stored tensor
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,9 +53,14 @@ class HfQuant:
         return {n: key for key, roles in self.groups.items() for n in roles.values()}
 
 
-def detect(config: Mapping[str, Any], names: list[str]) -> HfQuant | None:
+def detect(config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
+           dtypes: Callable[[], Mapping[str, str]] | None = None,
+           read: Callable[[str], torch.Tensor] | None = None) -> HfQuant | None:
     """The checkpoint's quantisation (None: no ``quantization_config``); an unsupported one
-    is refused in one line naming it."""
+    is refused in one line naming it, and so is a group whose stored tensors break the
+    layout's schema (:func:`.hf.check_group`: every problem of every group, in one error).
+    ``shapes``: every stored tensor's shape; ``dtypes``: their safetensors dtype names."""
+    names = list(shapes)
     scheme = hf.detect_scheme(config, names)
     if scheme is None:
         return None
@@ -63,7 +68,46 @@ def detect(config: Mapping[str, Any], names: list[str]) -> HfQuant | None:
     if not groups:
         raise GaugefixError(f"{scheme.method}: quantization_config names it but no tensor "
                             f"has its layout ({', '.join(scheme.roles.values())})")
+    kinds = dtypes() if dtypes is not None else {}
+    problems = _incomplete(scheme, names, groups, kinds)
+    for key, roles in groups.items():
+        problems += hf.check_group(scheme, key, {r: shapes[n] for r, n in roles.items()},
+                                   {r: kinds[n] for r, n in roles.items() if n in kinds})
+    if not problems and read is not None:
+        for key, roles in groups.items():
+            problems += hf.check_values(scheme, key, read, roles, shapes)
+    if problems:
+        more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+        raise GaugefixError(f"{scheme.method}: the stored tensors break the layout: "
+                            + "; ".join(problems[:4]) + more)
     return HfQuant(scheme, groups)
+
+
+def _incomplete(scheme: hf.QuantScheme, names: list[str], groups: Mapping[str, Any],
+                kinds: Mapping[str, str]) -> list[str]:
+    """Modules that hold some of the layout's tensors but not all it needs (a scale gone):
+    their data would be read as a float weight. For FP8, whose data role is a plain
+    ``weight``, a float8 weight without its scale."""
+    roles = scheme.roles
+    data = str(hf.FORMATS[scheme.layout]["data"])
+    required = [r for r in roles if r not in hf.FORMATS[scheme.layout]["optional"]]
+    found: dict[str, set[str]] = {}
+    for name in names:
+        module, _, suffix = name.rpartition(".")
+        role = next((r for r, sfx in roles.items() if sfx == suffix), None)
+        if role is not None:
+            found.setdefault(module, set()).add(role)
+    out = []
+    for module, have in sorted(found.items()):
+        if f"{module}.weight" in groups:
+            continue
+        if have == {data} and roles[data] == "weight" and not kinds.get(
+                f"{module}.weight", "").startswith("F8"):
+            continue  # a float Linear beside FP8 ones
+        lacking = [roles[r] for r in required if r not in have]
+        out.append(f"{module} lacks {', '.join(lacking)} (it holds "
+                   f"{', '.join(sorted(roles[r] for r in have))})")
+    return out
 
 
 def group_of(model: Model, key: str) -> dict[str, torch.Tensor]:
