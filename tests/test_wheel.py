@@ -91,3 +91,94 @@ def test_installed_wheel_runs_inspect_apply_verify(wheel, tmp_path, tiny_ckpt):
                          env=env, cwd=home)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and bad.stderr.count(
         "\n") == 1
+
+
+def _installed_requirements() -> set[str]:
+    """The distributions gaugefix's own dependencies need, transitively (no extras): what a
+    plain ``pip install gaugefix`` brings, found in the test environment."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    todo = [Requirement(r) for r in md.requires("gaugefix") or ()]
+    seen: set[str] = set()
+    while todo:
+        req = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        name = canonicalize_name(req.name)
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            todo += [Requirement(r) for r in md.requires(req.name) or ()]
+        except md.PackageNotFoundError:
+            pytest.fail(f"{req.name}, a dependency of gaugefix, is not installed here")
+    return seen
+
+
+def _plain_site(root: Path) -> Path:
+    """A folder that holds (as links) only the test environment's distributions that a plain
+    install of gaugefix brings: not accelerate, PEFT, SAELens or anything else of the test
+    extra, unless gaugefix itself depends on it."""
+    import importlib.metadata as md
+
+    from packaging.utils import canonicalize_name
+
+    wanted = _installed_requirements()
+    site = root / "plain-site"
+    site.mkdir()
+    for dist in md.distributions():
+        if canonicalize_name(dist.metadata["Name"]) not in wanted:
+            continue
+        for f in dist.files or ():
+            top = Path(f).parts[0]
+            if top in ("..", "bin") or top.endswith(".pth"):
+                continue
+            src = Path(dist.locate_file(top))
+            if src.exists() and not (site / top).exists():
+                (site / top).symlink_to(src)
+    return site
+
+
+def test_a_plain_install_runs_verify_and_match_on_a_gguf_file(wheel, tmp_path):
+    """Every README command runs after ``pip install gaugefix`` alone: a fresh environment
+    with the wheel and only the distributions its own dependencies bring (nothing of the test
+    extra: transformers loads a GGUF file only with accelerate, which must be gaugefix's own
+    dependency) runs inspect, apply, verify and match on a GGUF file."""
+    from gaugefix.testing import write_tiny_gguf
+
+    env_dir = tmp_path / "env"
+    _run(sys.executable, "-m", "venv", env_dir, cwd=tmp_path)
+    py = env_dir / "bin" / "python"
+    _run(py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel, cwd=tmp_path)
+    site = Path(subprocess.check_output(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+    ).strip())
+    (site / "zz_dependencies.pth").write_text(str(_plain_site(tmp_path)) + "\n")
+    home = tmp_path / "elsewhere"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(HF_HUB_OFFLINE="1", COLUMNS="200")
+    for extra in ("peft", "sae_lens", "pytest"):
+        probe = subprocess.run([py, "-c", f"import {extra}"], capture_output=True, text=True,
+                               env=env, cwd=home)
+        assert probe.returncode != 0, f"the plain environment must not see {extra}"
+    from gaugefix.tiny import build_tiny
+
+    model = build_tiny("llama", seed=0, hidden_size=64, vocab_size=96, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    src = write_tiny_gguf(home / "m.gguf", model)
+    exe = env_dir / "bin" / "gaugefix"
+    _run(exe, "inspect", src, cwd=home, env=env)
+    _run(exe, "apply", src, home / "moved.gguf", "--random", 2, "--gauge-out",
+         home / "g.json", cwd=home, env=env)
+    verified = json.loads(_run(exe, "verify", src, home / "moved.gguf", "--gauge",
+                               home / "g.json", "--json", cwd=home, env=env).stdout)
+    assert verified["passed"], verified
+    _run(exe, "match", src, home / "moved.gguf", "--source", "weights", "-o",
+         home / "est.json", cwd=home, env=env)
+    compared = json.loads(_run(exe, "compare", home / "est.json", home / "g.json", "--json",
+                               cwd=home, env=env).stdout)
+    assert compared["full_accuracy"] == 1.0, compared
