@@ -328,3 +328,46 @@ def test_a_signal_right_after_a_temporary_is_made_leaves_nothing(tmp_path, monke
         pass
     monkeypatch.undo()
     assert made and _temporaries(tmp_path) == [] and not (tmp_path / "out").exists()
+
+
+LATE = """
+import atexit, contextlib, os, signal, sys
+import gaugefix.cli as cli
+where, signame, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+sig = getattr(signal, signame)
+if where == "after-handlers":  # the moment the command's own handlers are put back
+    unwind = cli._signals_unwind
+
+    @contextlib.contextmanager
+    def landing():
+        with unwind():
+            yield
+        os.kill(os.getpid(), sig)
+
+    cli._signals_unwind = landing
+else:  # in the interpreter's shutdown, after click's sys.exit
+    atexit.register(lambda: (os.kill(os.getpid(), sig), [None for _ in range(10**5)]))
+sys.argv = ["gaugefix", *argv]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("where", ["after-handlers", "at-exit"])
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_after_the_outputs_are_published_says_so_every_time(tmp_path, tiny_ckpt,
+                                                                     where, signame):
+    """A signal that lands after the command finished (its handlers put back, or Python
+    already exiting) gets the same line and status as one that lands while the outputs are
+    published: never a KeyboardInterrupt traceback and exit 0. Delivered deterministically
+    at each of those two moments."""
+    src = tiny_ckpt("llama")
+    out = tmp_path / "B"
+    res = subprocess.run([sys.executable, "-c", LATE, where, signame, "apply", str(src),
+                          str(out), "--random", "1"], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "COLUMNS": "200"})
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    num = getattr(signal, signame)
+    assert res.returncode == 128 + num, (res.returncode, res.stderr)
+    assert lines == [f"error: interrupted by {signame} after the outputs were written; they "
+                     f"are complete: {out}"], res.stderr
+    assert (out / "model.safetensors").exists() and _temporaries(tmp_path) == []

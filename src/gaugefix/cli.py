@@ -164,7 +164,29 @@ def _signals_unwind() -> Iterator[None]:
         yield
     finally:
         for n, h in old.items():
-            signal.signal(n, h)
+            # as the console script, the process ends with this command: a signal from here
+            # on (Python's own exit included) says what the command left, and exits
+            signal.signal(n, _late_signal if _process["console"] else h)
+
+
+# the console script's process: set by :func:`main`; what the last command left
+_process: dict[str, Any] = {"console": False, "published": False, "named": [], "writes": False}
+
+
+def _late_signal(signum: int, frame: Any) -> None:
+    """A signal after the command's handlers are gone (it finished, or it is exiting): the
+    line the command's own handler would print, from what the disk holds, and 128+signum,
+    every time (a KeyboardInterrupt here would surface wherever Python happens to be: in
+    click's exit, or in the interpreter's shutdown, where it prints a traceback and exits
+    0)."""
+    for n in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)):
+        signal.signal(n, signal.SIG_IGN)
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    _interrupted_line(signum, _process["published"], _process["named"], _process["writes"])
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 @contextlib.contextmanager
@@ -255,6 +277,7 @@ def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any
                 except typer.Exit as exc:  # the command's own verdict
                     code = exc.exit_code
             published = bool(outputs)
+            _process.update(published=published, named=list(named), writes=bool(outputs))
             if is_main_rank():
                 for line in _after_commit.get():
                     (err if _json_printed.get() else out).print(line)
@@ -950,6 +973,7 @@ def demo(
 
 
 def main() -> None:
+    _process["console"] = True
     try:
         app()
     except KeyboardInterrupt:  # before a command's own handler was installed
