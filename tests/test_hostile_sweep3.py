@@ -420,3 +420,33 @@ def test_every_layout_the_formats_write_holds_its_schema(qbase):
     for fmt, path in qbase.items():
         m = open_model(path).check()
         assert m.hf_quant is not None and m.hf_quant.groups, fmt
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_merge_reads_a_quantised_input_through_the_model_handle(qbase, tmp_path, fmt):
+    """A merge with a GPTQ or AWQ input never goes through transformers' quantised loading
+    (which needs optimum or autoawq, and refused GPTQ here): every tensor is read dequantised
+    from the handle and the float module is built from the config alone. A with an exactly
+    re-gauged copy of itself, aligned, is A's dequantised weights, and transformers loads
+    the merged float checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from gaugefix import jobs
+    from gaugefix.model import open_model
+
+    from .test_quant_hf_checkpoint import EXACT
+
+    src = qbase[fmt]
+    g = EXACT[fmt]()
+    jobs.apply(src, tmp_path / "b", g)
+    out = tmp_path / "merged"
+    res = jobs.merge(src, tmp_path / "b", out, g, weight=0.5)
+    assert res["dequantised"] and res["aligned"]
+    a = open_model(src)
+    merged = load_file(out / "model.safetensors")
+    for key in a.plan:
+        assert torch.equal(merged[key], a.tensor(key).float()), key
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert torch.equal(loaded.state_dict()[key], a.tensor(key).float())

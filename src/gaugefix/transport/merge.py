@@ -182,7 +182,7 @@ def _merge_dequantised(models: list[Model], gauge: SignedPerm | None, out: str |
                             f"{', '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}")
     back = gauge.inverse() if gauge is not None else None
     inputs = [x.path for x in (a, b, base_m) if x is not None and x.path is not None]
-    module = a.load("float32")
+    module = _float_module(a)
     params = module.state_dict()
     merged: dict[str, torch.Tensor] = {}
     for key in tqdm(sorted(a.plan), desc="merging", unit="tensor", disable=no_bar(progress)):
@@ -199,7 +199,7 @@ def _merge_dequantised(models: list[Model], gauge: SignedPerm | None, out: str |
         result = method.combine(*flat[:2], weight, flat[2], **extra).reshape(ta.shape)
         if not torch.isfinite(result).all():
             raise GaugefixError(f"merge overflows in {key}: nothing written")
-        merged[key] = result.to(params[key].dtype if key in params else torch.float32)
+        merged[key] = result.to(torch.float32)
     missing = sorted(set(params) - set(merged) - {"lm_head.weight"})
     if missing:
         raise GaugefixError(f"cannot merge: {a.name}'s module has tensors its file lacks "
@@ -207,15 +207,28 @@ def _merge_dequantised(models: list[Model], gauge: SignedPerm | None, out: str |
     with transaction(inputs), atomic_dir(out, overwrite=overwrite) as tmp:
         if export_aligned is not None and back is not None:
             gauge_checkpoint(b, export_aligned, back, overwrite=overwrite, progress=progress)
-        import copy
-
-        target = copy.deepcopy(module)  # A's loaded module stays A's
-        target.load_state_dict(merged, strict=False)
-        if getattr(target.config, "quantization_config", None) is not None:
-            del target.config.quantization_config
-        target.save_pretrained(tmp)
+        module.load_state_dict(merged, strict=False)
+        module.tie_weights()
+        module.save_pretrained(tmp)
     return {"tensors": len(merged), "method": method.name, "weight": weight,
             "aligned": gauge is not None, "dequantised": True}
+
+
+def _float_module(a: Model) -> torch.nn.Module:
+    """The float32 module A's config describes, built by transformers from the config alone
+    (its quantisation dropped): the merge fills every tensor, and a quantised A is never
+    loaded through transformers' quantised loading (which needs the format's kernel library:
+    optimum for GPTQ, autoawq for AWQ, a GPU for some)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {k: v for k, v in a.config.items() if k != "quantization_config"}
+    try:
+        config = AutoConfig.for_model(**cfg)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    except (ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().split("\n", 1)[0]
+        raise GaugefixError(f"{a.name}: transformers cannot build the model its config "
+                            f"describes ({first})") from None
 
 
 def _on_disk(m: Model) -> Checkpoint:
