@@ -234,11 +234,12 @@ def test_a_fifo_or_a_device_named_gguf_is_never_opened(world, cli):
     fifo = world / "pipe.gguf"
     os.mkfifo(fifo)
     (world / "zero.gguf").symlink_to("/dev/zero")
-    refused(cli, world, ["inspect", fifo], str(fifo), "is a FIFO, not a regular file")
-    refused(cli, world, ["inspect", world / "zero.gguf"], "is a device, not a regular file")
+    refused(cli, world, ["inspect", fifo], str(fifo), "not a regular file (a FIFO)")
+    refused(cli, world, ["inspect", world / "zero.gguf"], "not a regular file (a character "
+            "device)")
     refused(cli, world, ["transport", "imatrix", fifo, "--model", world / "t.gguf",
                          "--gauge", world / "id.json", "-o", world / "o.gguf"],
-            str(fifo), "is a FIFO")
+            str(fifo), "not a regular file (a FIFO); expected a GGUF importance matrix")
 
 
 def test_transport_imatrix_refuses_a_model_file_and_a_truncated_matrix(world, cli):

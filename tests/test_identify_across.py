@@ -228,8 +228,33 @@ def test_against_refuses_what_is_not_a_record(base, tmp_path, cli):
     res = cli("identify", a, "--against", folder, ok=False)
     assert res.exit_code == 2
     line = res.stderr.strip()
-    assert line.count("\n") == 0 and "2 of the files" in line
+    assert line.count("\n") == 0 and "2 entries are not fingerprint records" in line
     assert "weights.safetensors" in line and "junk.safetensors" in line
+    # what the third sweep found skipped silently: every entry must be a regular record
+    import os
+
+    (folder / "weights.safetensors").unlink()
+    (folder / "junk.safetensors").unlink()
+    (folder / "README.txt").write_text("records of the zoo")
+    (folder / "gone.safetensors").symlink_to(folder / "nowhere.safetensors")
+    (folder / "loop.safetensors").symlink_to(folder / "loop.safetensors")
+    (folder / "zero.safetensors").symlink_to("/dev/zero")
+    os.mkfifo(folder / "pipe.safetensors")
+    (folder / "sub").mkdir()
+    res = cli("identify", a, "--against", folder, ok=False)
+    line = res.stderr.strip()
+    assert res.exit_code == 2 and line.count("\n") == 0, res.stderr
+    assert "6 entries are not fingerprint records" in line
+    for name in ("README.txt", "gone.safetensors", "loop.safetensors", "zero.safetensors",
+                 "pipe.safetensors", "sub"):
+        assert name in line, name
+    assert "a FIFO" in line and "a character device" in line
+    for name in ("README.txt", "gone.safetensors", "loop.safetensors", "zero.safetensors",
+                 "pipe.safetensors"):
+        (folder / name).unlink()
+    (folder / "sub").rmdir()
+    res = cli("identify", a, "--against", folder, "--json")
+    assert res.exit_code == 0
     res = cli("identify", a, a, "--against", folder, ok=False)
     assert res.exit_code == 2 and "either MODEL_B or --against" in res.stderr
     res = cli("fingerprint", a, "--record", folder / "a.safetensors", ok=False)
@@ -247,3 +272,36 @@ def test_a_position_table_as_long_as_the_vocabulary_is_not_taken_for_tokens():
     ids = [int(k[1:]) for k in sk.keys]  # keyed by id: no tokenizer
     wte = module.transformer.wte.weight.detach()
     assert np.array_equal(sk.tokens["embed"], wte[ids].numpy())
+
+
+def test_against_reads_one_record_at_a_time(base, tmp_path, monkeypatch):
+    """Memory does not grow with the folder: when each record is read, no record read before
+    it is still alive (the folder's entries are checked from their headers first)."""
+    import gc
+    import shutil
+    import weakref
+
+    from gaugefix import jobs
+    from gaugefix.sketch import Sketch
+
+    a, _ = base
+    folder = tmp_path / "many"
+    folder.mkdir()
+    jobs.fingerprint(a, record=folder / "r0.safetensors")
+    for i in range(1, 6):
+        shutil.copy(folder / "r0.safetensors", folder / f"r{i}.safetensors")
+    alive: list[weakref.ref] = []
+    most = []
+    load = Sketch.load.__func__
+
+    def counted(cls, path):
+        gc.collect()
+        most.append(sum(r() is not None for r in alive))
+        out = load(cls, path)
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(Sketch, "load", classmethod(counted))
+    found = jobs.identify_against(a, folder)
+    assert len(found) == 6 and all(r.identity.verdict == "same" for r in found)
+    assert len(most) == 6 and max(most) == 0, most

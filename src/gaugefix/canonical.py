@@ -569,11 +569,30 @@ class AgainstOne:
 
 
 def record_files(folder: str | Path) -> list[Path]:
-    """The fingerprint records of ``folder`` (its ``*.safetensors`` files), or one error."""
+    """The fingerprint records of ``folder``, or one error naming every entry that is not
+    one: each entry must be a regular ``*.safetensors`` file (after links) whose header says
+    it is a record (a README, a dangling or looping link, a FIFO, a link to a device, a
+    subfolder: refused, never skipped silently and never opened if not a regular file).
+    Only headers are read here: the records themselves are read one at a time."""
+    from .sketch import Sketch
+
     p = Path(folder)
     if not p.is_dir():
         raise GaugefixError(f"--against {p}: not a directory of fingerprint records")
-    files = sorted(f for f in p.iterdir() if f.suffix == ".safetensors" and f.is_file())
+    files, bad = [], []
+    for f in sorted(p.iterdir()):
+        try:
+            if f.suffix != ".safetensors":
+                kind = "a folder" if f.is_dir() else "an entry"
+                raise GaugefixError(f"{f}: {kind} that is not a *.safetensors fingerprint "
+                                    "record")
+            Sketch.check_record(f)
+            files.append(f)
+        except GaugefixError as exc:
+            bad.append(str(exc))
+    if bad:
+        raise GaugefixError(f"--against {p}: {len(bad)} entries are not fingerprint records "
+                            f"({'; '.join(bad[:6])}{' ...' if len(bad) > 6 else ''})")
     if not files:
         raise GaugefixError(f"--against {p}: no *.safetensors fingerprint records in it "
                             "(write them with `gaugefix fingerprint MODEL --record FILE`)")
@@ -584,28 +603,22 @@ def identify_against(suspect: ModelLike, folder: str | Path, *, alpha: float = D
                      ) -> list[AgainstOne]:
     """The suspect against every fingerprint record of ``folder``: ``same`` where its
     fingerprint is the record's, else the test of :func:`gaugefix.sketch.relate_sketches`
-    on the suspect's sketch and the record's. Every record is read before any test runs:
-    a folder with files that are not records is one error naming them all."""
+    on the suspect's sketch and the record's. Every entry of the folder is checked before
+    any test runs (:func:`record_files`: one error naming all that are not records); the
+    records are then read one at a time, so memory does not grow with the folder."""
     import time
 
     from .sketch import Sketch, relate_sketches
 
     alpha = _check_alpha(alpha)
-    records, bad = [], []
-    for f in record_files(folder):
-        try:
-            records.append((f, Sketch.load(f)))
-        except GaugefixError as exc:
-            bad.append(str(exc))
-    if bad:
-        raise GaugefixError(f"{len(bad)} of the files in {folder} are not fingerprint "
-                            f"records: {'; '.join(bad)}")
+    paths = record_files(folder)
     m = open_model(suspect).check()
     fp = fingerprint(m, discrete_only=True)
     mine = Sketch.of(m)
     out = []
-    for path, ref in records:
+    for path in paths:
         t0 = time.perf_counter()
+        ref = Sketch.load(path)
         if ref.sha256 == fp.sha256 and ref.chart_gauge is not None:
             ident = Identity("same", "the suspect's fingerprint is the record's: every tensor "
                              "is bit-identical in the canonical chart", ref.chart_gauge.then(
@@ -616,6 +629,7 @@ def identify_against(suspect: ModelLike, folder: str | Path, *, alpha: float = D
                 else f"{ref.family} d={ref.hidden_size} and {mine.family} d={mine.hidden_size}"
             ident = verdict_across(rel, why, alpha, {"differ": differ} if differ else {})
         out.append(AgainstOne(ref.name, path, ident, time.perf_counter() - t0))
+        del ref  # one record in memory at a time
     order = {"same": 0, "derived": 1, "unrelated": 2}
     out.sort(key=lambda r: (order[r.identity.verdict],
                             r.identity.evidence.get("log10_p_value", 0.0), r.reference))

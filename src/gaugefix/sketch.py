@@ -160,15 +160,17 @@ class Sketch:
                 "chart_gauge": None if self.chart_gauge is None else self.chart_gauge.to_json()}
         save_file(tensors, str(path), metadata={"gaugefix": json.dumps(meta)})
 
-    @classmethod
-    def load(cls, path: Path) -> Sketch:
-        """A record written by :meth:`save` (any other file: one error line naming it)."""
-        from .io import load_safetensors
+    @staticmethod
+    def check_record(path: Path) -> dict[str, Any]:
+        """The record metadata of ``path``, from its header alone (a regular file, a
+        safetensors header, gaugefix's record kind and version; else one error line)."""
+        from .io import open_safetensors
 
-        tensors, metadata = load_safetensors(path, "fingerprint record")
+        with open_safetensors(path, "fingerprint record", framework="numpy") as f:
+            metadata = dict(f.metadata() or {})
         try:
             meta = json.loads(metadata["gaugefix"])
-            if meta.get("kind") != RECORD_KIND:
+            if not isinstance(meta, dict) or meta.get("kind") != RECORD_KIND:
                 raise KeyError("kind")
         except (KeyError, json.JSONDecodeError, TypeError):
             raise GaugefixError(f"{path}: not a gaugefix fingerprint record (no "
@@ -177,6 +179,15 @@ class Sketch:
         if meta.get("version") != RECORD_VERSION:
             raise GaugefixError(f"{path}: fingerprint record version {meta.get('version')!r}; "
                                 f"this gaugefix reads version {RECORD_VERSION}")
+        return meta
+
+    @classmethod
+    def load(cls, path: Path) -> Sketch:
+        """A record written by :meth:`save` (any other file: one error line naming it)."""
+        from .io import load_safetensors
+
+        meta = cls.check_record(path)
+        tensors, _ = load_safetensors(path, "fingerprint record")
         try:
             return cls._from_parts(path, meta, tensors)
         except (KeyError, TypeError, ValueError) as exc:

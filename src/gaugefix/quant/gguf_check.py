@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import stat
 import struct
 from pathlib import Path
 
@@ -45,18 +44,11 @@ _MAX_PROBLEMS = 6
 
 def regular_file(path: Path, what: str = "GGUF file") -> None:
     """Refuse anything but a regular file (following links) before it is opened: opening a
-    FIFO blocks until a writer comes, a device never ends."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise GaugefixError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a directory"
-                if stat.S_ISDIR(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
-                or stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
-                else "not a regular file")
-        raise GaugefixError(f"{path} is {kind}, not a regular file: the {what} is read from "
-                            "regular files only")
+    FIFO blocks until a writer comes, a device never ends (:func:`gaugefix.io.check_regular`,
+    which only stats)."""
+    from ..io import check_regular
+
+    check_regular(path, what)
 
 
 class _Walk:

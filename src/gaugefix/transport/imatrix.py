@@ -39,7 +39,7 @@ def transport_imatrix(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
     if model is None:
         raise GaugefixError("imatrix: pass --model, the GGUF file the importance matrix was "
                             "computed for (its tensor names say which columns are residual)")
-    regular_file(src, "importance matrix")
+    regular_file(src, "GGUF importance matrix")
     if not is_gguf(src):
         raise GaugefixError(f"imatrix: {src} is not a GGUF importance matrix (llama-imatrix "
                             "writes one with --output-format gguf, its default; a legacy .dat "
@@ -49,7 +49,7 @@ def transport_imatrix(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
         raise GaugefixError(f"imatrix: --model {model} is not a GGUF file; the matrix is keyed "
                             "by the GGUF tensor names of the model it was computed for")
     m.family.check_gauge(gauge, m.hidden_size)
-    reader = open_reader(src, what="importance matrix")
+    reader = open_reader(src, what="GGUF importance matrix")
     plan, names = m.plan, m.gguf.names
     _check_kind(src, reader)
     unknown = [t.name for t in reader.tensors if t.name.endswith(IN_SUM2)
