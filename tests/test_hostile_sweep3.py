@@ -451,3 +451,16 @@ def test_merge_reads_a_quantised_input_through_the_model_handle(qbase, tmp_path,
     loaded = AutoModelForCausalLM.from_pretrained(out)
     key = "model.layers.1.mlp.down_proj.weight"
     assert torch.equal(loaded.state_dict()[key], a.tensor(key).float())
+
+
+def test_a_weight_file_that_is_a_looping_link_is_one_error(tmp_path, tiny, cli):
+    """Path.resolve raises RuntimeError on a link loop (the overlap check of the outputs used
+    it): canonicalize printed a traceback. Now every command says what the file is."""
+    src = tmp_path / "loop"
+    shutil.copytree(tiny[1], src)
+    (src / "model.safetensors").unlink()
+    (src / "model.safetensors").symlink_to("model.safetensors")
+    for args in (["canonicalize", src, tmp_path / "c"], ["apply", src, tmp_path / "o",
+                                                          "--random", "1"], ["inspect", src]):
+        refused(cli, tmp_path, args, "model.safetensors: cannot be read (Too many levels of "
+                "symbolic links)")

@@ -5,6 +5,7 @@ Only safetensors and ``weights_only`` torch files are read; nothing is unpickled
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -174,6 +175,11 @@ def _weight_files(path: Path) -> tuple[list[Path], Path | None]:
     for single in (SAFE_SINGLE, BIN_SINGLE):
         if (path / single).is_file():
             return [path / single], None
+    for name in (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX):
+        if os.path.lexists(path / name):  # there, but not a file: say what it is
+            from .io import check_regular
+
+            check_regular(path / name, "weight file")
     raise GaugefixError(
         f"{path}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} "
         f"or {BIN_INDEX})"

@@ -106,8 +106,9 @@ def recover_stale(path: Path) -> None:
 
 # ---------------------------------------------------------------------------- overlap
 def _relation(out: Path, inp: Path) -> str | None:
-    """How ``out`` overlaps ``inp`` ('is', 'lies inside', 'contains'), or None."""
-    ro, ri = out.resolve(), inp.resolve()
+    """How ``out`` overlaps ``inp`` ('is', 'lies inside', 'contains'), or None. (realpath:
+    a link that loops stays as it is; ``Path.resolve`` raises RuntimeError on it.)"""
+    ro, ri = Path(os.path.realpath(out)), Path(os.path.realpath(inp))
     if ro == ri:
         return "is"
     if ri in ro.parents:
