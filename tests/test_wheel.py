@@ -146,7 +146,8 @@ def test_a_plain_install_runs_verify_and_match_on_a_gguf_file(wheel, tmp_path):
     """Every README command runs after ``pip install gaugefix`` alone: a fresh environment
     with the wheel and only the distributions its own dependencies bring (nothing of the test
     extra: transformers loads a GGUF file only with accelerate, which must be gaugefix's own
-    dependency) runs inspect, apply, verify and match on a GGUF file."""
+    dependency) runs inspect, apply, verify, match, identify, fingerprint and canonicalize
+    on a GGUF file."""
     from gaugefix.testing import write_tiny_gguf
 
     env_dir = tmp_path / "env"
@@ -182,3 +183,11 @@ def test_a_plain_install_runs_verify_and_match_on_a_gguf_file(wheel, tmp_path):
     compared = json.loads(_run(exe, "compare", home / "est.json", home / "g.json", "--json",
                                cwd=home, env=env).stdout)
     assert compared["full_accuracy"] == 1.0, compared
+    same = json.loads(_run(exe, "identify", src, home / "moved.gguf", "--json", cwd=home,
+                           env=env).stdout)
+    assert same["verdict"] == "same", same
+    prints = {json.loads(_run(exe, "fingerprint", m, "--json", cwd=home, env=env).stdout)[
+        "fingerprint"] for m in (src, home / "moved.gguf")}
+    assert len(prints) == 1
+    _run(exe, "canonicalize", src, home / "canonical.gguf", cwd=home, env=env)
+    assert (home / "canonical.gguf").stat().st_size > 0
