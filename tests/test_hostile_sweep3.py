@@ -464,3 +464,24 @@ def test_a_weight_file_that_is_a_looping_link_is_one_error(tmp_path, tiny, cli):
                                                           "--random", "1"], ["inspect", src]):
         refused(cli, tmp_path, args, "model.safetensors: cannot be read (Too many levels of "
                 "symbolic links)")
+
+
+def test_transport_prints_counts_and_apply_help_names_gguf(world, cli):
+    """One summary line (the gauge and its record are in the output file, not on stdout);
+    apply's help says a model and its output may be GGUF files."""
+    im = world / "im.gguf"
+    w = gguf.GGUFWriter(im, "imatrix")
+    w.add_type("imatrix")
+    w.add_tensor("blk.0.attn_q.weight.in_sum2", np.ones((1, D), np.float32))
+    w.add_tensor("blk.0.attn_q.weight.counts", np.ones((1, 1), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    SignedPerm.random(D, seed=2).save(world / "g.json")
+    res = cli("transport", "imatrix", im, "--model", world / "t.gguf", "--gauge",
+              world / "g.json", "-o", world / "moved.gguf")
+    lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "entries 1, moved 1" in lines[0] and "perm" not in lines[0]
+    text = " ".join(cli("apply", "--help").stdout.split())
+    assert "GGUF file" in text and ".gguf file" in text

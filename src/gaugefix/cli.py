@@ -473,8 +473,10 @@ def identify(
 # ---------------------------------------------------------------------------- apply
 @command(inputs=("model", "gauge"), outputs=("output", "gauge_out"))
 def apply(
-    model: Annotated[str, typer.Argument(help="checkpoint directory (chart A) or hub id")],
-    output: Annotated[Path, typer.Argument(help="output directory (chart B)")],
+    model: Annotated[str, typer.Argument(help="model in chart A: a checkpoint directory, a "
+                                         "GGUF file or a hub id")],
+    output: Annotated[Path, typer.Argument(help="where the model in chart B goes: a directory, "
+                                           "or a .gguf file for a GGUF model")],
     gauge: Annotated[Path | None, typer.Option(help="gauge file to apply")] = None,
     random: Annotated[int | None, typer.Option("--random", callback=_range(0, MAX_SEED),
                       help="apply a random gauge drawn with this seed (B_d for RMSNorm, "
@@ -862,7 +864,9 @@ def transport(
     info = jobs.transport(kind, source, output, [None if g == "-" else g for g in gauge],
                           inverse=inverse, checkpoint=checkpoint, overwrite=overwrite,
                           **options)
-    detail = ", ".join(f"{k} {v}" for k, v in info.items())
+    # the counts; a record or a list (a whole gauge) is in the output file, not on one line
+    detail = ", ".join(f"{k} {v}" for k, v in info.items() if not isinstance(
+        v, dict | list | tuple))
     written(f"{kind}: {detail} → {output} ({'B → A' if inverse else 'A → B'})")
 
 
