@@ -484,4 +484,4 @@ def test_transport_prints_counts_and_apply_help_names_gguf(world, cli):
     lines = [ln for ln in res.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1 and "entries 1, moved 1" in lines[0] and "perm" not in lines[0]
     text = " ".join(cli("apply", "--help").stdout.split())
-    assert "GGUF file" in text and ".gguf file" in text
+    assert "GGUF" in text and ".gguf" in text
