@@ -242,33 +242,31 @@ def test_a_fifo_or_a_device_named_gguf_is_never_opened(world, cli):
             str(fifo), "not a regular file (a FIFO); expected a GGUF importance matrix")
 
 
+def _imatrix(path: Path, columns: int) -> None:
+    """An importance matrix as llama-imatrix writes one, for blk.0.attn_q of ``columns``."""
+    w = gguf.GGUFWriter(path, "imatrix")
+    w.add_type("imatrix")
+    w.add_tensor("blk.0.attn_q.weight.in_sum2", np.ones((1, columns), np.float32))
+    w.add_tensor("blk.0.attn_q.weight.counts", np.ones((1, 1), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def test_transport_imatrix_refuses_a_model_file_and_a_truncated_matrix(world, cli):
     src = world / "t.gguf"
     refused(cli, world, ["transport", "imatrix", src, "--model", src, "--gauge",
                          world / "id.json", "-o", world / "o.gguf"],
             "is not an importance matrix", "architecture 'llama'")
     im = world / "im.gguf"
-    w = gguf.GGUFWriter(im, "imatrix")
-    w.add_type("imatrix")
-    w.add_tensor("blk.0.attn_q.weight.in_sum2", np.ones((1, D), np.float32))
-    w.add_tensor("blk.0.attn_q.weight.counts", np.ones((1, 1), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _imatrix(im, D)
     whole = im.read_bytes()
     im.write_bytes(whole[:-40])
     refused(cli, world, ["transport", "imatrix", im, "--model", src, "--gauge",
                          world / "id.json", "-o", world / "o.gguf"], str(im), "truncated")
     wrong = world / "wide.gguf"  # computed for a model of another width
-    w = gguf.GGUFWriter(wrong, "imatrix")
-    w.add_type("imatrix")
-    w.add_tensor("blk.0.attn_q.weight.in_sum2", np.ones((1, 2 * D), np.float32))
-    w.add_tensor("blk.0.attn_q.weight.counts", np.ones((1, 1), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _imatrix(wrong, 2 * D)
     refused(cli, world, ["transport", "imatrix", wrong, "--model", src, "--gauge",
                          world / "id.json", "-o", world / "o.gguf"],
             "blk.0.attn_q.weight.in_sum2 has 128 columns, its tensor 64")
@@ -470,14 +468,7 @@ def test_transport_prints_counts_and_apply_help_names_gguf(world, cli):
     """One summary line (the gauge and its record are in the output file, not on stdout);
     apply's help says a model and its output may be GGUF files."""
     im = world / "im.gguf"
-    w = gguf.GGUFWriter(im, "imatrix")
-    w.add_type("imatrix")
-    w.add_tensor("blk.0.attn_q.weight.in_sum2", np.ones((1, D), np.float32))
-    w.add_tensor("blk.0.attn_q.weight.counts", np.ones((1, 1), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _imatrix(im, D)
     SignedPerm.random(D, seed=2).save(world / "g.json")
     res = cli("transport", "imatrix", im, "--model", world / "t.gguf", "--gauge",
               world / "g.json", "-o", world / "moved.gguf")

@@ -30,6 +30,26 @@ def _run(*args: object, cwd: Path, env: dict[str, str] | None = None
     return res
 
 
+def _fresh_env(wheel: Path, tmp_path: Path, dependencies: Path
+               ) -> tuple[Path, Path, dict[str, str]]:
+    """A new venv holding the wheel, whose dependencies come from ``dependencies`` (a
+    folder put on its path by a .pth file): (its bin folder, a working folder outside the
+    checkout, the environment to run it with)."""
+    env_dir = tmp_path / "env"
+    _run(sys.executable, "-m", "venv", env_dir, cwd=tmp_path)
+    py = env_dir / "bin" / "python"
+    _run(py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel, cwd=tmp_path)
+    site = Path(subprocess.check_output(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+    ).strip())
+    (site / "zz_dependencies.pth").write_text(f"{dependencies}\n")
+    home = tmp_path / "elsewhere"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(HF_HUB_OFFLINE="1", COLUMNS="200")
+    return env_dir / "bin", home, env
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("build")
@@ -58,19 +78,9 @@ def test_the_wheel_ships_every_module_and_data_file(wheel):
 
 
 def test_installed_wheel_runs_inspect_apply_verify(wheel, tmp_path, tiny_ckpt):
-    env_dir = tmp_path / "env"
-    _run(sys.executable, "-m", "venv", env_dir, cwd=tmp_path)
-    py = env_dir / "bin" / "python"
-    _run(py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel, cwd=tmp_path)
-    site = Path(subprocess.check_output(
-        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
-    ).strip())
     # the test environment's packages (not its gaugefix: .pth files there are not processed)
-    (site / "zz_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    home = tmp_path / "elsewhere"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(HF_HUB_OFFLINE="1", COLUMNS="200")
+    bin_dir, home, env = _fresh_env(wheel, tmp_path, Path(sysconfig.get_paths()["purelib"]))
+    env_dir, py = bin_dir.parent, bin_dir / "python"
 
     where = _run(py, "-c", "import gaugefix; print(gaugefix.__file__)", cwd=home, env=env)
     assert Path(where.stdout.strip()).is_relative_to(env_dir), where.stdout
@@ -150,18 +160,8 @@ def test_a_plain_install_runs_verify_and_match_on_a_gguf_file(wheel, tmp_path):
     on a GGUF file."""
     from gaugefix.testing import write_tiny_gguf
 
-    env_dir = tmp_path / "env"
-    _run(sys.executable, "-m", "venv", env_dir, cwd=tmp_path)
-    py = env_dir / "bin" / "python"
-    _run(py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel, cwd=tmp_path)
-    site = Path(subprocess.check_output(
-        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
-    ).strip())
-    (site / "zz_dependencies.pth").write_text(str(_plain_site(tmp_path)) + "\n")
-    home = tmp_path / "elsewhere"
-    home.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(HF_HUB_OFFLINE="1", COLUMNS="200")
+    bin_dir, home, env = _fresh_env(wheel, tmp_path, _plain_site(tmp_path))
+    py = bin_dir / "python"
     for extra in ("peft", "sae_lens", "pytest"):
         probe = subprocess.run([py, "-c", f"import {extra}"], capture_output=True, text=True,
                                env=env, cwd=home)
@@ -171,7 +171,7 @@ def test_a_plain_install_runs_verify_and_match_on_a_gguf_file(wheel, tmp_path):
     model = build_tiny("llama", seed=0, hidden_size=64, vocab_size=96, intermediate_size=128,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     src = write_tiny_gguf(home / "m.gguf", model)
-    exe = env_dir / "bin" / "gaugefix"
+    exe = bin_dir / "gaugefix"
     _run(exe, "inspect", src, cwd=home, env=env)
     _run(exe, "apply", src, home / "moved.gguf", "--random", 2, "--gauge-out",
          home / "g.json", cwd=home, env=env)
