@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from .arch import Family, detect_family, hidden_size_of
 from .errors import GaugefixError
-from .io import load_safetensors, note_input, open_safetensors, read_json, torch_load
+from .io import (
+    check_regular,
+    load_safetensors,
+    note_input,
+    open_safetensors,
+    read_json,
+    torch_load,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -35,10 +42,9 @@ def resolve_model_dir(model: str | Path) -> Path:
         note_input(p)
         return p
     if p.exists():
-        from .quant.gguf_check import regular_file
         from .quant.gguf_file import is_gguf
 
-        regular_file(p, "model file")  # a FIFO or a device: refused, never opened
+        check_regular(p, "model file")  # a FIFO or a device: refused, never opened
         if is_gguf(p):  # a caller that reads checkpoint directories only
             raise GaugefixError(f"{model} is a GGUF file; a Hugging Face checkpoint directory "
                                 "is needed here")
@@ -177,8 +183,6 @@ def _weight_files(path: Path) -> tuple[list[Path], Path | None]:
             return [path / single], None
     for name in (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX):
         if os.path.lexists(path / name):  # there, but not a file: say what it is
-            from .io import check_regular
-
             check_regular(path / name, "weight file")
     raise GaugefixError(
         f"{path}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} "

@@ -42,15 +42,6 @@ _STRING, _ARRAY = 8, 9
 _MAX_PROBLEMS = 6
 
 
-def regular_file(path: Path, what: str = "GGUF file") -> None:
-    """Refuse anything but a regular file (following links) before it is opened: opening a
-    FIFO blocks until a writer comes, a device never ends (:func:`gaugefix.io.check_regular`,
-    which only stats)."""
-    from ..io import check_regular
-
-    check_regular(path, what)
-
-
 class _Walk:
     """A bounded cursor over the mapped header."""
 
@@ -130,8 +121,9 @@ class _Bad(Exception):
 def check_structure(path: str | Path, *, what: str = "GGUF file") -> None:
     """Refuse ``path`` unless its structure holds (see the module docstring); one error
     naming the file and each broken rule."""
-    path = Path(path)
-    regular_file(path, what)
+    from ..io import check_regular
+
+    path = check_regular(path, what)  # a FIFO or a device: refused from its stat
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size

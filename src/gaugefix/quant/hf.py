@@ -444,11 +444,9 @@ def check_values(scheme: QuantScheme, key: str, read: Callable[[str], torch.Tens
     module = key.removesuffix(".weight")
     if scheme.layout == "gptq" and "g_idx" in roles:
         gidx = read(roles["g_idx"]).to(torch.int64)
-        n_groups = shapes[roles["scales"]][0]
-        try:
-            _check_gidx(scheme, gidx, gidx.shape[0], n_groups, f"{module}.g_idx")
-        except GaugefixError as exc:
-            return [str(exc).removeprefix(f"{scheme.method}: ")]
+        bad = _gidx_problem(gidx, gidx.shape[0], shapes[roles["scales"]][0])
+        if bad is not None:
+            return [f"{module}.g_idx: {bad}"]
         grid = _grid(gidx.shape[0], scheme.group_size)
         if not scheme.act_order and not torch.equal(gidx, grid):
             problems.append(f"{module}.g_idx is not the grid of group_size "
@@ -456,17 +454,14 @@ def check_values(scheme: QuantScheme, key: str, read: Callable[[str], torch.Tens
                             "then ignore g_idx, so the two must agree)")
     if scheme.layout == "ct-int":
         n_out, n_in = (int(v) for v in read(roles["weight_shape"]).tolist())
-        packed = shapes[roles["weight_packed"]]
-        if n_out != packed[0] or n_in <= 0 or -(-n_in * scheme.bits // 32) != packed[1]:
-            problems.append(f"{module}.weight_shape says [{n_out}, {n_in}], which its "
-                            f"weight_packed of shape {list(packed)} ({scheme.bits}-bit codes) "
-                            "cannot hold")
+        bad = _shape_problem(n_out, n_in, tuple(shapes[roles["weight_packed"]]), scheme.bits)
+        if bad is not None:
+            problems.append(f"{module}.weight_shape {bad}")
         elif "weight_g_idx" in roles:
-            try:
-                _check_gidx(scheme, read(roles["weight_g_idx"]).to(torch.int64), n_in,
-                            shapes[roles["weight_scale"]][1], f"{module}.weight_g_idx")
-            except GaugefixError as exc:
-                problems.append(str(exc).removeprefix(f"{scheme.method}: "))
+            bad = _gidx_problem(read(roles["weight_g_idx"]).to(torch.int64), n_in,
+                                shapes[roles["weight_scale"]][1])
+            if bad is not None:
+                problems.append(f"{module}.weight_g_idx: {bad}")
     return problems
 
 
@@ -635,7 +630,8 @@ def _decode(scheme: QuantScheme, t: dict[str, torch.Tensor]) -> _Codes:
         z = _unpack(t["qzeros"], b, 1, n_out).T + scheme.zero_offset
         gidx = (t["g_idx"].to(torch.int64) if "g_idx" in t
                 else _grid(n_in, scheme.group_size))
-        _check_gidx(scheme, gidx, n_in, t["scales"].shape[0], "g_idx")
+        if (bad := _gidx_problem(gidx, n_in, t["scales"].shape[0])) is not None:
+            raise _refuse(scheme.method, "g_idx", bad)
         return _Codes(q, t["scales"].T, z, gidx, 0, mask)
     if scheme.layout == "awq":
         n_in, n_out = t["qweight"].shape[0], t["qweight"].shape[1] * (32 // b)
@@ -647,11 +643,8 @@ def _decode(scheme: QuantScheme, t: dict[str, torch.Tensor]) -> _Codes:
         return _Codes(q.T, t["scales"].T, z.T, _grid(n_in, scheme.group_size), 0, mask)
     if scheme.layout == "ct-int":
         n_out, n_in = (int(v) for v in t["weight_shape"].tolist())
-        packed = t["weight_packed"].shape
-        if n_out != packed[0] or not 0 < n_in <= packed[1] * (32 // b) or \
-                -(-n_in * b // 32) != packed[1]:
-            raise _refuse(scheme.method, "weight_shape", f"says [{n_out}, {n_in}], which its "
-                          f"weight_packed of shape {list(packed)} ({b}-bit codes) cannot hold")
+        if (bad := _shape_problem(n_out, n_in, tuple(t["weight_packed"].shape), b)) is not None:
+            raise _refuse(scheme.method, "weight_shape", bad)
         off = 1 << (b - 1)
         q = _unpack(t["weight_packed"], b, 1, n_in) - off
         s = t["weight_scale"]
@@ -660,20 +653,30 @@ def _decode(scheme: QuantScheme, t: dict[str, torch.Tensor]) -> _Codes:
             z = _unpack(t["weight_zero_point"], b, 0, n_out) - off
         gidx = (t["weight_g_idx"].to(torch.int64) if "weight_g_idx" in t
                 else _grid(n_in, scheme.group_size))
-        _check_gidx(scheme, gidx, n_in, s.shape[1], "weight_g_idx")
+        if (bad := _gidx_problem(gidx, n_in, s.shape[1])) is not None:
+            raise _refuse(scheme.method, "weight_g_idx", bad)
         return _Codes(q, s, z, gidx, -off, off - 1)
     raise AssertionError(scheme.layout)
 
 
-def _check_gidx(scheme: QuantScheme, gidx: torch.Tensor, n_in: int, n_groups: int,
-                role: str) -> None:
-    """A column -> group map: one entry per input column, each a stored group."""
+def _gidx_problem(gidx: torch.Tensor, n_in: int, n_groups: int) -> str | None:
+    """What is wrong with a column -> group map (None: one entry per input column, each a
+    stored group); read at open (:func:`check_values`) and again when decoding."""
     if gidx.shape != (n_in,):
-        raise _refuse(scheme.method, role, f"has {gidx.shape[0] if gidx.ndim else 0} entries "
-                      f"for {n_in} input columns")
+        return f"has {gidx.shape[0] if gidx.ndim else 0} entries for {n_in} input columns"
     if n_in and (int(gidx.min()) < 0 or int(gidx.max()) >= n_groups):
-        raise _refuse(scheme.method, role, f"holds groups {int(gidx.min())}..{int(gidx.max())}"
-                      f"; its scales have {n_groups} (0..{n_groups - 1})")
+        return (f"holds groups {int(gidx.min())}..{int(gidx.max())}; its scales have "
+                f"{n_groups} (0..{n_groups - 1})")
+    return None
+
+
+def _shape_problem(n_out: int, n_in: int, packed: tuple[int, ...], bits: int) -> str | None:
+    """What is wrong with a compressed-tensors weight_shape (None: its packed codes hold
+    exactly [n_out, n_in])."""
+    if n_out != packed[0] or n_in <= 0 or -(-n_in * bits // 32) != packed[1]:
+        return (f"says [{n_out}, {n_in}], which its weight_packed of shape {list(packed)} "
+                f"({bits}-bit codes) cannot hold")
+    return None
 
 
 def _encode(scheme: QuantScheme, c: _Codes, t: dict[str, torch.Tensor], name: str

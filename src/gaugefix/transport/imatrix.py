@@ -31,15 +31,15 @@ def transport_imatrix(src: str | Path, dst: str | Path, gauge: SignedPerm, *,
                       model: Any = None) -> dict[str, Any]:
     import gguf
 
+    from ..io import check_regular
     from ..model import open_model
-    from ..quant.gguf_check import regular_file
     from ..quant.gguf_file import RECORD_KEY, copy_fields, is_gguf, open_reader
 
     src, dst = Path(src), Path(dst)
     if model is None:
         raise GaugefixError("imatrix: pass --model, the GGUF file the importance matrix was "
                             "computed for (its tensor names say which columns are residual)")
-    regular_file(src, "GGUF importance matrix")
+    check_regular(src, "GGUF importance matrix")
     if not is_gguf(src):
         raise GaugefixError(f"imatrix: {src} is not a GGUF importance matrix (llama-imatrix "
                             "writes one with --output-format gguf, its default; a legacy .dat "
