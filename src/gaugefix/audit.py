@@ -201,10 +201,12 @@ def last_token_states(model: torch.nn.Module, prompts: list[list[int]],
     for n, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(n)  # equal lengths batch without padding
     out = torch.empty(len(prompts), hidden_size_of(model.config), dtype=torch.float64)
+    device = next(model.parameters()).device
     with ResidualTap(model, detect_family(model.config), [position]) as tap:
         for idx in by_len.values():
-            getattr(model, "base_model", model)(input_ids=torch.tensor([prompts[i] for i in idx]))
-            out[idx] = tap.take()[position][:, -1].double()
+            getattr(model, "base_model", model)(input_ids=torch.tensor([prompts[i] for i in idx],
+                                                                       device=device))
+            out[idx] = tap.take()[position][:, -1].double().cpu()
     return out
 
 

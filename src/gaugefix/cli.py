@@ -966,12 +966,34 @@ def demo(
     seeds: Annotated[int, typer.Option(
         callback=_range(1, 100), help="repeat the run-dependent headline figures on this many "
         "training runs (seeds SEED, SEED+1, ...) and report each as mean and range")] = 1,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="run the experiments on this pretrained model instead (a checkpoint "
+        "directory, a GGUF file or a hub id; an RMSNorm family with its tokenizer): ceiling, "
+        "two fine-tuning runs, SAE, steering, refusal, optimizer state, audit, on real text "
+        "that ships with Python")] = None,
+    tiny: Annotated[Path | None, typer.Option(
+        "--tiny", help="with --model: the output directory of an earlier `gaugefix demo`, "
+        "whose results fill the table's tiny-demo column (default: OUT/tiny, run if "
+        "missing)")] = None,
 ) -> None:
-    """Reproduce the seed paper's headline results on tiny models trained here."""
+    """Reproduce the seed paper's headline results on tiny models trained here, or with
+    --model on a pretrained model."""
     from .demo import DemoConfig, run_demo
 
     if device not in ("cpu", "cuda"):
         raise GaugefixError(f"unknown device {device!r}; choose cpu or cuda")
+    if model is not None:
+        from .demo.pretrained import ModelTierConfig, run_model_demo
+
+        if seeds != 1:
+            raise GaugefixError("--seeds repeats the tiny demo's training runs; with --model "
+                                "run once per --seed")
+        run_model_demo(out_dir, ModelTierConfig(model, quick=quick, seed=seed, device=device),
+                       tiny, console=out)
+        return
+    if tiny is not None:
+        raise GaugefixError("--tiny goes with --model (it names the tiny demo's results to "
+                            "compare with)")
     run_demo(out_dir, DemoConfig(quick=quick, seed=seed, seeds=seeds, device=device),
              console=out)
 

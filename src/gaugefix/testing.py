@@ -14,6 +14,7 @@ import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,12 +74,13 @@ def train(
     ``warmup``: linear learning-rate warm-up over that many steps, counted from
     ``step_offset`` (so training resumed in chunks warms up once)."""
     model.train()
+    device = next(model.parameters()).device
     opt = optimizer or make_optimizer(model, lr)
     gen = batches(tokens, batch_size, seq_len, seed)
     for step in range(1, steps + 1):
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step_offset + step) / warmup) if warmup else lr
-        ids = next(gen)
+        ids = next(gen).to(device)
         loss = model(ids, labels=ids).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -95,20 +97,28 @@ def eval_loss(model: torch.nn.Module, tokens: np.ndarray, *, seq_len: int = 64,
     model.eval()
     n = min(max_batches * batch_size, (len(tokens) - 1) // seq_len)
     ids = torch.from_numpy(tokens[: n * seq_len].reshape(n, seq_len))
-    losses = [float(model(chunk, labels=chunk).loss) for chunk in ids.split(batch_size)]
+    device = next(model.parameters()).device
+    losses = [float(model(chunk.to(device), labels=chunk.to(device)).loss)
+              for chunk in ids.split(batch_size)]
     return float(np.mean(losses))
 
 
 def train_on_batches(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     batches: torch.Tensor) -> None:
-    """One optimizer step per batch of token ids (identical steps for two charts)."""
+                     batches: torch.Tensor) -> list[float]:
+    """One optimizer step per batch of token ids (identical steps for two charts), on the
+    model's device; the loss of each step."""
+    device = next(model.parameters()).device
     model.train()
+    losses = []
     for ids in batches:
+        ids = ids.to(device)
         loss = model(ids, labels=ids).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        losses.append(float(loss))
     model.eval()
+    return losses
 
 
 def gauge_deviation(model_b: torch.nn.Module, model_a: torch.nn.Module,
@@ -132,10 +142,16 @@ def gauge_deviation(model_b: torch.nn.Module, model_a: torch.nn.Module,
 # ---------------------------------------------------------------------------- SAEs
 def train_sae(acts: torch.Tensor, d_sae: int, *, steps: int = 600, lr: float = 3e-3,
               l1: float = 1e-3, batch_size: int = 512, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Standard SAE: ``relu((x − b_dec) W_enc + b_enc) W_dec + b_dec`` with an L1 penalty."""
+    """Standard SAE: ``relu((x − b_dec) W_enc + b_enc) W_dec + b_dec`` with an L1 penalty.
+
+    Trained on activations scaled to a mean squared norm of d (as SAELens normalises them: a
+    pretrained model's residual norms run to hundreds), the scale folded back into the
+    weights at the end, so the SAE reads and writes the activations as given."""
     gen = torch.Generator().manual_seed(seed)
     x = acts.float()
     d = x.shape[1]
+    c = float(x.pow(2).sum(1).mean().div(d).sqrt().clamp_min(1e-12))
+    x = x / c
     w_dec = torch.randn(d_sae, d, generator=gen)
     w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
     params = {
@@ -155,7 +171,10 @@ def train_sae(acts: torch.Tensor, d_sae: int, *, steps: int = 600, lr: float = 3
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return {k: v.detach().contiguous() for k, v in params.items()}
+    out = {k: v.detach().contiguous() for k, v in params.items()}
+    # relu((x/c − b) W + e)·(V) ·c + c·b  =  relu((x − c·b)(W/c) + e)(c·V) + c·b
+    return {"W_enc": out["W_enc"] / c, "b_enc": out["b_enc"], "W_dec": out["W_dec"] * c,
+            "b_dec": out["b_dec"] * c}
 
 
 def sae_reconstruct(sae: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -288,3 +307,47 @@ def write_tiny_gguf(path: str | Path, model: torch.nn.Module, *,
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+def english_tokenizer(vocab_size: int = 512, max_bytes: int = 150_000) -> Any:
+    """A byte-level BPE tokenizer trained here on real English (CPython's documentation), as a
+    transformers tokenizer with BOS/EOS and a ChatML chat template: what a small pretrained
+    instruct model ships, without a download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .demo.realtext import python_docs
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe.train_from_iterator(python_docs(max_bytes=max_bytes).documents, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>"
+                         "assistant\n{% endif %}")
+    return tok
+
+
+def small_pretrained(path: str | Path, *, hidden_size: int = 64, layers: int = 4,
+                     steps: int = 60, seed: int = 0) -> Path:
+    """A small Llama pretrained here on real English with :func:`english_tokenizer`, saved
+    with its tokenizer at ``path`` (a stand-in for a downloaded checkpoint directory)."""
+    from .demo.realtext import python_docs
+
+    tok = english_tokenizer()
+    model = build_tiny("llama", seed=seed, generic=True, vocab_size=len(tok),
+                       hidden_size=hidden_size, num_hidden_layers=layers,
+                       intermediate_size=2 * hidden_size, num_attention_heads=4,
+                       num_key_value_heads=2, tie_word_embeddings=True,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    ids = python_docs(max_bytes=300_000).tokens(tok, 60_000)
+    train(model, ids, steps=steps, lr=3e-3, batch_size=8, seq_len=64, seed=seed)
+    path = Path(path)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -48,13 +48,9 @@ from ..transport.base import transport_tensors
 from ..transport.optim import transport_state_dict
 from ..transport.sae import SAELENS_RULES
 from .corpus import Corpus
+from .english import Concept
 from .lineage import Lineage
-from .steer import (
-    refusal_direction,
-    refusal_effect,
-    sentiment_direction,
-    sentiment_effect,
-)
+from .steer import contrast_direction, steering_effect
 
 METHODS = ("signmarg", "signed", "perm")
 
@@ -104,8 +100,8 @@ def _trained(model: torch.nn.Module, corpus: Corpus, steps: int, seed: int,
 
 
 # ---------------------------------------------------------------------------- 2. ceiling
-def ceiling(model: torch.nn.Module, probe: np.ndarray, fractions: list[float], seed: int
-            ) -> list[dict[str, Any]]:
+def ceiling(model: torch.nn.Module, probe: np.ndarray, fractions: list[float], seed: int,
+            device: str = "cpu") -> list[dict[str, Any]]:
     """Permutation accuracy of each method against the positive-sign fraction of a planted
     gauge (exact: B = Q·A)."""
     from ..estimate import activation_stats, match_stats
@@ -115,7 +111,8 @@ def ceiling(model: torch.nn.Module, probe: np.ndarray, fractions: list[float], s
     for n, p in enumerate(fractions):
         g = SignedPerm.random(model.config.hidden_size, seed + n, positive_fraction=p)
         b = gauge_model(model, g)
-        st = activation_stats(model, b, StatsOptions(tokens=probe, n_tokens=len(probe)))
+        st = activation_stats(model, b, StatsOptions(tokens=probe, n_tokens=len(probe),
+                                                     device=device))
         row: dict[str, Any] = {"positive_fraction": p}
         for m in METHODS:
             acc = match_stats(st, fam, m).gauge.compare(g)
@@ -129,9 +126,10 @@ def ceiling(model: torch.nn.Module, probe: np.ndarray, fractions: list[float], s
 class Matcher:
     """Matches between saved checkpoints (activations on one probe stream), cached."""
 
-    def __init__(self, lineage: Lineage, probe: np.ndarray) -> None:
+    def __init__(self, lineage: Lineage, probe: np.ndarray, device: str = "cpu") -> None:
         self.lin = lineage
-        self.opts = StatsOptions(tokens=probe, n_tokens=len(probe))
+        self.device = device
+        self.opts = StatsOptions(tokens=probe, n_tokens=len(probe), device=device)
         self.models: dict[Path, Model] = {}  # each opened once, its module loaded once
         self.cache: dict[tuple[Path, Path, str, str], Any] = {}
         # a pair's statistics, shared by every method (pooled ones apart): the last step
@@ -139,7 +137,7 @@ class Matcher:
         self.stats: dict[tuple[Path, Path, bool], CrossStats] = {}
 
     def model(self, path: Path) -> torch.nn.Module:
-        return self.opened(path).load()
+        return self.opened(path).load(device=self.device)
 
     def opened(self, path: Path) -> Model:
         if path not in self.models:
@@ -166,12 +164,13 @@ class Matcher:
                                for x, y in itertools.pairwise(path)])
 
 
-def trajectories(lin: Lineage, matcher: Matcher, *, last_only: bool = False
-                 ) -> dict[str, Any]:
+def trajectories(lin: Lineage, matcher: Matcher, *, last_only: bool = False,
+                 pooled: bool = True) -> dict[str, Any]:
     """Cross-run recovery (A_k's chart → B_k's) by endpoint, via the base, and composed, with
     gaugefix's default evidence; at the last step also with the seed paper's estimator
-    (``pooled``: co-moments pooled over positions). ``last_only``: the last step with
-    signmarg alone (what the summary reports)."""
+    (``pooled``: co-moments pooled over positions; ``pooled=False`` leaves it out, for models
+    whose forward passes are dear). ``last_only``: the last step with signmarg alone (what the
+    summary reports)."""
     curve = []
     for k, step in enumerate(lin.steps, start=1):
         last = k == len(lin.steps)
@@ -181,7 +180,7 @@ def trajectories(lin: Lineage, matcher: Matcher, *, last_only: bool = False
         truth = lin.true_gauge(a_k, b_k)
         row: dict[str, Any] = {"step": step}
         runs = [(m, m, "both") for m in (METHODS if last and not last_only else ("signmarg",))]
-        if last:
+        if last and pooled:
             runs.append(("pooled", "signmarg", "pooled"))
         for name, method, source in runs:
             endpoint = matcher.match(a_k, b_k, method, source).gauge
@@ -202,39 +201,91 @@ def trajectories(lin: Lineage, matcher: Matcher, *, last_only: bool = False
 
 
 # ---------------------------------------------------------------------------- 4. SAE
-def _acts(model: torch.nn.Module, ids: torch.Tensor, position: int) -> torch.Tensor:
+@torch.no_grad()
+def residual_acts(model: torch.nn.Module, ids: torch.Tensor, position: int,
+                  batch_size: int = 16, skip: int = 0) -> torch.Tensor:
+    """The residual at ``position`` (0 = embeddings, l = after layer l) for every token of the
+    [n, L] windows ``ids`` but each window's first ``skip`` (a pretrained model parks massive
+    activations on its first tokens, the attention sink: SAEs are trained without them), as
+    [n·(L − skip), d] on the CPU (windows run ``batch_size`` at a time, on the model's
+    device)."""
+    device = next(model.parameters()).device
+    d = model.config.hidden_size
+    out = []
     with ResidualTap(model, detect_family(model.config), [position]) as tap:
-        return residuals(model, ids, tap)[position]
+        for chunk in ids.split(batch_size):
+            acts = residuals(model, chunk.to(device), tap)[position].reshape(*chunk.shape, d)
+            out.append(acts[:, skip:].reshape(-1, d).float().cpu())
+    return torch.cat(out)
+
+
+def _ordinary(*acts: torch.Tensor, factor: float | None) -> torch.Tensor:
+    """Tokens whose residual norm stays within ``factor`` × the median in every one of
+    ``acts`` (None: all)."""
+    keep = torch.ones(acts[0].shape[0], dtype=torch.bool)
+    if factor is not None:
+        for x in acts:
+            n = x.norm(dim=1)
+            keep &= n <= factor * n.median()
+    return keep
+
+
+def sae_between(model_a: torch.nn.Module, model_b: torch.nn.Module, gauge: SignedPerm,
+                truth: SignedPerm | None, train_ids: torch.Tensor, eval_ids: torch.Tensor,
+                position: int, seed: int, steps: int, skip: int = 0,
+                massive: float | None = None) -> dict[str, float]:
+    """An SAE (4·d latents) trained on A's residual at ``position`` over ``train_ids``, then its
+    NMSE on ``eval_ids`` — on A, and on B moved by the estimated gauge (B_d), by its
+    permutation alone (S_d, signs dropped), by the true gauge if known, and not moved.
+    Explained variance is 1 − NMSE. ``skip``: leave out each window's first tokens;
+    ``massive``: leave out tokens whose residual norm exceeds that many times the median (a
+    pretrained model's massive activations: a handful of tokens with 100× the norm, which
+    would otherwise be all an SAE learns), counted in the result."""
+    xa = residual_acts(model_a, train_ids, position, skip=skip)
+    keep = _ordinary(xa, factor=massive)
+    sae = train_sae(xa[keep], 4 * xa.shape[1], steps=steps, seed=seed)
+    ea = xa if eval_ids is train_ids else residual_acts(model_a, eval_ids, position, skip=skip)
+    eb = residual_acts(model_b, eval_ids, position, skip=skip)
+    keep_eval = _ordinary(ea, eb, factor=massive)
+    ea, eb = ea[keep_eval], eb[keep_eval]
+
+    def on_b(g: SignedPerm | None) -> float:
+        moved = sae if g is None else transport_tensors(sae, SAELENS_RULES, g, "sae")
+        return nmse(eb, sae_reconstruct(moved, eb))
+
+    out = {"A_original": nmse(ea, sae_reconstruct(sae, ea)), "B_d_estimated": on_b(gauge),
+           "S_d_estimated": on_b(gauge.unsigned())}
+    if truth is not None:
+        out["B_d_true"] = on_b(truth)
+    out["untransported"] = on_b(None)
+    if massive is not None:
+        out["massive_tokens_left_out"] = int((~keep).sum() + (~keep_eval).sum())
+    return out
 
 
 def sae_transfer(model_a: torch.nn.Module, model_b: torch.nn.Module, gauge: SignedPerm,
                  truth: SignedPerm, corpus: Corpus, seed: int, steps: int) -> dict[str, float]:
     ids = torch.from_numpy(corpus.stream(8192, seed + 11)).view(-1, 128)
-    xa, xb = _acts(model_a, ids, 1), _acts(model_b, ids, 1)
-    sae = train_sae(xa, 4 * xa.shape[1], steps=steps, seed=seed)
-
-    def on_b(g: SignedPerm | None) -> float:
-        moved = sae if g is None else transport_tensors(sae, SAELENS_RULES, g, "sae")
-        return nmse(xb, sae_reconstruct(moved, xb))
-
-    return {"A_original": nmse(xa, sae_reconstruct(sae, xa)), "B_d_estimated": on_b(gauge),
-            "S_d_estimated": on_b(gauge.unsigned()), "B_d_true": on_b(truth),
-            "untransported": on_b(None)}
+    return sae_between(model_a, model_b, gauge, truth, ids, ids, 1, seed, steps)
 
 
 # ---------------------------------------------------------------------------- 5. steering
 def steering_transfer(model_a: torch.nn.Module, model_b: torch.nn.Module, gauge: SignedPerm,
-                      corpus: Corpus, scale: float) -> dict[str, Any]:
+                      concepts: list[Concept], layer: int, scale: float) -> dict[str, Any]:
+    """Each concept's contrast direction on A (times ``scale``) after decoder layer ``layer``:
+    its effect on A, and the share of it kept on B when moved by the estimated gauge (B_d), by
+    its permutation alone (S_d) and not moved. A negative share reverses the effect."""
     out: dict[str, Any] = {}
-    for concept, direction, effect in (("sentiment", sentiment_direction, sentiment_effect),
-                                       ("refusal", refusal_direction, refusal_effect)):
-        v = scale * direction(model_a, corpus, 0)
-        e_a = effect(model_a, corpus, 0, v)
-        row = {"effect_on_A": e_a}
+    for c in concepts:
+        v = scale * contrast_direction(model_a, c.positive, c.negative, layer)
+        e_a = steering_effect(model_a, c.tests, c.up, c.down, layer, v)
+        row: dict[str, Any] = {"effect_on_A": e_a, "direction_norm": float(v.norm())}
         for name, g in (("B_d", gauge), ("S_d", gauge.unsigned())):
-            row[f"{name}_percent"] = 100 * effect(model_b, corpus, 0, g.apply(v)) / e_a
-        row["untransported_percent"] = 100 * effect(model_b, corpus, 0, v) / e_a
-        out[concept] = row
+            row[f"{name}_percent"] = 100 * steering_effect(model_b, c.tests, c.up, c.down,
+                                                           layer, g.apply(v)) / e_a
+        row["untransported_percent"] = 100 * steering_effect(model_b, c.tests, c.up, c.down,
+                                                             layer, v) / e_a
+        out[c.name] = row
     return out
 
 
@@ -253,56 +304,84 @@ def merges(lin: Lineage, gauge: SignedPerm, corpus: Corpus, work: Path) -> dict[
 
 # ---------------------------------------------------------------------------- 7. optimizer
 def optimizer_transport(model: torch.nn.Module, corpus: Corpus, seed: int,
-                        steps: int) -> dict[str, float]:
-    """Train A for 10 steps, move model and AdamW state to chart B, continue both for
-    ``steps`` identical steps; deviation of B from Q·A (whole-model relative distance).
+                        steps: int) -> dict[str, Any]:
+    """:func:`optimizer_resume` on the grammar: 10 warm steps of 8×32 tokens, then ``steps``."""
+    batches = torch.from_numpy(corpus.stream((10 + steps) * 8 * 32, seed + 3)).view(-1, 8, 32)
+    return optimizer_resume(model, batches, 10, seed, 3e-3)
+
+
+def optimizer_resume(model: torch.nn.Module, batches: torch.Tensor, warm: int, seed: int,
+                     lr: float, estimate: Any = None) -> dict[str, Any]:
+    """Train A for ``warm`` batches, move model and AdamW state to chart B, continue in
+    lockstep on the remaining batches: B with the state moved by the gauge (signed), B with
+    the state moved by its permutation alone (signs dropped), and A itself (the reference);
+    per step each one's loss and its deviation from Q·A (whole-model relative distance).
+
+    ``estimate(A, B) -> SignedPerm``: the state is moved by the gauge estimated between the
+    two charts' weights (what a user has), not by the planted one.
 
     The two charts sum in different orders, and Adam amplifies rounding on parameters with
     near-zero gradients, so even an exact transport drifts by this run's *rounding floor*,
     measured as the deviation between two correct transports into different charts (g and
     h). Signed state should sit at that floor; permutation-only state well above it."""
     model_a = copy.deepcopy(model)
-    batches = torch.from_numpy(corpus.stream((10 + steps) * 8 * 32, seed + 3)).view(-1, 8, 32)
-    opt_a = make_optimizer(model_a, 3e-3)
-    train_on_batches(model_a, opt_a, batches[:10])
+    opt_a = make_optimizer(model_a, lr)
+    train_on_batches(model_a, opt_a, batches[:warm])
     d = model.config.hidden_size
     g = SignedPerm.random(d, seed + 4, positive_fraction=0.5)
     h = SignedPerm.random(d, seed + 5, positive_fraction=0.5)
     fam = detect_family(model.config)
     names = [n for n, _ in model_a.named_parameters()]
+    out: dict[str, Any] = {}
+    if estimate is not None:
+        est = estimate(model_a, gauge_model(model_a, g))
+        out["estimated_gauge_accuracy"] = est.compare(g)["full_accuracy"]
+        g_state = est
+    else:
+        g_state = g
 
-    def continued(chart: SignedPerm, state_gauge: SignedPerm) -> torch.nn.Module:
+    def moved(chart: SignedPerm, state_gauge: SignedPerm) -> tuple[torch.nn.Module, Any]:
         model_b = gauge_model(model_a, chart)
-        opt_b = make_optimizer(model_b, 3e-3)
+        opt_b = make_optimizer(model_b, lr)
         opt_b.load_state_dict(transport_state_dict(copy.deepcopy(opt_a.state_dict()), names,
                                                    fam, state_gauge))
-        train_on_batches(model_b, opt_b, batches[10:])
-        return model_b
+        return model_b, opt_b
 
-    ref = continued(SignedPerm.identity(d), SignedPerm.identity(d))
-    in_g = continued(g, g)
-    return {"signed": gauge_deviation(in_g, ref, g),
-            "permutation_only": gauge_deviation(continued(g, g.unsigned()), ref, g),
-            "rounding_floor": gauge_deviation(continued(h, h), in_g, g.inverse().then(h)),
-            "steps": steps}
+    runs = {"reference": moved(SignedPerm.identity(d), SignedPerm.identity(d)),
+            "signed": moved(g, g_state), "permutation_only": moved(g, g_state.unsigned()),
+            "second_chart": moved(h, h)}
+    curve = []
+    for k, ids in enumerate(batches[warm:], start=1):
+        losses = {name: train_on_batches(m, o, ids[None])[0] for name, (m, o) in runs.items()}
+        ref, in_g = runs["reference"][0], runs["signed"][0]
+        curve.append({"step": k, "loss": losses,
+                      "signed": gauge_deviation(in_g, ref, g),
+                      "permutation_only": gauge_deviation(runs["permutation_only"][0], ref, g),
+                      "rounding_floor": gauge_deviation(runs["second_chart"][0], in_g,
+                                                        g.inverse().then(h))})
+    last = curve[-1]
+    return {**out, "signed": last["signed"], "permutation_only": last["permutation_only"],
+            "rounding_floor": last["rounding_floor"], "steps": len(curve), "lr": lr,
+            "curve": curve}
 
 
 # ---------------------------------------------------------------------------- 8. audit
-def audit_claim(lin: Lineage, matcher: Matcher, corpus: Corpus, n_gauges: int,
-                seed: int) -> dict[str, Any]:
+def audit_claim(lin: Lineage, matcher: Matcher, positive: list[Any], negative: list[Any],
+                n_gauges: int, seed: int, layer: int | None = None) -> dict[str, Any]:
+    """A top-8 claim derived on run A's last checkpoint from the contrast ``positive`` −
+    ``negative`` (token-id prompts) at residual position ``layer`` (None: where the contrast
+    is strongest), audited on A, the base and run B's last checkpoint under random gauges."""
     from ..audit import concept_direction
-    from .steer import sentiment_prompts
 
     src = lin.run_a[-1]
-    positive = sentiment_prompts(corpus, True, seed=2).tolist()
-    negative = sentiment_prompts(corpus, False, seed=3).tolist()
     # the claim is made where the model carries the contrast to the last token (a run may do
     # so only in its last layer; elsewhere the contrast can be rounding noise)
     model = matcher.model(src)
-    layer = max(range(1, model.config.num_hidden_layers + 1), key=lambda p: float(
-        concept_direction(model, Claim(p, [(0, 1)], positive, negative)).norm()))
+    if layer is None:
+        layer = max(range(1, model.config.num_hidden_layers + 1), key=lambda p: float(
+            concept_direction(model, Claim(p, [(0, 1)], positive, negative)).norm()))
     claim = derive_claim(model, layer=layer, k=8, positive=positive, negative=negative)
-    targets = [(src, SignedPerm.identity(lin.spec.hidden_size)),
+    targets = [(src, SignedPerm.identity(model.config.hidden_size)),
                (lin.base, matcher.chain([*lin.run_a[::-1], lin.base])),
                (lin.run_b[-1], matcher.chain([*lin.run_a[::-1], lin.base, *lin.run_b]))]
     rep = audit_models(claim, [(p.name, matcher.model(p), g) for p, g in targets],

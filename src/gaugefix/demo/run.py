@@ -93,6 +93,7 @@ class DemoConfig:
 def run_demo(out_dir: Path, cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     from . import experiments as ex
     from .report import write_plots, write_report
+    from .steer import sentiment_prompts
 
     console = console or Console(markup=False, emoji=False)
     if cfg.device != "cpu":
@@ -140,7 +141,9 @@ def run_demo(out_dir: Path, cfg: DemoConfig, console: Console | None = None) -> 
     results["runs"] = {"seeds": cfg.runs, "figures": spread(runs)}
     results["optimizer"] = step("optimizer state", ex.optimizer_transport, base, corpus,
                                 cfg.seed, 20 if cfg.quick else 50)
-    results["audit"] = step("audit", ex.audit_claim, gentle, gentle_m, corpus,
+    positive = sentiment_prompts(corpus, True, seed=2).tolist()
+    negative = sentiment_prompts(corpus, False, seed=3).tolist()
+    results["audit"] = step("audit", ex.audit_claim, gentle, gentle_m, positive, negative,
                             1 if cfg.quick else 3, cfg.seed)
     results["timings_s"] = {**timings, "total": round(time.perf_counter() - t0, 1)}
 
@@ -158,6 +161,7 @@ def transport_experiments(lin: Any, matcher: Any, corpus: Corpus, cfg: DemoConfi
     """SAE, steering and merges from run A's last checkpoint to run B's, with the gauge
     estimated along A → base → B (the same code for the main run and the repeats)."""
     from . import experiments as ex
+    from .steer import tiny_concepts
 
     def run(name: str, fn: Any, *args: Any) -> Any:
         return step(name, fn, *args) if step is not None else fn(*args)
@@ -172,7 +176,7 @@ def transport_experiments(lin: Any, matcher: Any, corpus: Corpus, cfg: DemoConfi
         "sae": run("SAE transfer", ex.sae_transfer, model_a, model_b, estimated, truth, corpus,
                    seed, cfg.sae_steps),
         "steering": run("steering transfer", ex.steering_transfer, model_a, model_b, estimated,
-                        corpus, 64.0),
+                        tiny_concepts(corpus), 0, 64.0),
         "merge": run("merges", ex.merges, lin, estimated, corpus, work / f"run-{seed}"),
     }
 

@@ -20,6 +20,7 @@ from .corpus import (
     SAFE_OBJECTS,
     Corpus,
 )
+from .english import Concept
 
 
 @contextlib.contextmanager
@@ -29,8 +30,8 @@ def steering(model: torch.nn.Module, layer: int, vector: torch.Tensor) -> Iterat
 
     def hook(module: torch.nn.Module, args: tuple, output: object) -> object:
         if isinstance(output, tuple):  # older transformers return tuples
-            return (output[0] + vector, *output[1:])
-        return output + vector
+            return (output[0] + vector.to(output[0]), *output[1:])
+        return output + vector.to(output)  # type: ignore[operator]
 
     handle = layers[layer].register_forward_hook(hook)
     try:
@@ -49,23 +50,36 @@ def sentiment_prompts(corpus: Corpus, positive: bool, n: int = 48, seed: int = 0
         f"the {rng.choice(NOUNS)} was {rng.choice(adjs)} and i")] for _ in range(n)])
 
 
-def log_odds(model: torch.nn.Module, ids: torch.Tensor, pos: Sequence[int],
-             neg: Sequence[int]) -> torch.Tensor:
-    """Per prompt: log P(next ∈ pos) − log P(next ∈ neg)."""
+def log_odds(model: torch.nn.Module, ids: torch.Tensor | Sequence[Sequence[int]],
+             pos: Sequence[int], neg: Sequence[int]) -> torch.Tensor:
+    """Per prompt: log P(next ∈ pos) − log P(next ∈ neg). ``ids``: a [n, L] batch, or prompts
+    of any lengths (those of one length batch together, without padding)."""
+    prompts = ids.tolist() if isinstance(ids, torch.Tensor) else [list(p) for p in ids]
+    by_len: dict[int, list[int]] = {}
+    for n, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(n)
+    device = next(model.parameters()).device
+    out = torch.empty(len(prompts), dtype=torch.float64)
     with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits[:, -1].double(), -1)
-    return torch.logsumexp(logp[:, list(pos)], -1) - torch.logsumexp(logp[:, list(neg)], -1)
+        for idx in by_len.values():
+            batch = torch.tensor([prompts[i] for i in idx], device=device)
+            logp = torch.log_softmax(model(batch).logits[:, -1].double(), -1).cpu()
+            out[idx] = (torch.logsumexp(logp[:, list(pos)], -1)
+                        - torch.logsumexp(logp[:, list(neg)], -1))
+    return out
 
 
-def contrast_direction(model: torch.nn.Module, positive: torch.Tensor, negative: torch.Tensor,
-                       layer: int) -> torch.Tensor:
+def contrast_direction(model: torch.nn.Module, positive: torch.Tensor | Sequence[Sequence[int]],
+                       negative: torch.Tensor | Sequence[Sequence[int]], layer: int
+                       ) -> torch.Tensor:
     """The contrastive (CAA-style) direction after decoder layer ``layer``: mean last-token
     state of the positive prompts minus that of the negative ones."""
     return (last_token_states(model, positive, layer).mean(0)
             - last_token_states(model, negative, layer).mean(0))
 
 
-def steering_effect(model: torch.nn.Module, ids: torch.Tensor, up: Sequence[int],
+def steering_effect(model: torch.nn.Module, ids: torch.Tensor | Sequence[Sequence[int]],
+                    up: Sequence[int],
                     down: Sequence[int], layer: int, vector: torch.Tensor) -> float:
     """Mean shift of log P(next ∈ up) − log P(next ∈ down) caused by adding ``vector``."""
     before = log_odds(model, ids, up, down)
@@ -74,11 +88,13 @@ def steering_effect(model: torch.nn.Module, ids: torch.Tensor, up: Sequence[int]
     return float((after - before).mean())
 
 
-def last_token_states(model: torch.nn.Module, ids: torch.Tensor, layer: int) -> torch.Tensor:
+def last_token_states(model: torch.nn.Module, ids: torch.Tensor | Sequence[Sequence[int]],
+                      layer: int) -> torch.Tensor:
     """The residual after decoder layer ``layer`` at each prompt's last token."""
     from ..audit import last_token_states as at_position
 
-    return at_position(model, ids.tolist(), layer + 1).float()
+    prompts = ids.tolist() if isinstance(ids, torch.Tensor) else [list(p) for p in ids]
+    return at_position(model, prompts, layer + 1).float()
 
 
 # ---------------------------------------------------------------------------- sentiment
@@ -116,3 +132,19 @@ def refusal_effect(model: torch.nn.Module, corpus: Corpus, layer: int,
     """Shift, on harmless requests, of the log-odds of refusing ("sorry") over "sure"."""
     return steering_effect(model, refusal_prompts(corpus, False, seed=1),
                            corpus.encode("sorry"), corpus.encode("sure"), layer, vector)
+
+
+def tiny_concepts(corpus: Corpus) -> list[Concept]:
+    """The grammar's sentiment and refusal contrasts as :class:`Concept` records (what the
+    steering experiment takes for any model)."""
+    return [
+        Concept("sentiment", sentiment_prompts(corpus, True, seed=2).tolist(),
+                sentiment_prompts(corpus, False, seed=3).tolist(),
+                sentiment_prompts(corpus, False, seed=1).tolist(),
+                corpus.encode(" ".join(POS_VERB)), corpus.encode(" ".join(NEG_VERB)),
+                "grammar reviews; log-odds of a positive over a negative verb"),
+        Concept("refusal", refusal_prompts(corpus, True, seed=2).tolist(),
+                refusal_prompts(corpus, False, seed=3).tolist(),
+                refusal_prompts(corpus, False, seed=1).tolist(), corpus.encode("sorry"),
+                corpus.encode("sure"), "grammar requests; log-odds of 'sorry' over 'sure'"),
+    ]
