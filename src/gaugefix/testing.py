@@ -309,20 +309,22 @@ def write_tiny_gguf(path: str | Path, model: torch.nn.Module, *,
     return Path(path)
 
 
-def english_tokenizer(vocab_size: int = 512, max_bytes: int = 150_000) -> Any:
-    """A byte-level BPE tokenizer trained here on real English (CPython's documentation), as a
-    transformers tokenizer with BOS/EOS and a ChatML chat template: what a small pretrained
-    instruct model ships, without a download."""
+def english_tokenizer(vocab_size: int = 1024, max_bytes: int = 150_000) -> Any:
+    """A byte-level BPE tokenizer trained here on real English (CPython's documentation, and
+    the demo's English prompts), as a transformers tokenizer with BOS/EOS and a ChatML chat
+    template: what a small pretrained instruct model ships, without a download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from .demo.english import all_texts
     from .demo.realtext import python_docs
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe.train_from_iterator(python_docs(max_bytes=max_bytes).documents, trainers.BpeTrainer(
+    texts = [*python_docs(max_bytes=max_bytes).documents, *(all_texts() * 20)]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>",

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import GaugefixError
+
 POSITIVE_REVIEWS = (
     "The film was wonderful, with a moving story and brilliant acting.",
     "I loved this restaurant: the food was delicious and the staff were kind.",
@@ -145,6 +147,18 @@ def first_tokens(tokenizer: Any, words: Sequence[str]) -> list[int]:
     return out
 
 
+def contrast_tokens(tokenizer: Any, up: Sequence[str], down: Sequence[str]
+                    ) -> tuple[list[int], list[int]]:
+    """The first tokens of the ``up`` and ``down`` words; a first token both lists share (a
+    small vocabulary splits words into common pieces) counts for ``up`` alone."""
+    u = first_tokens(tokenizer, up)
+    d = [t for t in first_tokens(tokenizer, down) if t not in u]
+    if not d:
+        raise GaugefixError(f"the tokenizer starts every one of {', '.join(map(repr, down))} "
+                            f"with a token that {', '.join(map(repr, up))} also start with")
+    return u, d
+
+
 def _plain(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     bos = getattr(tokenizer, "bos_token_id", None)
     head = [] if bos is None else [int(bos)]
@@ -167,10 +181,16 @@ def is_chat(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def all_texts() -> list[str]:
+    """Every prompt and word of the sets above (what a tokenizer made for the tests learns)."""
+    return [*POSITIVE_REVIEWS, *NEGATIVE_REVIEWS, *SENTIMENT_TESTS, *DECLINED, *ANSWERED,
+            *REFUSAL_TESTS, " ".join(PRAISE + BLAME + REFUSES + ANSWERS)]
+
+
 def sentiment(tokenizer: Any) -> Concept:
     return Concept("sentiment", _plain(tokenizer, POSITIVE_REVIEWS),
                    _plain(tokenizer, NEGATIVE_REVIEWS), _plain(tokenizer, SENTIMENT_TESTS),
-                   first_tokens(tokenizer, PRAISE), first_tokens(tokenizer, BLAME),
+                   *contrast_tokens(tokenizer, PRAISE, BLAME),
                    f"{len(POSITIVE_REVIEWS)} positive against {len(NEGATIVE_REVIEWS)} negative "
                    f"reviews; effect on {len(SENTIMENT_TESTS)} reviews ending 'Overall, it "
                    f"was': log-odds of praise ({', '.join(w.strip() for w in PRAISE)}) over "
@@ -182,8 +202,7 @@ def refusal(tokenizer: Any) -> Concept | None:
     if not is_chat(tokenizer):
         return None
     return Concept("refusal", _chat(tokenizer, DECLINED), _chat(tokenizer, ANSWERED),
-                   _chat(tokenizer, REFUSAL_TESTS), first_tokens(tokenizer, REFUSES),
-                   first_tokens(tokenizer, ANSWERS),
+                   _chat(tokenizer, REFUSAL_TESTS), *contrast_tokens(tokenizer, REFUSES, ANSWERS),
                    f"{len(DECLINED)} requests the model declines (personal data, actions in "
                    f"the world) against {len(ANSWERED)} questions it answers, in its chat "
                    f"template; effect on {len(REFUSAL_TESTS)} other answerable questions: "

@@ -100,7 +100,7 @@ class ModelTierConfig:
     @property
     def adam(self) -> tuple[int, int]:
         """(warm steps, resumed steps) of the optimizer-state experiment."""
-        return (2, 3) if self.quick else (5, 10)
+        return (1, 2) if self.quick else (5, 10)
 
     @property
     def audit_gauges(self) -> int:
@@ -289,6 +289,12 @@ def fine_tune_lineage(root: Path, model: torch.nn.Module, tokenizer: Any, tx: Te
 
 
 # ---------------------------------------------------------------------------- the tier
+def check_tiny(tiny: Path | None) -> None:
+    if tiny is not None and not (tiny / "results.json").is_file():
+        raise GaugefixError(f"--tiny {tiny}: no results.json there (give the output directory "
+                            "of `gaugefix demo`)")
+
+
 def tiny_results(out_dir: Path, tiny: Path | None, cfg: ModelTierConfig,
                  console: Console) -> dict[str, Any]:
     """The embedded demo's results for the comparison column: ``tiny/results.json`` (a demo
@@ -299,9 +305,7 @@ def tiny_results(out_dir: Path, tiny: Path | None, cfg: ModelTierConfig,
     where = tiny if tiny is not None else out_dir / "tiny"
     found = where / "results.json"
     if not found.is_file():
-        if tiny is not None:
-            raise GaugefixError(f"--tiny {tiny}: no results.json there (give the output "
-                                "directory of `gaugefix demo`)")
+        check_tiny(tiny)
         console.print("the embedded tiny demo, for the comparison column ...")
         run_demo(where, DemoConfig(quick=cfg.quick, seed=cfg.seed), console=console)
     try:
@@ -315,8 +319,8 @@ def run_model_demo(out_dir: Path, cfg: ModelTierConfig, tiny: Path | None = None
     """``gaugefix demo --model``: the embedded demo's results (for the comparison), then the
     experiments on the pretrained model."""
     console = console or Console(markup=False, emoji=False)
-    m, _ = open_pretrained(cfg.model)  # every refusal before anything runs
-    del m
+    check_tiny(tiny)  # every refusal before anything is written
+    open_pretrained(cfg.model)
     out_dir.mkdir(parents=True, exist_ok=True)
     return run_model_tier(out_dir, cfg, tiny_results(out_dir, tiny, cfg, console), console)
 
@@ -443,9 +447,18 @@ def transport(matcher: Any, lin: Lineage, tok: Any, tx: Texts, cfg: ModelTierCon
     batches = torch.from_numpy(tx.mix_a[: (warm + resumed) * b * s].copy()).view(-1, b, s)
     out["optimizer"] = step(
         "optimizer state", ex.optimizer_resume, model_a, batches, warm, cfg.seed,
-        lin.spec.ft_lr, lambda x, y: ex.match_weights(x, y).gauge)
+        lin.spec.ft_lr, _weights_gauge)
     del model_a, model_b
     sent = english.sentiment(tok)
     out["audit"] = step("audit", ex.audit_claim, lin, matcher, sent.positive, sent.negative,
                         cfg.audit_gauges, cfg.seed, middle)
     return out
+
+
+def _weights_gauge(a: torch.nn.Module, b: torch.nn.Module) -> SignedPerm:
+    """The gauge A → B from the weights alone (read on the CPU; ``a`` stays where it is)."""
+    from ..estimate import match_weights
+
+    on_cpu = [m if next(m.parameters()).device.type == "cpu" else copy.deepcopy(m).cpu()
+              for m in (a, b)]
+    return match_weights(*on_cpu).gauge

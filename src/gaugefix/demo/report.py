@@ -361,7 +361,7 @@ def write_model_report(r: dict[str, Any], out: Path, plots: list[Path]) -> Path:
     w("\n![ceiling](ceiling.png)\n")
 
     w("## 2. Trajectories: two fine-tuning runs from the model\n")
-    w(f"Each setting: two runs from M (AdamW, {cfg['optimizer']}; batches of {cfg['batch']}×"
+    w(f"Each setting: two runs from M ({cfg['optimizer']}; batches of {cfg['batch']}×"
       f"{cfg['seq_len']} tokens; different text mixes and seeds), a checkpoint every k steps, "
       "every checkpoint (and M) saved in its own random signed permutation. *ordinary*: a "
       "learning rate at which the model learns the text (held-out loss falls); *hard* (full "
