@@ -149,11 +149,12 @@ def test_model_tier_writes_the_report_beside_the_paper_and_the_tiny_demo(model_r
 def test_model_tier_relations_that_hold_by_construction(model_results):
     """What must hold whatever the fine-tuning turned out to be."""
     _, r, _ = model_results
-    for row in r["ceiling"]:  # planted gauges: B = Q·A exactly
+    d = r["config"]["hidden_size"]
+    for row in r["ceiling"]:  # planted gauges: B = Q·A exactly, round(p·d) signs +
         p = row["positive_fraction"]
         assert row["signmarg"]["full_accuracy"] == 1.0
         assert row["signed"]["perm_accuracy"] <= p + 0.05
-        assert row["perm"]["full_accuracy"] == pytest.approx(p, abs=1e-9)
+        assert abs(row["perm"]["full_accuracy"] - p) <= 1 / d
     d = r["drift"]["ordinary"]
     assert [x["step"] for x in d["A"]] == [3, 6]
     assert [c["step"] for c in r["trajectories"]["ordinary"]["curve"]] == [3, 6]
@@ -213,7 +214,7 @@ def test_refusal_needs_a_chat_template():
 
 
 def test_model_tier_refuses_before_writing(cli, tmp_path, tiny_ckpt, demo_results):
-    from test_hostile_formats import refused
+    from .test_hostile_formats import refused
 
     out = tmp_path / "out"
     gpt2 = tiny_ckpt("gpt2")
