@@ -116,7 +116,7 @@ def train_on_batches(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
 
