@@ -114,6 +114,40 @@ def _model_plots(r: dict[str, Any], out: Path, plt: Any) -> list[Path]:
     return paths
 
 
+def _ceiling_table(w: Any, rows: list[dict[str, Any]]) -> None:
+    w("| p | signmarg perm. acc. | signed perm. acc. | perm: full acc. |\n|---|---|---|---|")
+    for c in rows:
+        w(f"| {c['positive_fraction']:.3g} | {c['signmarg']['perm_accuracy']:.1%} | "
+          f"{c['signed']['perm_accuracy']:.1%} | {c['perm']['full_accuracy']:.1%} |")
+
+
+def _steering_table(w: Any, st: dict[str, Any], names: list[str]) -> None:
+    w("| direction | effect on A (nats) | B_d | S_d | not moved |\n|---|---|---|---|---|")
+    for k in names:
+        v = st[k]
+        w(f"| {k} | {v['effect_on_A']:.3f} | {v['B_d_percent']:.1f}% | {v['S_d_percent']:.1f}% "
+          f"| {v['untransported_percent']:.1f}% |")
+
+
+def _audit_table(w: Any, a: dict[str, Any]) -> None:
+    w("| gauges | reproduces by raw index | through the explicit gauge |\n|---|---|---|")
+    for k, v in a["summary"].items():
+        w(f"| {k} (all models) | {v['raw']:.0%} | {v['transported']:.0%} |")
+    for k, v in a["by_model"].items():
+        w(f"| {k} (as saved and re-gauged) | {v['raw']:.0%} | {v['transported']:.0%} |")
+
+
+def _finish(w: Any, r: dict[str, Any], out: Path, lines: list[str]) -> Path:
+    """The timings table, then the report written to ``out/report.md``."""
+    w("## Timings\n")
+    w("| step | seconds |\n|---|---|")
+    for k, v in r["timings_s"].items():
+        w(f"| {k} | {v} |")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def _fmt(x: float) -> str:
     return f"{x:.1e}" if abs(x) < 1e-3 or abs(x) >= 1e3 else f"{x:.3f}"
 
@@ -197,10 +231,7 @@ def write_report(r: dict[str, Any], out: Path, plots: list[Path]) -> Path:
       "true sign is +1, so its permutation accuracy is capped at p. Sign-marginalised "
       "matching (assignment on |C|, sign read off C) recovers every gauge exactly; "
       "permutation-only alignment finds the permutation but gets every negative sign wrong.\n")
-    w("| p | signmarg perm. acc. | signed perm. acc. | perm: full acc. |\n|---|---|---|---|")
-    for c in r["ceiling"]:
-        w(f"| {c['positive_fraction']:.3g} | {c['signmarg']['perm_accuracy']:.1%} | "
-          f"{c['signed']['perm_accuracy']:.1%} | {c['perm']['full_accuracy']:.1%} |")
+    _ceiling_table(w, r["ceiling"])
     w("\n![ceiling](ceiling.png)\n")
 
     w("## 3. Trajectories\n")
@@ -266,10 +297,7 @@ def write_report(r: dict[str, Any], out: Path, plots: list[Path]) -> Path:
       "*Refusal*: shift of the log-odds of \"sorry\" over \"sure\" after a harmless request. "
       "Effects are given as a percentage of the effect on A; a negative value means the "
       "steering reverses.\n")
-    w("| direction | effect on A (nats) | B_d | S_d | not moved |\n|---|---|---|---|---|")
-    for k, v in r["steering"].items():
-        w(f"| {k} | {v['effect_on_A']:.3f} | {v['B_d_percent']:.1f}% | {v['S_d_percent']:.1f}% "
-          f"| {v['untransported_percent']:.1f}% |")
+    _steering_table(w, r["steering"], list(r["steering"]))
     w("")
     m = r["merge"]
     w("### Merges\n")
@@ -302,23 +330,13 @@ def write_report(r: dict[str, Any], out: Path, plots: list[Path]) -> Path:
       "re-derived on A, on the base and on B, each as saved and under "
       "random re-gaugings, and checked by raw index and after carrying it through the "
       "explicit gauge.\n")
-    w("| gauges | reproduces by raw index | through the explicit gauge |\n|---|---|---|")
-    for k, v in a["summary"].items():
-        w(f"| {k} (all models) | {v['raw']:.0%} | {v['transported']:.0%} |")
-    for k, v in a["by_model"].items():
-        w(f"| {k} (as saved and re-gauged) | {v['raw']:.0%} | {v['transported']:.0%} |")
+    _audit_table(w, a)
     w("")
     w("On A itself every re-gauging computes the same function, so the claim holds exactly "
       "once carried through the gauge and fails by raw index; on the base and on B the "
       "through-gauge figure also measures how much fine-tuning really moved the concept.")
     w("\nIndex-level claims are reproducible only relative to an explicit gauge.\n")
-    w("## Timings\n")
-    w("| step | seconds |\n|---|---|")
-    for k, v in r["timings_s"].items():
-        w(f"| {k} | {v} |")
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return _finish(w, r, out, lines)
 
 
 def write_model_report(r: dict[str, Any], out: Path, plots: list[Path]) -> Path:
@@ -354,10 +372,7 @@ def write_model_report(r: dict[str, Any], out: Path, plots: list[Path]) -> Path:
       "truth is known); both residual streams over the same held-out tokens. Raw signed "
       "matching can pair only coordinates whose sign is +, so it is capped at p; "
       "sign-marginalised matching is not.\n")
-    w("| p | signmarg perm. acc. | signed perm. acc. | perm: full acc. |\n|---|---|---|---|")
-    for c in r["ceiling"]:
-        w(f"| {c['positive_fraction']:.3g} | {c['signmarg']['perm_accuracy']:.1%} | "
-          f"{c['signed']['perm_accuracy']:.1%} | {c['perm']['full_accuracy']:.1%} |")
+    _ceiling_table(w, r["ceiling"])
     w("\n![ceiling](ceiling.png)\n")
 
     w("## 2. Trajectories: two fine-tuning runs from the model\n")
@@ -459,11 +474,8 @@ def write_model_report(r: dict[str, Any], out: Path, plots: list[Path]) -> Path:
         w(f"* *{k}*: {desc}.")
     if "refusal_skipped" in st:
         w(f"* *refusal*: not measured: {st['refusal_skipped']}.")
-    w("\n| direction | effect on A (nats) | B_d | S_d | not moved |\n|---|---|---|---|---|")
-    for k in st["concepts"]:
-        v = st[k]
-        w(f"| {k} | {v['effect_on_A']:.3f} | {v['B_d_percent']:.1f}% | {v['S_d_percent']:.1f}% "
-          f"| {v['untransported_percent']:.1f}% |")
+    w("")
+    _steering_table(w, st, list(st["concepts"]))
     if "refusal" in st:
         verdict = "reverses sign" if st["refusal"]["S_d_percent"] < 0 else "does not reverse sign"
         w(f"\nUnder S_d the refusal direction's effect {verdict} "
@@ -491,16 +503,6 @@ def write_model_report(r: dict[str, Any], out: Path, plots: list[Path]) -> Path:
       f"{', '.join(f'{sg:+d}·{i}' for i, sg in a['claim']['coordinates'])}\", re-derived on "
       "A, on M and on B, each as saved and under random re-gaugings, checked by raw index and "
       "through the explicit gauge.\n")
-    w("| gauges | reproduces by raw index | through the explicit gauge |\n|---|---|---|")
-    for k, v in a["summary"].items():
-        w(f"| {k} (all models) | {v['raw']:.0%} | {v['transported']:.0%} |")
-    for k, v in a["by_model"].items():
-        w(f"| {k} (as saved and re-gauged) | {v['raw']:.0%} | {v['transported']:.0%} |")
+    _audit_table(w, a)
     w("")
-    w("## Timings\n")
-    w("| step | seconds |\n|---|---|")
-    for k, v in r["timings_s"].items():
-        w(f"| {k} | {v} |")
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return _finish(w, r, out, lines)
