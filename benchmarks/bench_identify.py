@@ -35,6 +35,15 @@ record is written and each model is tested ``--against`` the folder of records (
 reference).
 
     python benchmarks/bench_identify.py --real /work/zoo-cache [--json real.json]
+
+**Independently-trained tier** (``--independent DIR``, issue 33): small Llama models trained
+from scratch here on CPython's documentation with different seeds (``independent_zoo.py``:
+widths 64–256, 2 and 4 layers, 400 and 1,200 steps, a shared or another tokenizer, the same or
+different halves of the text) — pairs that are *not* derived but learned the same data — and
+derived pairs from one of them (re-gauged, fine-tuned at three learning rates, pruned, a layer
+dropped): verdict, z, p, held-out cosine, fold-gauge agreement and per tensor group, AWM beside.
+
+    python benchmarks/bench_identify.py --independent /work/indep-cache [--json indep.json]
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -142,6 +152,56 @@ def real_tier(root: Path, out_json: Path | None) -> None:
                                        default=str))
 
 
+def independent_tier(root: Path, out_json: Path | None) -> None:
+    """Independently trained pairs and derived pairs from the same models (issue 33,
+    ``independent_zoo.py``): every pair's verdict, z, p, held-out cosine, the fraction of
+    coordinates the two folds' gauges map alike, and per tensor group; AWM beside it."""
+    from awm import awm_score
+    from gaugefix import jobs
+    from independent_zoo import pairs
+
+    rows = []
+    print(f"{'pair':58s} {'truth':9s} {'verdict':9s} {'z':>7s} {'log10 p':>8s} {'cos':>7s} "
+          f"{'folds':>6s} {'AWM':>6s}  strongest group")
+    for pair in pairs(root):
+        r = jobs.identify(pair.a, pair.b)
+        ev = r.evidence
+        try:
+            awm = awm_score(pair.a, pair.b)
+        except Exception as e:
+            awm = {"score": float("nan"), "decision": f"n/a ({type(e).__name__})"}
+        groups = ev.get("groups") or {}
+        top = max(groups.items(), key=lambda kv: kv[1]["z"], default=(None, None))
+        rows.append({"pair": pair.name, "what": pair.what, "related": pair.related,
+                     "verdict": r.verdict, "reason": r.reason,
+                     **{k: ev.get(k) for k in ("z", "log10_p_value", "held_out_mean_cosine",
+                                               "fold_gauges_agree", "tensors_tested")},
+                     "groups": groups, "awm": awm})
+        z, lp, cos, agree = (ev.get(k) for k in ("z", "log10_p_value", "held_out_mean_cosine",
+                                                  "fold_gauges_agree"))
+
+        def num(x: Any, spec: str) -> str:
+            return "—" if x is None else format(x, spec)
+
+        print(f"{pair.name[:58]:58s} {'related' if pair.related else 'unrelated':9s} "
+              f"{r.verdict:9s} {num(z, '7.2f')} {num(lp, '8.2f')} {num(cos, '7.4f')} "
+              f"{num(agree, '6.3f')} {awm['score']:6.3f}  "
+              + ("" if top[0] is None else f"{top[0].split('.')[-2]} z {top[1]['z']:.1f} "
+                 f"cos {top[1]['mean_cosine']:.3f}"), flush=True)
+    indep = [r for r in rows if not r["related"]]
+    derived = [r for r in rows if r["related"]]
+    fp = sum(r["verdict"] != "unrelated" for r in indep)
+    tp = sum(r["verdict"] != "unrelated" for r in derived)
+    print(f"\nindependently trained pairs called related: {fp} of {len(indep)}; derived pairs "
+          f"detected: {tp} of {len(derived)}")
+    zs = [r["z"] for r in indep if r["z"] is not None]
+    if zs:
+        print(f"independent pairs' z: mean {np.mean(zs):.2f}, range {min(zs):.2f} … "
+              f"{max(zs):.2f}")
+    if out_json:
+        out_json.write_text(json.dumps({"pairs": rows}, indent=1, default=str))
+
+
 # the suspects tested against the folder of every zoo model's record
 SUSPECTS = ("combo", "regauged", "ft-lr1e-3", "reinit-s0", "gemma3-regauged")
 
@@ -179,6 +239,9 @@ def main() -> None:
                     help="run the real-model tier, its zoo built (once) in this folder")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "gaugefix" /
                     "bench-lineages")
+    ap.add_argument("--independent", type=Path, default=None,
+                    help="run the independently-trained tier, its models trained (once) in "
+                    "this folder")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--corpora", default=",".join(CORPORA))
@@ -186,6 +249,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.real is not None:
         real_tier(args.real, args.json)
+        return
+    if args.independent is not None:
+        independent_tier(args.independent, args.json)
         return
     families, corpora = args.families.split(","), args.corpora.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
