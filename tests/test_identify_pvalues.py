@@ -54,6 +54,10 @@ def test_regauged_copy_is_same_and_noisy_copies_derived_with_tiny_p(family, save
         groups = r.evidence["groups"]
         assert groups and all(v["p_value"] < 1e-3 for v in groups.values()), groups
         assert r.evidence["held_out_mean_cosine"] > 0.9
+        # both halves' gauges, fitted apart, are the planted one on every coordinate
+        assert r.evidence["fold_agreement_coordinates"] == 64, r.evidence
+        assert r.evidence["fold_agreement_log10_p"] < -50
+        assert "map 64 of 64 coordinates alike" in r.reason
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -115,6 +119,11 @@ def test_false_positives_by_construction(family):
     assert np.abs(z).max() < 4 and abs(z.mean()) < 1 and 0.3 < z.std() < 2, z
     for r in rels:  # every group too
         assert min(g["p_value"] for g in r.groups.values()) > 1e-4
+    # the two halves' gauges share no correspondence: they agree by chance alone (about
+    # Binomial(d, 1/2d) for B_d, (d, 1/d) for S_d×{±1}: a mean of 1/2 or 1 coordinate)
+    k = np.array([r.fold_agreement for r in rels])
+    assert k.max() <= 5 and k.mean() <= 2, k
+    assert all(r.fold_agreement_log10_p > -4 for r in rels)
 
 
 def test_folds_split_layers_by_parity_and_never_leave_one_empty():

@@ -529,10 +529,13 @@ def identify(a: ModelLike, b: ModelLike, *, alpha: float = DEFAULT_ALPHA) -> Ide
                             "by float rounding only", result.gauge, evidence)
     held_out = (f"aligned on half of the tensors, the other half agree with mean cosine "
                 f"{rel.mean_cosine:.3g} over {rel.tensors} tensors (p = {_p(rel)}")
+    agree = (f"; the two halves' gauges map {rel.fold_agreement} of {ca.hidden_size} "
+             "coordinates alike")
     if rel.p_value <= alpha:
-        return Identity("derived", f"{held_out} ≤ α = {alpha:g})", result.gauge, evidence)
+        return Identity("derived", f"{held_out} ≤ α = {alpha:g}){agree}", result.gauge,
+                        evidence)
     return Identity("unrelated", f"{held_out} > α = {alpha:g}: no better than a random "
-                    "gauge)", None, evidence)
+                    f"gauge){agree}", None, evidence)
 
 
 def write_record(model: ModelLike, output: str | Path, *, discrete_only: bool = False,
