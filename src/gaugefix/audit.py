@@ -25,6 +25,7 @@ ids; ``concept`` may instead be ``{"direction": [d floats]}`` in the source char
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,21 +192,28 @@ def _encode(prompts: list[Any], tokenizer: Any) -> list[list[int]]:
     return out
 
 
+def same_length_batches(model: torch.nn.Module, prompts: Sequence[Sequence[int]]
+                        ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """The prompts batched by length (equal lengths batch without padding): each batch's
+    prompt indices and its token ids on the model's device."""
+    by_len: dict[int, list[int]] = {}
+    for n, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(n)
+    device = next(model.parameters()).device
+    for idx in by_len.values():
+        yield idx, torch.tensor([list(prompts[i]) for i in idx], device=device)
+
+
 @torch.no_grad()
 def last_token_states(model: torch.nn.Module, prompts: list[list[int]],
                       position: int) -> torch.Tensor:
     """Residual at ``position`` (0 = embeddings, l = after layer l) at each prompt's last token."""
     from .stats import ResidualTap
 
-    by_len: dict[int, list[int]] = {}
-    for n, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(n)  # equal lengths batch without padding
     out = torch.empty(len(prompts), hidden_size_of(model.config), dtype=torch.float64)
-    device = next(model.parameters()).device
     with ResidualTap(model, detect_family(model.config), [position]) as tap:
-        for idx in by_len.values():
-            getattr(model, "base_model", model)(input_ids=torch.tensor([prompts[i] for i in idx],
-                                                                       device=device))
+        for idx, batch in same_length_batches(model, prompts):
+            getattr(model, "base_model", model)(input_ids=batch)
             out[idx] = tap.take()[position][:, -1].double().cpu()
     return out
 

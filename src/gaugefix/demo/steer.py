@@ -54,15 +54,12 @@ def log_odds(model: torch.nn.Module, ids: torch.Tensor | Sequence[Sequence[int]]
              pos: Sequence[int], neg: Sequence[int]) -> torch.Tensor:
     """Per prompt: log P(next ∈ pos) − log P(next ∈ neg). ``ids``: a [n, L] batch, or prompts
     of any lengths (those of one length batch together, without padding)."""
+    from ..audit import same_length_batches
+
     prompts = ids.tolist() if isinstance(ids, torch.Tensor) else [list(p) for p in ids]
-    by_len: dict[int, list[int]] = {}
-    for n, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(n)
-    device = next(model.parameters()).device
     out = torch.empty(len(prompts), dtype=torch.float64)
     with torch.no_grad():
-        for idx in by_len.values():
-            batch = torch.tensor([prompts[i] for i in idx], device=device)
+        for idx, batch in same_length_batches(model, prompts):
             logp = torch.log_softmax(model(batch).logits[:, -1].double(), -1).cpu()
             out[idx] = (torch.logsumexp(logp[:, list(pos)], -1)
                         - torch.logsumexp(logp[:, list(neg)], -1))
