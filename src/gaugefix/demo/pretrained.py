@@ -274,9 +274,9 @@ def fine_tune_lineage(root: Path, model: torch.nn.Module, tokenizer: Any, tx: Te
             drift[run] = rows
             ends[run] = m
         drift["activation_correlation"] = {
-            run: layer_correlation(model, m, tx.held_slice(0, 1024)) for run, m in ends.items()}
-        drift["activation_correlation"]["A_vs_B"] = layer_correlation(
-            ends["A"], ends["B"], tx.held_slice(0, 1024))
+            run: layer_correlation(model, m, held) for run, m in ends.items()}
+        drift["activation_correlation"]["A_vs_B"] = layer_correlation(ends["A"], ends["B"],
+                                                                      held)
         del ends
         done.write_text(json.dumps({"spec": asdict(spec), "drift": drift, "gauges": {
             k: g.to_json() for k, g in gauges.items()}}))
@@ -320,13 +320,16 @@ def run_model_demo(out_dir: Path, cfg: ModelTierConfig, tiny: Path | None = None
     experiments on the pretrained model."""
     console = console or Console(markup=False, emoji=False)
     check_tiny(tiny)  # every refusal before anything is written
-    open_pretrained(cfg.model)
+    m, tok = open_pretrained(cfg.model)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return run_model_tier(out_dir, cfg, tiny_results(out_dir, tiny, cfg, console), console)
+    return run_model_tier(out_dir, cfg, m, tok, tiny_results(out_dir, tiny, cfg, console),
+                          console)
 
 
-def run_model_tier(out_dir: Path, cfg: ModelTierConfig, tiny: dict[str, Any] | None,
-                   console: Console | None = None) -> dict[str, Any]:
+def run_model_tier(out_dir: Path, cfg: ModelTierConfig, m: Model, tok: Any,
+                   tiny: dict[str, Any] | None, console: Console | None = None
+                   ) -> dict[str, Any]:
+    """The experiments on ``m`` (opened by :func:`open_pretrained`, with its tokenizer)."""
     from . import experiments as ex
     from .report import write_model_report, write_plots
 
@@ -342,8 +345,7 @@ def run_model_tier(out_dir: Path, cfg: ModelTierConfig, tiny: dict[str, Any] | N
         console.print(Text.assemble(("✓", "green"), f" {name} ({timings[name]} s)"))
         return value
 
-    m, tok = step("model and tokenizer", open_pretrained, cfg.model)
-    model = m.load("float32", cfg.device)
+    model = step("model", m.load, "float32", cfg.device)
     model.eval()
     n_layers = model.config.num_hidden_layers
     middle = n_layers // 2
@@ -433,13 +435,14 @@ def transport(matcher: Any, lin: Lineage, tok: Any, tx: Texts, cfg: ModelTierCon
                   **step("SAE transfer", ex.sae_between, model_a, model_b, estimated, truth,
                          ids[:n_train], ids[n_train:], middle, cfg.seed, cfg.sae_steps,
                          skip=1, massive=10.0)}
-    concepts = [c for c in (english.sentiment(tok), english.refusal(tok)) if c is not None]
+    sent, refusal = english.sentiment(tok), english.refusal(tok)
+    concepts = [c for c in (sent, refusal) if c is not None]
     out["steering"] = {
         "layer": middle - 1, "scale": cfg.steer_scale,
         "concepts": {c.name: c.description for c in concepts},
         **step("steering transfer", ex.steering_transfer, model_a, model_b, estimated,
                concepts, middle - 1, cfg.steer_scale)}
-    if english.refusal(tok) is None:
+    if refusal is None:
         out["steering"]["refusal_skipped"] = ("the tokenizer has no chat template (not an "
                                               "instruct model)")
     warm, resumed = cfg.adam
@@ -449,7 +452,6 @@ def transport(matcher: Any, lin: Lineage, tok: Any, tx: Texts, cfg: ModelTierCon
         "optimizer state", ex.optimizer_resume, model_a, batches, warm, cfg.seed,
         lin.spec.ft_lr, _weights_gauge)
     del model_a, model_b
-    sent = english.sentiment(tok)
     out["audit"] = step("audit", ex.audit_claim, lin, matcher, sent.positive, sent.negative,
                         cfg.audit_gauges, cfg.seed, middle)
     return out
