@@ -978,24 +978,10 @@ def demo(
 ) -> None:
     """Reproduce the seed paper's headline results on tiny models trained here, or with
     --model on a pretrained model."""
-    from .demo import DemoConfig, run_demo
+    from .demo import run_requested
 
-    if device not in ("cpu", "cuda"):
-        raise GaugefixError(f"unknown device {device!r}; choose cpu or cuda")
-    if model is not None:
-        from .demo.pretrained import ModelTierConfig, run_model_demo
-
-        if seeds != 1:
-            raise GaugefixError("--seeds repeats the tiny demo's training runs; with --model "
-                                "run once per --seed")
-        run_model_demo(out_dir, ModelTierConfig(model, quick=quick, seed=seed, device=device),
-                       tiny, console=out)
-        return
-    if tiny is not None:
-        raise GaugefixError("--tiny goes with --model (it names the tiny demo's results to "
-                            "compare with)")
-    run_demo(out_dir, DemoConfig(quick=quick, seed=seed, seeds=seeds, device=device),
-             console=out)
+    run_requested(out_dir, quick=quick, seed=seed, seeds=seeds, device=device, model=model,
+                  tiny=tiny, console=out)
 
 
 def main() -> None:
