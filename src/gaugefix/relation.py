@@ -232,10 +232,14 @@ class Relation:
     z: float
     mean_cosine: float  # the test tensors' mean cos(B_t, g(A_t)), each under the other fold's g
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)
-    fold_gauges_agree: float = 0.0  # share of coordinates the two folds' gauges map alike
     tensors: int = 0
     fold_agreement: int = 0  # how many coordinates the two folds' gauges map alike
     fold_agreement_log10_p: float = 0.0  # its tail under gauges with no common correspondence
+
+    @property
+    def fold_gauges_agree(self) -> float:
+        """The share of coordinates the two folds' gauges map alike."""
+        return self.fold_agreement / self.match.gauge.d
 
     def evidence(self, alpha: float) -> dict[str, Any]:
         return {"p_value": self.p_value, "log10_p_value": round(self.log10_p_value, 3),
@@ -301,7 +305,6 @@ def relate(a: Model, b: Model) -> Relation | None:
     out = Relation(_matcher(grams, d, signed), 10 ** log_p, log_p, z,
                    total.cosine / total.tensors, tensors=total.tensors)
     alike = (gauges[0].perm == gauges[1].perm) & (gauges[0].sign == gauges[1].sign)
-    out.fold_gauges_agree = float(np.mean(alike))
     out.fold_agreement = int(alike.sum())
     out.fold_agreement_log10_p = agreement_log10_p(out.fold_agreement, d, signed)
     for name, null in sorted(groups.items()):
