@@ -73,19 +73,13 @@ FINE_TUNE_STEPS = 200
 
 
 def _bpe(documents: tuple[str, ...], path: Path) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from gaugefix.testing import bpe_tokenizer
 
     if (path / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(path)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(documents, trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>")
+    tok = bpe_tokenizer(documents, VOCAB, eos="<|endoftext|>")
     tok.save_pretrained(path)
     return tok
 

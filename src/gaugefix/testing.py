@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -309,26 +309,33 @@ def write_tiny_gguf(path: str | Path, model: torch.nn.Module, *,
     return Path(path)
 
 
+def bpe_tokenizer(texts: Sequence[str], vocab_size: int, *, pad: str = "<|endoftext|>",
+                  bos: str | None = None, eos: str | None = None) -> Any:
+    """A byte-level BPE tokenizer trained here on ``texts`` (the named special tokens first
+    in its vocabulary), as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = list(dict.fromkeys(t for t in (pad, bos, eos) if t is not None))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos,
+                                   pad_token=pad)
+
+
 def english_tokenizer(vocab_size: int = 1024, max_bytes: int = 150_000) -> Any:
     """A byte-level BPE tokenizer trained here on real English (CPython's documentation, and
     the demo's English prompts), as a transformers tokenizer with BOS/EOS and a ChatML chat
     template: what a small pretrained instruct model ships, without a download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from .demo.english import all_texts
     from .demo.realtext import python_docs
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     texts = [*python_docs(max_bytes=max_bytes).documents, *(all_texts() * 20)]
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>",
-                                  eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok = bpe_tokenizer(texts, vocab_size, bos="<|im_start|>", eos="<|im_end|>")
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
                          "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>"
                          "assistant\n{% endif %}")
