@@ -978,7 +978,7 @@ def demo(
 ) -> None:
     """Reproduce the seed paper's headline results on tiny models trained here, or with
     --model on a pretrained model."""
-    from .demo import run_requested
+    from .demo.command import run_requested
 
     run_requested(out_dir, quick=quick, seed=seed, seeds=seeds, device=device, model=model,
                   tiny=tiny, console=out)
